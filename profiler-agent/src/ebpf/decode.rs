@@ -1,0 +1,213 @@
+//! Checked decoding of ring-buffer records. The bytes come from the kernel, but every length is
+//! still verified against the record size: a bad record is a counted error, never a panic.
+
+use profiler_common::{
+    COMM_LEN, ContextKind, MAX_CONTEXT_BYTES, MAX_STACK_DEPTH, ProcessEvent, RecordKind,
+    SampleHeader,
+};
+
+/// One decoded ring-buffer record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Sample(RawSample),
+    Exec { tgid: u32, ktime_ns: u64, comm: String },
+    Exit { tgid: u32, ktime_ns: u64 },
+}
+
+/// A sample as the kernel captured it: absolute addresses, raw context bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawSample {
+    pub tgid: u32,
+    pub tid: u32,
+    pub cpu: u32,
+    pub ktime_ns: u64,
+    pub flags: u16,
+    pub thread_name: String,
+    /// Leaf first.
+    pub user_stack: Vec<u64>,
+    /// Leaf first.
+    pub kernel_stack: Vec<u64>,
+    pub context_kind: ContextKind,
+    pub context: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than its header")]
+    TooShort(usize),
+    #[error("unknown record kind {0}")]
+    UnknownKind(u16),
+    #[error("record declares {declared} bytes of payload but carries {actual}")]
+    LengthMismatch { declared: usize, actual: usize },
+    #[error("record declares {0} frames, more than the maximum")]
+    TooManyFrames(usize),
+    #[error("unknown context kind {0}")]
+    UnknownContextKind(u8),
+}
+
+impl DecodeError {
+    /// Stable name for the drop counter.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::TooShort(_) => "too_short",
+            Self::UnknownKind(_) => "unknown_kind",
+            Self::LengthMismatch { .. } => "length_mismatch",
+            Self::TooManyFrames(_) => "too_many_frames",
+            Self::UnknownContextKind(_) => "unknown_context_kind",
+        }
+    }
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
+    let kind = bytes
+        .get(..2)
+        .map(|b| u16::from_ne_bytes([b[0], b[1]]))
+        .ok_or(DecodeError::TooShort(bytes.len()))?;
+    match RecordKind::from_u16(kind) {
+        Some(RecordKind::Sample) => decode_sample(bytes).map(Record::Sample),
+        Some(RecordKind::ProcessExec) => {
+            let event = read_pod::<ProcessEvent>(bytes)?;
+            Ok(Record::Exec {
+                tgid: event.tgid,
+                ktime_ns: event.ktime_ns,
+                comm: comm_to_string(&event.comm),
+            })
+        }
+        Some(RecordKind::ProcessExit) => {
+            let event = read_pod::<ProcessEvent>(bytes)?;
+            Ok(Record::Exit { tgid: event.tgid, ktime_ns: event.ktime_ns })
+        }
+        None => Err(DecodeError::UnknownKind(kind)),
+    }
+}
+
+fn decode_sample(bytes: &[u8]) -> Result<RawSample, DecodeError> {
+    let header = read_pod::<SampleHeader>(bytes)?;
+    let user = usize::from(header.user_frames);
+    let kernel = usize::from(header.kernel_frames);
+    if user > MAX_STACK_DEPTH || kernel > MAX_STACK_DEPTH {
+        return Err(DecodeError::TooManyFrames(user.max(kernel)));
+    }
+    let context_len = usize::from(header.context_len);
+    let context_kind = ContextKind::from_u8(header.context_kind)
+        .ok_or(DecodeError::UnknownContextKind(header.context_kind))?;
+    let payload = &bytes[size_of::<SampleHeader>()..];
+    let declared = (user + kernel) * 8 + context_len;
+    if declared != payload.len() || context_len > MAX_CONTEXT_BYTES {
+        return Err(DecodeError::LengthMismatch { declared, actual: payload.len() });
+    }
+    let (frames, context) = payload.split_at((user + kernel) * 8);
+    let mut addresses = frames
+        .chunks_exact(8)
+        .map(|c| u64::from_ne_bytes(c.try_into().expect("chunks_exact(8)")));
+    let user_stack = addresses.by_ref().take(user).collect();
+    let kernel_stack = addresses.collect();
+    Ok(RawSample {
+        tgid: header.tgid,
+        tid: header.tid,
+        cpu: header.cpu,
+        ktime_ns: header.ktime_ns,
+        flags: header.flags,
+        thread_name: comm_to_string(&header.comm),
+        user_stack,
+        kernel_stack,
+        context_kind,
+        context: context.to_vec(),
+    })
+}
+
+/// Copies a `Pod` header out of possibly unaligned bytes.
+fn read_pod<T: aya::Pod>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() < size_of::<T>() {
+        return Err(DecodeError::TooShort(bytes.len()));
+    }
+    // SAFETY: `T: Pod` is valid for any bit pattern, and the length was checked.
+    Ok(unsafe { bytes.as_ptr().cast::<T>().read_unaligned() })
+}
+
+pub fn comm_to_string(comm: &[u8; COMM_LEN]) -> String {
+    let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
+    String::from_utf8_lossy(&comm[..end]).into_owned()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn encode_sample(header: SampleHeader, frames: &[u64], context: &[u8]) -> Vec<u8> {
+        // SAFETY: SampleHeader is repr(C) without padding.
+        let head = unsafe {
+            std::slice::from_raw_parts(
+                (&header as *const SampleHeader).cast::<u8>(),
+                size_of::<SampleHeader>(),
+            )
+        };
+        let mut out = head.to_vec();
+        for f in frames {
+            out.extend_from_slice(&f.to_ne_bytes());
+        }
+        out.extend_from_slice(context);
+        out
+    }
+
+    pub(crate) fn header(user: u16, kernel: u16, context_len: u16) -> SampleHeader {
+        let mut comm = [0u8; COMM_LEN];
+        comm[..6].copy_from_slice(b"worker");
+        SampleHeader {
+            kind: RecordKind::Sample as u16,
+            flags: 0,
+            cpu: 1,
+            tgid: 42,
+            tid: 43,
+            ktime_ns: 1000,
+            comm,
+            user_frames: user,
+            kernel_frames: kernel,
+            context_kind: if context_len > 0 { ContextKind::ThreadContext as u8 } else { 0 },
+            _pad: 0,
+            context_len,
+        }
+    }
+
+    #[test]
+    fn decodes_stacks_and_context() {
+        let bytes = encode_sample(header(2, 1, 3), &[0x10, 0x20, 0xffff_0000], &[7, 8, 9]);
+        let Record::Sample(s) = decode(&bytes).unwrap() else { panic!("not a sample") };
+        assert_eq!(s.user_stack, vec![0x10, 0x20]);
+        assert_eq!(s.kernel_stack, vec![0xffff_0000]);
+        assert_eq!(s.context, vec![7, 8, 9]);
+        assert_eq!(s.context_kind, ContextKind::ThreadContext);
+        assert_eq!(s.thread_name, "worker");
+        assert_eq!((s.tgid, s.tid, s.cpu), (42, 43, 1));
+    }
+
+    #[test]
+    fn rejects_lies_about_length() {
+        let bytes = encode_sample(header(3, 0, 0), &[1, 2], &[]);
+        assert_eq!(
+            decode(&bytes),
+            Err(DecodeError::LengthMismatch { declared: 24, actual: 16 })
+        );
+        let bytes = encode_sample(header(200, 0, 0), &[], &[]);
+        assert_eq!(decode(&bytes), Err(DecodeError::TooManyFrames(200)));
+        assert_eq!(decode(&[1]), Err(DecodeError::TooShort(1)));
+        assert_eq!(decode(&[9, 0, 0, 0]), Err(DecodeError::UnknownKind(9)));
+        assert!(matches!(decode(&bytes[..20]), Err(DecodeError::TooShort(20))));
+    }
+
+    #[test]
+    fn decodes_process_events() {
+        let event = ProcessEvent {
+            kind: RecordKind::ProcessExit as u16,
+            _pad: 0,
+            tgid: 7,
+            ktime_ns: 5,
+            comm: [0; COMM_LEN],
+        };
+        // SAFETY: ProcessEvent is repr(C) without padding.
+        let bytes = unsafe {
+            std::slice::from_raw_parts((&event as *const ProcessEvent).cast::<u8>(), 32)
+        };
+        assert_eq!(decode(bytes), Ok(Record::Exit { tgid: 7, ktime_ns: 5 }));
+    }
+}

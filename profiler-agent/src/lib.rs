@@ -1,0 +1,29 @@
+//! The profiler agent as a library: the binary (`main.rs`) is a thin CLI over it, and the
+//! integration tests drive [`record::Recording`] in-process.
+//!
+//! Data flow (see ARCHITECTURE.md): `ebpf` (kernel programs, ring buffer) → `collector`
+//! (owns `process` table, `profile` aggregate and `symbolize`r) → `export` (pprof, folded).
+
+pub mod clock;
+pub mod collector;
+pub mod ebpf;
+pub mod export;
+pub mod metrics;
+pub mod process;
+pub mod profile;
+pub mod record;
+pub mod run;
+pub mod symbolize;
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,173 @@
+//! `profiler-agent`: command-line entry point. Parses flags (each with a `PROFILER_*`
+//! environment twin), sets up logging, and runs the chosen command.
+
+use std::{path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use profiler_agent::{
+    ebpf::SamplerConfig,
+    export::Format,
+    record::{RecordOptions, record},
+    run::{RunOptions, run},
+};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "profiler-agent", version, about = "eBPF CPU profiler that answers where a trace spent its CPU")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, env = "PROFILER_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Sample for a fixed time and write one profile.
+    Record(RecordArgs),
+    /// Run as a daemon until SIGINT/SIGTERM.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct SamplingArgs {
+    /// Sampling frequency per CPU, in Hz.
+    #[arg(long, short = 'F', env = "PROFILER_FREQUENCY", default_value_t = 19)]
+    frequency: u64,
+    /// Only sample these processes (repeatable). Default: every process.
+    #[arg(long = "pid", short = 'p', env = "PROFILER_PIDS", value_delimiter = ',')]
+    pids: Vec<u32>,
+    /// Ring-buffer size in bytes (power of two).
+    #[arg(long, env = "PROFILER_RING_BUFFER_BYTES", default_value_t = 8 << 20)]
+    ring_buffer_bytes: u32,
+}
+
+impl SamplingArgs {
+    fn config(&self) -> SamplerConfig {
+        SamplerConfig {
+            frequency_hz: self.frequency,
+            pids: (!self.pids.is_empty()).then(|| self.pids.clone()),
+            ring_buffer_bytes: self.ring_buffer_bytes,
+        }
+    }
+}
+
+#[derive(Args)]
+struct RecordArgs {
+    /// How long to sample (e.g. 10s, 1m).
+    #[arg(long, short = 'd', default_value = "10s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Where to write the profile.
+    #[arg(long, short = 'o', default_value = "profile.pb.gz")]
+    output: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "pprof")]
+    format: Format,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// How often the current profile is handed to the outputs.
+    #[arg(long, env = "PROFILER_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    interval: Duration,
+    /// Write one pprof per interval into this directory.
+    #[arg(long, env = "PROFILER_OUTPUT_DIR")]
+    output_dir: Option<PathBuf>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Record(args) => {
+                let summary = record(RecordOptions {
+                    duration: args.duration,
+                    output: args.output.clone(),
+                    format: args.format,
+                    sampler: args.sampling.config(),
+                })
+                .await?;
+                print_summary(&args.output, &summary);
+                Ok(())
+            }
+            Command::Run(args) => {
+                run(RunOptions {
+                    sampler: args.sampling.config(),
+                    interval: args.interval,
+                    output_dir: args.output_dir,
+                })
+                .await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_summary(output: &std::path::Path, summary: &profiler_agent::record::RecordSummary) {
+    use profiler_common::Counter;
+    let k = &summary.kernel;
+    eprintln!(
+        "wrote {} ({} samples from {} processes)",
+        output.display(),
+        summary.samples,
+        summary.processes
+    );
+    eprintln!(
+        "kernel: {} ticks, {} samples emitted, {} lost (ring buffer full), {} filtered, {} idle",
+        k.get(Counter::Invocations),
+        k.get(Counter::SamplesEmitted),
+        k.get(Counter::RingBufferFull),
+        k.get(Counter::SkippedFiltered),
+        k.get(Counter::SkippedIdle),
+    );
+    let dropped: u64 = summary
+        .agent
+        .iter()
+        .filter(|(name, _)| name.starts_with("records_dropped"))
+        .map(|(_, v)| v)
+        .sum();
+    eprintln!(
+        "agent: {} records received, {} dropped, {} frames unsymbolized",
+        summary.agent.get("records_received").copied().unwrap_or(0),
+        dropped,
+        summary.agent.get("frames_unsymbolized").copied().unwrap_or(0),
+    );
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("PROFILER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

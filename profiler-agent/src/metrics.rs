@@ -1,0 +1,56 @@
+//! The agent's own counters: every drop and every failed read has a name here. Kernel-side
+//! counters live in the eBPF `COUNTERS` map and are merged in when reported.
+//!
+//! Counters are incremented from several components, so this is the one piece of shared state:
+//! a mutex around a small map, touched only on rare events or in batches.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex},
+};
+
+#[derive(Clone, Default)]
+pub struct Metrics {
+    counters: Arc<Mutex<BTreeMap<String, u64>>>,
+}
+
+impl Metrics {
+    pub fn add(&self, name: &str, n: u64) {
+        if n == 0 {
+            return;
+        }
+        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        match counters.get_mut(name) {
+            Some(v) => *v += n,
+            None => {
+                counters.insert(name.to_owned(), n);
+            }
+        }
+    }
+
+    pub fn inc(&self, name: &str) {
+        self.add(name, 1);
+    }
+
+    pub fn get(&self, name: &str) -> u64 {
+        self.counters.lock().unwrap_or_else(|e| e.into_inner()).get(name).copied().unwrap_or(0)
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<String, u64> {
+        self.counters.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts() {
+        let m = super::Metrics::default();
+        m.inc("a");
+        m.add("a", 2);
+        m.add("b", 0);
+        assert_eq!(m.get("a"), 3);
+        assert_eq!(m.get("b"), 0);
+        assert_eq!(m.snapshot().len(), 1);
+    }
+}

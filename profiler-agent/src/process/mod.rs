@@ -1,0 +1,271 @@
+//! The process table: for every sampled process, its executable mappings, read from
+//! `/proc/<pid>/maps` on first sight and again when an address falls outside them (a library
+//! loaded later), dropped on exec and shortly after exit. Its job is to turn a sampled absolute
+//! address into `(object, file offset)` as soon as the sample arrives, so that the frame stays
+//! symbolizable after the process is gone.
+
+pub mod objects;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use procfs::process::{MMPermissions, MMapPath};
+
+pub use objects::{Object, ObjectId, ObjectStore};
+use objects::{ObjectKey, clean_path};
+
+use crate::{metrics::Metrics, profile::Frame};
+
+/// A process's maps are re-read at most this often when addresses miss.
+const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
+/// How long an exited process's mappings stay, for samples still in flight.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+/// Upper bound of objects kept open.
+const MAX_OBJECTS: usize = 16_384;
+
+#[derive(Debug, Clone, Copy)]
+struct Mapping {
+    start: u64,
+    end: u64,
+    file_offset: u64,
+    object: Option<ObjectId>,
+}
+
+struct Process {
+    /// Executable mappings, sorted by start.
+    mappings: Vec<Mapping>,
+    refreshed_at: Instant,
+    exited_at: Option<Instant>,
+    /// Executable name from `/proc/<pid>/exe` (falls back to the command name).
+    name: String,
+    exe_path: Option<String>,
+}
+
+/// What a user can learn about a process.
+#[derive(Debug, Clone, Default)]
+pub struct ProcessInfo {
+    pub name: String,
+    pub exe_path: Option<String>,
+}
+
+pub struct ProcessTable {
+    processes: HashMap<u32, Process>,
+    objects: ObjectStore,
+    /// Objects for memory without a file.
+    unmapped: Option<ObjectId>,
+    proc_root: PathBuf,
+    metrics: Metrics,
+}
+
+impl ProcessTable {
+    pub fn new(metrics: Metrics) -> Self {
+        Self::with_proc_root("/proc".into(), metrics)
+    }
+
+    /// `proc_root`: where procfs is mounted (the host's `/proc` inside a container).
+    pub fn with_proc_root(proc_root: PathBuf, metrics: Metrics) -> Self {
+        Self {
+            processes: HashMap::new(),
+            objects: ObjectStore::new(MAX_OBJECTS, metrics.clone()),
+            unmapped: None,
+            proc_root,
+            metrics,
+        }
+    }
+
+    pub fn objects(&self) -> &ObjectStore {
+        &self.objects
+    }
+
+    pub fn info(&self, pid: u32) -> Option<ProcessInfo> {
+        self.processes
+            .get(&pid)
+            .map(|p| ProcessInfo { name: p.name.clone(), exe_path: p.exe_path.clone() })
+    }
+
+    /// A new program image: forget the old one's mappings.
+    pub fn on_exec(&mut self, pid: u32) {
+        self.processes.remove(&pid);
+    }
+
+    pub fn on_exit(&mut self, pid: u32) {
+        if let Some(p) = self.processes.get_mut(&pid) {
+            p.exited_at = Some(Instant::now());
+        }
+    }
+
+    /// Drops processes that exited more than the grace period ago.
+    pub fn collect_garbage(&mut self) {
+        let now = Instant::now();
+        self.processes
+            .retain(|_, p| p.exited_at.is_none_or(|t| now.duration_since(t) < EXIT_GRACE));
+    }
+
+    /// Normalizes a sampled stack: kernel frames first (leaf first), then user frames.
+    /// Every frame but the sample's leaf is a return address and is looked up as `address - 1`,
+    /// which keeps it inside the calling instruction (and the calling function).
+    pub fn normalize(&mut self, pid: u32, comm: &str, user: &[u64], kernel: &[u64]) -> Vec<Frame> {
+        let mut frames = Vec::with_capacity(user.len() + kernel.len());
+        for (i, &addr) in kernel.iter().enumerate() {
+            let address = if i == 0 { addr } else { addr.wrapping_sub(1) };
+            frames.push(Frame::Kernel { address });
+        }
+        if user.is_empty() {
+            return frames;
+        }
+        self.ensure_loaded(pid, comm);
+        for (i, &addr) in user.iter().enumerate() {
+            // The first user frame is the interrupted (or syscall) instruction pointer, exact.
+            let lookup = if i == 0 { addr } else { addr.wrapping_sub(1) };
+            frames.push(self.user_frame(pid, lookup));
+        }
+        frames
+    }
+
+    fn user_frame(&mut self, pid: u32, addr: u64) -> Frame {
+        if let Some(frame) = self.lookup(pid, addr) {
+            return frame;
+        }
+        // A library mapped after we last read the maps (dlopen)? Re-read, rate-limited.
+        let stale = self
+            .processes
+            .get(&pid)
+            .is_some_and(|p| p.exited_at.is_none() && p.refreshed_at.elapsed() >= REFRESH_INTERVAL);
+        if stale {
+            self.refresh(pid, None);
+            if let Some(frame) = self.lookup(pid, addr) {
+                return frame;
+            }
+        }
+        self.metrics.inc("frames_unmapped");
+        let unmapped = *self.unmapped.get_or_insert_with(|| {
+            self.objects.pseudo_object("[unmapped]").unwrap_or(ObjectId(u32::MAX))
+        });
+        Frame::User { object: unmapped, address: addr }
+    }
+
+    fn lookup(&self, pid: u32, addr: u64) -> Option<Frame> {
+        let process = self.processes.get(&pid)?;
+        let idx = process.mappings.partition_point(|m| m.start <= addr).checked_sub(1)?;
+        let m = &process.mappings[idx];
+        if addr >= m.end {
+            return None;
+        }
+        Some(Frame::User { object: m.object?, address: addr - m.start + m.file_offset })
+    }
+
+    fn ensure_loaded(&mut self, pid: u32, comm: &str) {
+        if !self.processes.contains_key(&pid) {
+            self.refresh(pid, Some(comm));
+        }
+    }
+
+    fn refresh(&mut self, pid: u32, comm: Option<&str>) {
+        let previous = self.processes.remove(&pid);
+        let proc_dir = self.proc_root.join(pid.to_string());
+        let exe_path = std::fs::read_link(proc_dir.join("exe")).ok().map(|p| clean_path(&p));
+        let name = exe_path
+            .as_deref()
+            .and_then(|p| p.rsplit('/').next())
+            .map(str::to_owned)
+            .or_else(|| comm.map(str::to_owned))
+            .or_else(|| previous.as_ref().map(|p| p.name.clone()))
+            .unwrap_or_default();
+        let mappings = match procfs::process::Process::new_with_root(proc_dir.clone())
+            .and_then(|p| p.maps())
+        {
+            Ok(maps) => self.executable_mappings(&proc_dir, maps.0),
+            Err(e) => {
+                // Gone already, or not readable: keep whatever we knew.
+                self.metrics.inc("process_maps_read_failed");
+                tracing::debug!(pid, error = %e, "cannot read process maps");
+                previous.as_ref().map(|p| p.mappings.clone()).unwrap_or_default()
+            }
+        };
+        self.metrics.inc("process_maps_read");
+        self.processes.insert(
+            pid,
+            Process {
+                mappings,
+                refreshed_at: Instant::now(),
+                exited_at: previous.and_then(|p| p.exited_at),
+                name,
+                exe_path,
+            },
+        );
+    }
+
+    fn executable_mappings(
+        &mut self,
+        proc_dir: &std::path::Path,
+        maps: Vec<procfs::process::MemoryMap>,
+    ) -> Vec<Mapping> {
+        let mut out: Vec<Mapping> = maps
+            .into_iter()
+            .filter(|m| m.perms.contains(MMPermissions::EXECUTE))
+            .map(|m| {
+                let (start, end) = m.address;
+                let object = match &m.pathname {
+                    MMapPath::Path(path) => {
+                        let name = clean_path(path);
+                        let key = ObjectKey::File { dev: m.dev, inode: m.inode };
+                        let open_paths = [
+                            proc_dir.join(format!("map_files/{start:x}-{end:x}")),
+                            proc_dir.join("root").join(name.trim_start_matches('/')),
+                        ];
+                        self.objects.file_object(key, &name, &open_paths)
+                    }
+                    MMapPath::Vdso => self.objects.pseudo_object("[vdso]"),
+                    MMapPath::Vsyscall => self.objects.pseudo_object("[vsyscall]"),
+                    MMapPath::Other(name) => self.objects.pseudo_object(&format!("[{name}]")),
+                    _ => self.objects.pseudo_object("[anon]"),
+                };
+                // Memory without a file is addressed relative to its mapping.
+                let file_offset = if matches!(m.pathname, MMapPath::Path(_)) { m.offset } else { 0 };
+                Mapping { start, end, file_offset, object }
+            })
+            .collect();
+        out.sort_by_key(|m| m.start);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_own_stack_to_file_offsets() {
+        let metrics = Metrics::default();
+        let mut table = ProcessTable::new(metrics.clone());
+        let pid = std::process::id();
+        let here = normalizes_own_stack_to_file_offsets as usize as u64;
+        let frames = table.normalize(pid, "test", &[here, here + 1], &[0xffff_ffff_8100_0000]);
+        assert_eq!(frames.len(), 3);
+        assert_eq!(frames[0], Frame::Kernel { address: 0xffff_ffff_8100_0000 });
+        let Frame::User { object, address } = frames[1] else { panic!("{frames:?}") };
+        let obj = table.objects().get(object);
+        assert!(obj.build_id.is_some(), "{obj:?}");
+        assert!(obj.symbolize_path().is_some());
+        // Return addresses are looked up one byte earlier.
+        assert_eq!(frames[2], Frame::User { object, address });
+        assert!(address < here, "file offset {address:#x} of {here:#x}");
+        assert_eq!(metrics.get("frames_unmapped"), 0);
+        assert!(table.info(pid).unwrap().name.starts_with("profiler_agent"));
+    }
+
+    #[test]
+    fn unmapped_addresses_are_frames_not_errors() {
+        let metrics = Metrics::default();
+        let mut table = ProcessTable::new(metrics.clone());
+        let frames = table.normalize(std::process::id(), "t", &[0x10], &[]);
+        assert!(matches!(frames[0], Frame::User { address: 0x10, .. }));
+        assert_eq!(metrics.get("frames_unmapped"), 1);
+        // A pid that does not exist: every frame is unmapped, nothing panics.
+        let frames = table.normalize(u32::MAX - 1, "ghost", &[0x1000, 0x2000], &[]);
+        assert_eq!(frames.len(), 2);
+    }
+}

@@ -1,0 +1,138 @@
+//! Profile data as the agent holds it between sampling and output: normalized frames,
+//! interned stacks, and samples aggregated by (process, thread, stack). No I/O here.
+
+use std::{collections::HashMap, sync::Arc};
+
+use crate::process::ObjectId;
+
+/// One normalized frame. User frames are `(object, file offset)`; kernel frames keep their
+/// address (kallsyms is global). Return addresses are already adjusted by -1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Frame {
+    User { object: ObjectId, address: u64 },
+    Kernel { address: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StackId(pub u32);
+
+/// Interns stacks (leaf first) so each distinct stack is stored once.
+#[derive(Default)]
+pub struct StackInterner {
+    ids: HashMap<Arc<[Frame]>, StackId>,
+    stacks: Vec<Arc<[Frame]>>,
+}
+
+impl StackInterner {
+    pub fn intern(&mut self, frames: Vec<Frame>) -> StackId {
+        if let Some(id) = self.ids.get(frames.as_slice()) {
+            return *id;
+        }
+        let id = StackId(self.stacks.len() as u32);
+        let frames: Arc<[Frame]> = frames.into();
+        self.stacks.push(frames.clone());
+        self.ids.insert(frames, id);
+        id
+    }
+
+    pub fn get(&self, id: StackId) -> &[Frame] {
+        &self.stacks[id.0 as usize]
+    }
+
+    pub fn len(&self) -> usize {
+        self.stacks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.stacks.is_empty()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SampleKey {
+    pub pid: u32,
+    pub tid: u32,
+    pub stack: StackId,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SampleValue {
+    pub count: u64,
+    pub first_unix_ns: u64,
+    pub last_unix_ns: u64,
+}
+
+/// Samples aggregated by key, with the names seen for processes and threads.
+#[derive(Default)]
+pub struct Aggregate {
+    pub stacks: StackInterner,
+    pub samples: HashMap<SampleKey, SampleValue>,
+    pub thread_names: HashMap<u32, String>,
+    pub process_names: HashMap<u32, String>,
+    pub total_samples: u64,
+}
+
+impl Aggregate {
+    pub fn add(&mut self, pid: u32, tid: u32, frames: Vec<Frame>, unix_ns: u64) {
+        let stack = self.stacks.intern(frames);
+        self.total_samples += 1;
+        self.samples
+            .entry(SampleKey { pid, tid, stack })
+            .and_modify(|v| {
+                v.count += 1;
+                v.first_unix_ns = v.first_unix_ns.min(unix_ns);
+                v.last_unix_ns = v.last_unix_ns.max(unix_ns);
+            })
+            .or_insert(SampleValue { count: 1, first_unix_ns: unix_ns, last_unix_ns: unix_ns });
+    }
+
+    pub fn set_thread_name(&mut self, tid: u32, name: &str) {
+        if self.thread_names.get(&tid).map(String::as_str) != Some(name) {
+            self.thread_names.insert(tid, name.to_owned());
+        }
+    }
+
+    /// Every distinct frame referenced by a sample.
+    pub fn frames(&self) -> impl Iterator<Item = Frame> + '_ {
+        let mut seen = std::collections::HashSet::new();
+        self.samples
+            .keys()
+            .flat_map(|k| self.stacks.get(k.stack).iter().copied())
+            .filter(move |f| seen.insert(*f))
+    }
+
+    /// Samples in a stable order (by pid, tid, stack).
+    pub fn sorted_samples(&self) -> Vec<(&SampleKey, &SampleValue)> {
+        let mut v: Vec<_> = self.samples.iter().collect();
+        v.sort_by_key(|(k, _)| **k);
+        v
+    }
+
+    pub fn time_range(&self) -> Option<(u64, u64)> {
+        let first = self.samples.values().map(|v| v.first_unix_ns).min()?;
+        let last = self.samples.values().map(|v| v.last_unix_ns).max()?;
+        Some((first, last))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aggregates_identical_stacks() {
+        let mut agg = Aggregate::default();
+        let a = vec![Frame::Kernel { address: 1 }, Frame::User { object: ObjectId(0), address: 2 }];
+        agg.add(1, 2, a.clone(), 100);
+        agg.add(1, 2, a.clone(), 50);
+        agg.add(1, 3, a, 70);
+        agg.add(1, 2, vec![Frame::Kernel { address: 9 }], 80);
+        assert_eq!(agg.total_samples, 4);
+        assert_eq!(agg.stacks.len(), 2);
+        assert_eq!(agg.samples.len(), 3);
+        let v = agg.samples[&SampleKey { pid: 1, tid: 2, stack: StackId(0) }];
+        assert_eq!((v.count, v.first_unix_ns, v.last_unix_ns), (2, 50, 100));
+        assert_eq!(agg.frames().count(), 3);
+        assert_eq!(agg.time_range(), Some((50, 100)));
+    }
+}

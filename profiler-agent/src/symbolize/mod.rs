@@ -1,0 +1,222 @@
+//! Symbolization: the only module that touches blazesym.
+//!
+//! Configured for speed (../shared/research/floors.md): no auto-reload (a `stat` per address),
+//! no demangling inside blazesym (done here once per distinct name), one long-lived
+//! `Symbolizer`, and one blazesym call per object per batch. Results are cached per frame, so a
+//! frame is symbolized once for the agent's lifetime.
+//!
+//! A frame that cannot be symbolized is data: it gets the name `[unknown] module+0xoffset`.
+
+mod demangle;
+
+use std::{collections::HashMap, sync::Arc};
+
+use blazesym::{
+    MaybeDefault,
+    symbolize::{
+        CodeInfo, Input, Symbolized, Symbolizer as Blazesym,
+        source::{Elf, Kernel, Source},
+    },
+};
+
+use crate::{
+    metrics::Metrics,
+    process::{ObjectId, ObjectStore},
+    profile::Frame,
+};
+
+/// One function level of a symbolized frame.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SourceLine {
+    pub function: Arc<str>,
+    pub file: Option<Arc<str>>,
+    /// 0 when unknown.
+    pub line: u32,
+}
+
+/// A symbolized frame: the innermost inlined function first, the function that contains the
+/// address last. Never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SymbolizedFrame {
+    pub lines: Vec<SourceLine>,
+    /// False when the name is the `[unknown] module+0xoffset` placeholder.
+    pub resolved: bool,
+}
+
+pub struct Symbolizer {
+    blazesym: Blazesym,
+    cache: HashMap<Frame, Arc<SymbolizedFrame>>,
+    strings: HashMap<String, Arc<str>>,
+    kernel: Source<'static>,
+    metrics: Metrics,
+}
+
+impl Symbolizer {
+    pub fn new(metrics: Metrics) -> Self {
+        let blazesym = Blazesym::builder()
+            .enable_auto_reload(false)
+            .enable_demangling(false)
+            .enable_code_info(true)
+            .enable_inlined_fns(true)
+            .build();
+        let kernel = Source::Kernel(Kernel {
+            kallsyms: MaybeDefault::Default,
+            vmlinux: MaybeDefault::None,
+            debug_syms: false,
+            ..Kernel::default()
+        });
+        Self { blazesym, cache: HashMap::new(), strings: HashMap::new(), kernel, metrics }
+    }
+
+    /// Symbolizes every frame not already cached: one blazesym call per object.
+    pub fn resolve(&mut self, frames: impl IntoIterator<Item = Frame>, objects: &ObjectStore) {
+        let mut user: HashMap<ObjectId, Vec<u64>> = HashMap::new();
+        let mut kernel = Vec::new();
+        for frame in frames {
+            if self.cache.contains_key(&frame) {
+                continue;
+            }
+            match frame {
+                Frame::User { object, address } => user.entry(object).or_default().push(address),
+                Frame::Kernel { address } => kernel.push(address),
+            }
+        }
+        for (object, mut offsets) in user {
+            offsets.sort_unstable();
+            offsets.dedup();
+            self.resolve_object(object, &offsets, objects);
+        }
+        if !kernel.is_empty() {
+            kernel.sort_unstable();
+            kernel.dedup();
+            self.resolve_kernel(&kernel);
+        }
+    }
+
+    /// The symbolized frame; frames not passed to [`Self::resolve`] come back as unknown.
+    pub fn get(&mut self, frame: Frame, objects: &ObjectStore) -> Arc<SymbolizedFrame> {
+        if let Some(s) = self.cache.get(&frame) {
+            return s.clone();
+        }
+        self.resolve([frame], objects);
+        self.cache.get(&frame).cloned().expect("resolve fills every frame")
+    }
+
+    pub fn cached_frames(&self) -> usize {
+        self.cache.len()
+    }
+
+    fn resolve_object(&mut self, id: ObjectId, offsets: &[u64], objects: &ObjectStore) {
+        let object = objects.get(id);
+        let results = match object.symbolize_path() {
+            Some(path) => {
+                let source = Source::Elf(Elf::new(path));
+                match self.blazesym.symbolize(&source, Input::FileOffset(offsets)) {
+                    Ok(results) => owned_levels(results),
+                    Err(e) => {
+                        self.metrics.inc("symbolize_object_errors");
+                        tracing::debug!(object = %object.name, error = %e, "symbolization failed");
+                        Vec::new()
+                    }
+                }
+            }
+            None => Vec::new(),
+        };
+        let module = object.short_name().to_owned();
+        self.store(offsets, results, |address| Frame::User { object: id, address }, &module);
+    }
+
+    fn resolve_kernel(&mut self, addresses: &[u64]) {
+        let results = match self.blazesym.symbolize(&self.kernel, Input::AbsAddr(addresses)) {
+            Ok(results) => owned_levels(results),
+            Err(e) => {
+                self.metrics.inc("symbolize_kernel_errors");
+                tracing::debug!(error = %e, "kernel symbolization failed");
+                Vec::new()
+            }
+        };
+        self.store(addresses, results, |address| Frame::Kernel { address }, "[kernel]");
+    }
+
+    /// Caches one result per address; missing results (a failed call) become unknown frames.
+    fn store(
+        &mut self,
+        addresses: &[u64],
+        results: Vec<Option<Vec<Level>>>,
+        frame: impl Fn(u64) -> Frame,
+        module: &str,
+    ) {
+        let mut results = results.into_iter();
+        for &address in addresses {
+            let symbolized = match results.next().flatten() {
+                Some(levels) => {
+                    self.metrics.inc("frames_symbolized");
+                    let lines = levels.into_iter().map(|l| self.line(l)).collect();
+                    SymbolizedFrame { lines, resolved: true }
+                }
+                None => {
+                    self.metrics.inc("frames_unsymbolized");
+                    let name = format!("[unknown] {module}+{address:#x}");
+                    SymbolizedFrame {
+                        lines: vec![SourceLine { function: self.intern(name), file: None, line: 0 }],
+                        resolved: false,
+                    }
+                }
+            };
+            self.cache.insert(frame(address), Arc::new(symbolized));
+        }
+    }
+
+    fn line(&mut self, level: Level) -> SourceLine {
+        let function = match self.strings.get(&level.name) {
+            Some(s) => s.clone(),
+            None => {
+                let demangled: Arc<str> = demangle::demangle(&level.name).into();
+                self.strings.insert(level.name, demangled.clone());
+                demangled
+            }
+        };
+        let file = level.file.map(|f| self.intern(f));
+        SourceLine { function, file, line: level.line }
+    }
+
+    fn intern(&mut self, s: String) -> Arc<str> {
+        if let Some(v) = self.strings.get(&s) {
+            return v.clone();
+        }
+        let v: Arc<str> = s.clone().into();
+        self.strings.insert(s, v.clone());
+        v
+    }
+}
+
+/// One function level of a blazesym result, owned (blazesym's borrow the symbolizer).
+struct Level {
+    /// Mangled.
+    name: String,
+    file: Option<String>,
+    line: u32,
+}
+
+/// blazesym results as levels, innermost inlined function first. blazesym lists inlined calls
+/// outermost first and gives every level its own location (the containing function's is the
+/// call site of the first inlined call).
+fn owned_levels(results: Vec<Symbolized<'_>>) -> Vec<Option<Vec<Level>>> {
+    let level = |name: &str, code: Option<&CodeInfo<'_>>| Level {
+        name: name.to_owned(),
+        file: code.map(|c| c.to_path().to_string_lossy().into_owned()),
+        line: code.and_then(|c| c.line).unwrap_or(0),
+    };
+    results
+        .into_iter()
+        .map(|r| match r {
+            Symbolized::Sym(sym) => {
+                let mut levels: Vec<Level> =
+                    sym.inlined.iter().rev().map(|i| level(&i.name, i.code_info.as_ref())).collect();
+                levels.push(level(&sym.name, sym.code_info.as_deref()));
+                Some(levels)
+            }
+            Symbolized::Unknown(_) => None,
+        })
+        .collect()
+}

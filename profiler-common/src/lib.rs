@@ -1,0 +1,250 @@
+//! The kernel/user contract: every record, map value and load-time setting that crosses the
+//! boundary between `profiler-ebpf` and `profiler-agent` is defined here, once.
+//!
+//! Rules: `#[repr(C)]`, fixed-width fields, explicit padding (no `bool`), and a compile-time
+//! size check per type. User space must treat every record as untrusted bytes and decode it
+//! with length checks (see `profiler-agent/src/ebpf/decode.rs`).
+#![no_std]
+
+/// Frames captured per stack (user and kernel each), as `bpf_get_stack` allows.
+pub const MAX_STACK_DEPTH: usize = 127;
+/// Bytes of one captured stack buffer.
+pub const STACK_BYTES: usize = MAX_STACK_DEPTH * 8;
+/// Upper bound of the raw trace-context payload copied from a target (OTEP 4947: a 28-byte
+/// header plus up to 612 bytes of attributes).
+pub const MAX_CONTEXT_BYTES: usize = 640;
+/// `TASK_COMM_LEN` in the kernel.
+pub const COMM_LEN: usize = 16;
+
+/// First field of every ring-buffer record, so user space can dispatch before decoding.
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    Sample = 1,
+    ProcessExec = 2,
+    ProcessExit = 3,
+}
+
+impl RecordKind {
+    pub fn from_u16(v: u16) -> Option<Self> {
+        match v {
+            1 => Some(Self::Sample),
+            2 => Some(Self::ProcessExec),
+            3 => Some(Self::ProcessExit),
+            _ => None,
+        }
+    }
+}
+
+/// Bits of [`SampleHeader::flags`].
+pub mod sample_flags {
+    /// `bpf_get_stack` for the user stack returned an error; `user_frames` is 0.
+    pub const USER_STACK_ERROR: u16 = 1 << 0;
+    /// The user stack filled the buffer: it may be deeper than what was captured.
+    pub const USER_STACK_TRUNCATED: u16 = 1 << 1;
+    /// `bpf_get_stack` for the kernel stack returned an error; `kernel_frames` is 0.
+    pub const KERNEL_STACK_ERROR: u16 = 1 << 2;
+    /// The kernel stack filled the buffer.
+    pub const KERNEL_STACK_TRUNCATED: u16 = 1 << 3;
+}
+
+/// Where a sample's trace context came from; the tag of the context payload.
+/// Every source has its variant now so later readers only fill it in.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContextKind {
+    /// No context source for this process, or nothing active on the thread.
+    None = 0,
+    /// OTEP 4947 thread context record: 28-byte header followed by attributes.
+    ThreadContext = 1,
+    /// Go pprof labels (`pprof.Do`), as key/value string pairs.
+    GoLabels = 2,
+    /// Polar Signals custom-labels v1 label set.
+    CustomLabels = 3,
+    /// OpenTelemetry eBPF Instrumentation's `traces_ctx_v1` map value.
+    Obi = 4,
+}
+
+impl ContextKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::None),
+            1 => Some(Self::ThreadContext),
+            2 => Some(Self::GoLabels),
+            3 => Some(Self::CustomLabels),
+            4 => Some(Self::Obi),
+            _ => None,
+        }
+    }
+}
+
+/// Fixed head of a sample record. In the ring buffer it is followed by
+/// `user_frames` u64 user addresses, `kernel_frames` u64 kernel addresses and
+/// `context_len` bytes of context payload, and nothing else: records are variable-length.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct SampleHeader {
+    /// [`RecordKind::Sample`].
+    pub kind: u16,
+    /// [`sample_flags`] bits.
+    pub flags: u16,
+    pub cpu: u32,
+    /// Process id (thread group id).
+    pub tgid: u32,
+    /// Thread id.
+    pub tid: u32,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the sample.
+    pub ktime_ns: u64,
+    /// Thread name.
+    pub comm: [u8; COMM_LEN],
+    pub user_frames: u16,
+    pub kernel_frames: u16,
+    /// A [`ContextKind`].
+    pub context_kind: u8,
+    pub _pad: u8,
+    pub context_len: u16,
+}
+const _: () = assert!(core::mem::size_of::<SampleHeader>() == 48);
+
+/// Byte room after the header in the per-CPU scratch buffer: both stacks at their maximum, then
+/// the context payload. The layout lets the eBPF side compute offsets the verifier can bound.
+pub const SAMPLE_DATA_BYTES: usize = 2 * STACK_BYTES + MAX_CONTEXT_BYTES;
+/// Largest sample record that can be emitted.
+pub const MAX_SAMPLE_BYTES: usize = core::mem::size_of::<SampleHeader>() + SAMPLE_DATA_BYTES;
+
+/// Per-CPU scratch where a sample is assembled before it is copied to the ring buffer with its
+/// real length (the 512-byte BPF stack cannot hold it).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SampleScratch {
+    pub header: SampleHeader,
+    pub data: [u8; SAMPLE_DATA_BYTES],
+}
+const _: () = assert!(core::mem::size_of::<SampleScratch>() == MAX_SAMPLE_BYTES);
+
+/// Process lifecycle record (exec or exit), in the same ring buffer as samples so that it is
+/// ordered with them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ProcessEvent {
+    /// [`RecordKind::ProcessExec`] or [`RecordKind::ProcessExit`].
+    pub kind: u16,
+    pub _pad: u16,
+    pub tgid: u32,
+    pub ktime_ns: u64,
+    pub comm: [u8; COMM_LEN],
+}
+const _: () = assert!(core::mem::size_of::<ProcessEvent>() == 32);
+
+/// Load-time settings, written into the program's read-only global `CONFIG` before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EbpfConfig {
+    /// The agent's own tgid: never sampled.
+    pub agent_tgid: u32,
+    /// Non-zero: sample only processes present in `PID_FILTER`.
+    pub filter_by_pid: u32,
+    /// Byte offset of `group_dead` in the `sched_process_exit` tracepoint record, or 0 when the
+    /// kernel lacks that field (then a process exit is the exit of its leader thread).
+    pub exit_group_dead_offset: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<EbpfConfig>() == 16);
+
+/// Map and global names, shared so the two sides cannot drift.
+pub mod names {
+    pub const EVENTS: &str = "EVENTS";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const PID_FILTER: &str = "PID_FILTER";
+    pub const CONFIG: &str = "CONFIG";
+    pub const ON_CPU_SAMPLE: &str = "on_cpu_sample";
+    pub const ON_PROCESS_EXEC: &str = "on_process_exec";
+    pub const ON_PROCESS_EXIT: &str = "on_process_exit";
+}
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal,)*) => {
+        /// Index into the per-CPU `COUNTERS` array: one slot per outcome the kernel side counts.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl Counter {
+            pub const ALL: &[Counter] = &[$(Counter::$variant,)*];
+
+            /// Stable snake_case name, used in logs and metrics.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Program invocations (every timer tick on every CPU).
+    Invocations = "invocations",
+    /// Ticks that found the CPU idle (pid 0).
+    SkippedIdle = "skipped_idle",
+    /// Ticks that interrupted the agent itself.
+    SkippedSelf = "skipped_self",
+    /// Ticks of processes outside the pid allow-list.
+    SkippedFiltered = "skipped_filtered",
+    /// Samples written to the ring buffer.
+    SamplesEmitted = "samples_emitted",
+    /// Samples lost because the ring buffer was full.
+    RingBufferFull = "ringbuf_full",
+    /// Process events lost because the ring buffer was full.
+    ProcessEventsLost = "process_events_lost",
+    /// The per-CPU scratch buffer could not be looked up (should never happen).
+    ScratchUnavailable = "scratch_unavailable",
+    /// `bpf_get_stack` failed for the user stack (kernel threads have none).
+    UserStackError = "user_stack_error",
+    /// The user stack was deeper than the buffer.
+    UserStackTruncated = "user_stack_truncated",
+    /// `bpf_get_stack` failed for the kernel stack.
+    KernelStackError = "kernel_stack_error",
+    /// The kernel stack was deeper than the buffer.
+    KernelStackTruncated = "kernel_stack_truncated",
+}
+
+pub const NUM_COUNTERS: usize = Counter::ALL.len();
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, contain only integers and byte arrays, and have no
+    // implicit padding (checked by the size assertions above).
+    unsafe impl aya::Pod for super::SampleHeader {}
+    unsafe impl aya::Pod for super::ProcessEvent {}
+    unsafe impl aya::Pod for super::EbpfConfig {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counter_names_are_unique_and_indices_dense() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+            for other in &Counter::ALL[i + 1..] {
+                assert_ne!(c.name(), other.name());
+            }
+        }
+    }
+
+    #[test]
+    fn kinds_round_trip() {
+        for k in [RecordKind::Sample, RecordKind::ProcessExec, RecordKind::ProcessExit] {
+            assert_eq!(RecordKind::from_u16(k as u16), Some(k));
+        }
+        assert_eq!(RecordKind::from_u16(0), None);
+        for v in 0..=4u8 {
+            assert_eq!(ContextKind::from_u8(v).map(|k| k as u8), Some(v));
+        }
+        assert_eq!(ContextKind::from_u8(5), None);
+    }
+}

@@ -1,0 +1,15 @@
+//! Architecture-specific reads of the interrupted context. x86_64 only for now.
+
+use aya_ebpf::{EbpfContext, programs::PerfEventContext};
+
+/// Byte offset of `cs` in x86_64 `struct pt_regs`, which starts `struct bpf_perf_event_data`.
+/// This is UAPI (`arch/x86/include/uapi/asm/ptrace.h`), stable across kernels.
+const PT_REGS_CS_OFFSET: usize = 17 * 8;
+
+/// True when the sampled CPU was running kernel code (the ring-3 bits of CS are clear).
+#[inline(always)]
+pub fn interrupted_kernel_mode(ctx: &PerfEventContext) -> bool {
+    // The perf_event context is readable directly: the verifier allows loads from pt_regs.
+    let cs = unsafe { *(ctx.as_ptr() as *const u8).add(PT_REGS_CS_OFFSET).cast::<u64>() };
+    cs & 3 == 0
+}

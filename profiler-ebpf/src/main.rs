@@ -1,0 +1,221 @@
+//! Kernel side of the profiler.
+//!
+//! - `on_cpu_sample` (perf_event, software cpu-clock on every online CPU): filter, capture the
+//!   user and kernel stacks into a per-CPU scratch record and copy it to the ring buffer with its
+//!   real length.
+//! - `on_process_exec` / `on_process_exit` (sched tracepoints): process lifecycle records in the
+//!   same ring buffer, so user space sees them in order with the samples.
+//!
+//! Every outcome that loses or skips something increments a per-CPU counter.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    Global,
+    bindings::BPF_F_USER_STACK,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack,
+        bpf_ktime_get_ns,
+    },
+    macros::{map, perf_event, tracepoint},
+    maps::{HashMap, PerCpuArray, RingBuf},
+    programs::{PerfEventContext, TracePointContext},
+    EbpfContext,
+};
+use profiler_common::{
+    ContextKind, Counter, EbpfConfig, NUM_COUNTERS, ProcessEvent, RecordKind, STACK_BYTES,
+    SampleHeader, SampleScratch, sample_flags,
+};
+
+mod arch;
+
+/// Load-time settings; user space overrides this before load.
+#[unsafe(no_mangle)]
+static CONFIG: Global<EbpfConfig> = Global::new(EbpfConfig {
+    agent_tgid: 0,
+    filter_by_pid: 0,
+    exit_group_dead_offset: 0,
+    _pad: 0,
+});
+
+/// Size is set by user space at load time (`EbpfLoader::map_max_entries`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS as u32, 0);
+
+#[map]
+static SCRATCH: PerCpuArray<SampleScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// Allow-list of tgids, used when `CONFIG.filter_by_pid` is set.
+#[map]
+static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+
+/// Samples are consumed in batches on a timer: never wake the reader per record.
+const RINGBUF_FLAGS: u64 = aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64;
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot, and a perf_event program cannot nest on its own CPU: no atomics needed.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[perf_event]
+pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
+    count(Counter::Invocations);
+    sample(&ctx);
+    0
+}
+
+#[inline(always)]
+fn sample(ctx: &PerfEventContext) {
+    let config = CONFIG.load();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    if tid == 0 {
+        count(Counter::SkippedIdle);
+        return;
+    }
+    if tgid == config.agent_tgid {
+        count(Counter::SkippedSelf);
+        return;
+    }
+    if config.filter_by_pid != 0 && unsafe { PID_FILTER.get(&tgid) }.is_none() {
+        count(Counter::SkippedFiltered);
+        return;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        count(Counter::ScratchUnavailable);
+        return;
+    };
+    let scratch = unsafe { &mut *scratch };
+    let mut flags = 0u16;
+
+    // User stack first, at the start of the data area.
+    let user_ret = unsafe {
+        bpf_get_stack(
+            ctx.as_ptr(),
+            scratch.data.as_mut_ptr().cast(),
+            STACK_BYTES as u32,
+            BPF_F_USER_STACK as u64,
+        )
+    };
+    let user_bytes = if user_ret < 0 {
+        flags |= sample_flags::USER_STACK_ERROR;
+        count(Counter::UserStackError);
+        0
+    } else {
+        // The mask keeps the value provably within [0, STACK_BYTES] for the verifier.
+        (user_ret as usize) & STACK_MASK
+    };
+    if user_bytes == STACK_BYTES {
+        flags |= sample_flags::USER_STACK_TRUNCATED;
+        count(Counter::UserStackTruncated);
+    }
+
+    // Kernel stack right after the user frames; only when the tick interrupted kernel code
+    // (in user mode it is empty, and walking it still costs).
+    let mut kernel_bytes = 0usize;
+    if arch::interrupted_kernel_mode(ctx) {
+        let kernel_ret = unsafe {
+            bpf_get_stack(
+                ctx.as_ptr(),
+                scratch.data.as_mut_ptr().add(user_bytes).cast(),
+                STACK_BYTES as u32,
+                0,
+            )
+        };
+        if kernel_ret < 0 {
+            flags |= sample_flags::KERNEL_STACK_ERROR;
+            count(Counter::KernelStackError);
+        } else {
+            kernel_bytes = (kernel_ret as usize) & STACK_MASK;
+            if kernel_bytes == STACK_BYTES {
+                flags |= sample_flags::KERNEL_STACK_TRUNCATED;
+                count(Counter::KernelStackTruncated);
+            }
+        }
+    }
+
+    let header = &mut scratch.header;
+    header.kind = RecordKind::Sample as u16;
+    header.flags = flags;
+    header.cpu = unsafe { bpf_get_smp_processor_id() };
+    header.tgid = tgid;
+    header.tid = tid;
+    header.ktime_ns = unsafe { bpf_ktime_get_ns() };
+    header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    header.user_frames = (user_bytes / 8) as u16;
+    header.kernel_frames = (kernel_bytes / 8) as u16;
+    header.context_kind = ContextKind::None as u8;
+    header._pad = 0;
+    header.context_len = 0;
+
+    let len = core::mem::size_of::<SampleHeader>() + user_bytes + kernel_bytes;
+    if len > core::mem::size_of::<SampleScratch>() {
+        return;
+    }
+    let bytes =
+        unsafe { core::slice::from_raw_parts((scratch as *const SampleScratch).cast::<u8>(), len) };
+    match EVENTS.output::<[u8]>(bytes, RINGBUF_FLAGS) {
+        Ok(()) => count(Counter::SamplesEmitted),
+        Err(_) => count(Counter::RingBufferFull),
+    }
+}
+
+/// `STACK_BYTES` (1016) is `0b11_1111_1000`: masking keeps every multiple of 8 up to it.
+const STACK_MASK: usize = 0x3f8;
+const _: () = assert!(STACK_MASK == STACK_BYTES);
+
+#[tracepoint]
+pub fn on_process_exec(_ctx: TracePointContext) -> u32 {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    emit_process_event(RecordKind::ProcessExec, tgid);
+    0
+}
+
+#[tracepoint]
+pub fn on_process_exit(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let offset = CONFIG.load().exit_group_dead_offset;
+    let process_gone = if offset != 0 {
+        unsafe { ctx.read_at::<u8>(offset as usize) }.unwrap_or(0) != 0
+    } else {
+        tgid == pid_tgid as u32
+    };
+    if process_gone {
+        emit_process_event(RecordKind::ProcessExit, tgid);
+    }
+    0
+}
+
+#[inline(always)]
+fn emit_process_event(kind: RecordKind, tgid: u32) {
+    let Some(mut entry) = EVENTS.reserve::<ProcessEvent>(0) else {
+        count(Counter::ProcessEventsLost);
+        return;
+    };
+    entry.write(ProcessEvent {
+        kind: kind as u16,
+        _pad: 0,
+        tgid,
+        ktime_ns: unsafe { bpf_ktime_get_ns() },
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    });
+    entry.submit(0);
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
