@@ -12,9 +12,16 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("agent crate has no parent directory"))?
         .join("profiler-ebpf");
-    let root_dir = ebpf_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {ebpf_dir:?}"))?;
+    let root_dir = ebpf_dir
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {ebpf_dir:?}"))?;
     aya_build::build_ebpf(
-        [Package { name: "profiler-ebpf", root_dir, no_default_features: false, features: &[] }],
+        [Package {
+            name: "profiler-ebpf",
+            root_dir,
+            no_default_features: false,
+            features: &[],
+        }],
         // Plain `nightly`: the toolchain installed on these machines (a dated name would not match).
         Toolchain::default(),
     )

@@ -10,7 +10,9 @@ impl MonotonicToUnix {
     pub fn now() -> Self {
         let mono = clock_ns(libc::CLOCK_MONOTONIC);
         let real = clock_ns(libc::CLOCK_REALTIME);
-        Self { offset_ns: i128::from(real) - i128::from(mono) }
+        Self {
+            offset_ns: i128::from(real) - i128::from(mono),
+        }
     }
 
     pub fn to_unix(&self, monotonic_ns: u64) -> u64 {
@@ -23,7 +25,10 @@ impl MonotonicToUnix {
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec; these clocks always exist on Linux.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64

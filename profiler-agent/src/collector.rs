@@ -4,7 +4,6 @@
 
 use std::{sync::Arc, thread::JoinHandle};
 
-
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
@@ -83,7 +82,7 @@ impl Collector {
                 while let Some(message) = inbox.blocking_recv() {
                     this.handle(message);
                     handled += 1;
-                    if handled % 4096 == 0 {
+                    if handled.is_multiple_of(4096) {
                         this.processes.collect_garbage();
                     }
                 }
@@ -130,7 +129,8 @@ impl Collector {
                 .unwrap_or_else(|| sample.thread_name.clone());
             self.aggregate.process_names.insert(sample.tgid, name);
         }
-        self.aggregate.set_thread_name(sample.tid, &sample.thread_name);
+        self.aggregate
+            .set_thread_name(sample.tid, &sample.thread_name);
         let unix_ns = self.clock.to_unix(sample.ktime_ns);
         self.aggregate.add(sample.tgid, sample.tid, frames, unix_ns);
         self.metrics.inc("samples_aggregated");
@@ -138,21 +138,32 @@ impl Collector {
 
     fn snapshot(&mut self) -> Vec<SymbolizedSample> {
         let objects = self.processes.objects();
-        self.symbolizer.resolve(self.aggregate.frames().collect::<Vec<_>>(), objects);
+        self.symbolizer
+            .resolve(self.aggregate.frames().collect::<Vec<_>>(), objects);
         self.aggregate
             .sorted_samples()
             .into_iter()
             .map(|(key, value)| SymbolizedSample {
                 pid: key.pid,
                 tid: key.tid,
-                thread_name: self.aggregate.thread_names.get(&key.tid).cloned().unwrap_or_default(),
+                thread_name: self
+                    .aggregate
+                    .thread_names
+                    .get(&key.tid)
+                    .cloned()
+                    .unwrap_or_default(),
                 functions: self
                     .aggregate
                     .stacks
                     .get(key.stack)
                     .iter()
                     .flat_map(|f| {
-                        self.symbolizer.get(*f, objects).lines.iter().map(|l| l.function.clone()).collect::<Vec<_>>()
+                        self.symbolizer
+                            .get(*f, objects)
+                            .lines
+                            .iter()
+                            .map(|l| l.function.clone())
+                            .collect::<Vec<_>>()
                     })
                     .collect(),
                 count: value.count,

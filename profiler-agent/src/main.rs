@@ -13,10 +13,19 @@ use profiler_agent::{
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "profiler-agent", version, about = "eBPF CPU profiler that answers where a trace spent its CPU")]
+#[command(
+    name = "profiler-agent",
+    version,
+    about = "eBPF CPU profiler that answers where a trace spent its CPU"
+)]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, env = "PROFILER_LOG_FORMAT", default_value = "text")]
+    #[arg(
+        long,
+        global = true,
+        env = "PROFILER_LOG_FORMAT",
+        default_value = "text"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -42,7 +51,12 @@ struct SamplingArgs {
     #[arg(long, short = 'F', env = "PROFILER_FREQUENCY", default_value_t = 19)]
     frequency: u64,
     /// Only sample these processes (repeatable). Default: every process.
-    #[arg(long = "pid", short = 'p', env = "PROFILER_PIDS", value_delimiter = ',')]
+    #[arg(
+        long = "pid",
+        short = 'p',
+        env = "PROFILER_PIDS",
+        value_delimiter = ','
+    )]
     pids: Vec<u32>,
     /// Ring-buffer size in bytes (power of two).
     #[arg(long, env = "PROFILER_RING_BUFFER_BYTES", default_value_t = 8 << 20)]
@@ -159,13 +173,19 @@ fn print_summary(output: &std::path::Path, summary: &profiler_agent::record::Rec
         "agent: {} records received, {} dropped, {} frames unsymbolized",
         summary.agent.get("records_received").copied().unwrap_or(0),
         dropped,
-        summary.agent.get("frames_unsymbolized").copied().unwrap_or(0),
+        summary
+            .agent
+            .get("frames_unsymbolized")
+            .copied()
+            .unwrap_or(0),
     );
 }
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("PROFILER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

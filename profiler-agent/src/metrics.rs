@@ -33,11 +33,19 @@ impl Metrics {
     }
 
     pub fn get(&self, name: &str) -> u64 {
-        self.counters.lock().unwrap_or_else(|e| e.into_inner()).get(name).copied().unwrap_or(0)
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn snapshot(&self) -> BTreeMap<String, u64> {
-        self.counters.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

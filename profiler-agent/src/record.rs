@@ -65,13 +65,19 @@ impl Recording {
     /// The samples so far, symbolized.
     pub async fn snapshot(&self) -> anyhow::Result<Vec<SymbolizedSample>> {
         let (tx, rx) = oneshot::channel();
-        self.inbox.send(Message::Snapshot(tx)).await.map_err(|_| collector_stopped())?;
+        self.inbox
+            .send(Message::Snapshot(tx))
+            .await
+            .map_err(|_| collector_stopped())?;
         rx.await.map_err(|_| collector_stopped())
     }
 
     /// Runs `f` on the collector's thread with the aggregate since the last flush.
     pub async fn flush(&self, f: impl FnOnce(Flushed<'_>) + Send + 'static) -> anyhow::Result<()> {
-        self.inbox.send(Message::Flush(Box::new(f))).await.map_err(|_| collector_stopped())
+        self.inbox
+            .send(Message::Flush(Box::new(f)))
+            .await
+            .map_err(|_| collector_stopped())
     }
 
     /// Stops sampling, drains what the kernel already wrote, runs `f` on the last aggregate
@@ -80,8 +86,7 @@ impl Recording {
         self,
         f: impl FnOnce(Flushed<'_>) -> R + Send + 'static,
     ) -> anyhow::Result<Finished<R>> {
-        let kernel = self.sampler.counters();
-        drop(self.sampler);
+        let kernel = self.sampler.stop();
         let _ = self.stop.send(true);
         self.reader.await.context("ring-buffer reader panicked")??;
         let (tx, rx) = oneshot::channel();
@@ -96,7 +101,11 @@ impl Recording {
         tokio::task::spawn_blocking(move || self.collector.join())
             .await?
             .map_err(|_| anyhow::anyhow!("collector thread panicked"))?;
-        Ok(Finished { output, kernel, metrics: self.metrics })
+        Ok(Finished {
+            output,
+            kernel,
+            metrics: self.metrics,
+        })
     }
 }
 

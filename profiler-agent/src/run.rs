@@ -60,7 +60,10 @@ fn sink(options: &RunOptions, frequency_hz: u64) -> impl FnOnce(Flushed<'_>) + S
         if samples == 0 {
             return;
         }
-        let path = dir.join(format!("profile-{}.pb.gz", flushed.window.1 / 1_000_000_000));
+        let path = dir.join(format!(
+            "profile-{}.pb.gz",
+            flushed.window.1 / 1_000_000_000
+        ));
         match export::write_file(
             &path,
             Format::Pprof,

@@ -238,7 +238,11 @@ mod tests {
 
     #[test]
     fn kinds_round_trip() {
-        for k in [RecordKind::Sample, RecordKind::ProcessExec, RecordKind::ProcessExit] {
+        for k in [
+            RecordKind::Sample,
+            RecordKind::ProcessExec,
+            RecordKind::ProcessExit,
+        ] {
             assert_eq!(RecordKind::from_u16(k as u16), Some(k));
         }
         assert_eq!(RecordKind::from_u16(0), None);

@@ -10,6 +10,10 @@ const PT_REGS_CS_OFFSET: usize = 17 * 8;
 #[inline(always)]
 pub fn interrupted_kernel_mode(ctx: &PerfEventContext) -> bool {
     // The perf_event context is readable directly: the verifier allows loads from pt_regs.
-    let cs = unsafe { *(ctx.as_ptr() as *const u8).add(PT_REGS_CS_OFFSET).cast::<u64>() };
+    let cs = unsafe {
+        *(ctx.as_ptr() as *const u8)
+            .add(PT_REGS_CS_OFFSET)
+            .cast::<u64>()
+    };
     cs & 3 == 0
 }

@@ -11,7 +11,7 @@
 #![no_main]
 
 use aya_ebpf::{
-    Global,
+    EbpfContext, Global,
     bindings::BPF_F_USER_STACK,
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack,
@@ -20,7 +20,6 @@ use aya_ebpf::{
     macros::{map, perf_event, tracepoint},
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::{PerfEventContext, TracePointContext},
-    EbpfContext,
 };
 use profiler_common::{
     ContextKind, Counter, EbpfConfig, NUM_COUNTERS, ProcessEvent, RecordKind, STACK_BYTES,
@@ -84,7 +83,7 @@ fn sample(ctx: &PerfEventContext) {
         count(Counter::SkippedSelf);
         return;
     }
-    if config.filter_by_pid != 0 && unsafe { PID_FILTER.get(&tgid) }.is_none() {
+    if config.filter_by_pid != 0 && unsafe { PID_FILTER.get(tgid) }.is_none() {
         count(Counter::SkippedFiltered);
         return;
     }

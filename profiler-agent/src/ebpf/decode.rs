@@ -10,8 +10,15 @@ use profiler_common::{
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Sample(RawSample),
-    Exec { tgid: u32, ktime_ns: u64, comm: String },
-    Exit { tgid: u32, ktime_ns: u64 },
+    Exec {
+        tgid: u32,
+        ktime_ns: u64,
+        comm: String,
+    },
+    Exit {
+        tgid: u32,
+        ktime_ns: u64,
+    },
 }
 
 /// A sample as the kernel captured it: absolute addresses, raw context bytes.
@@ -75,7 +82,10 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
         }
         Some(RecordKind::ProcessExit) => {
             let event = read_pod::<ProcessEvent>(bytes)?;
-            Ok(Record::Exit { tgid: event.tgid, ktime_ns: event.ktime_ns })
+            Ok(Record::Exit {
+                tgid: event.tgid,
+                ktime_ns: event.ktime_ns,
+            })
         }
         None => Err(DecodeError::UnknownKind(kind)),
     }
@@ -94,7 +104,10 @@ fn decode_sample(bytes: &[u8]) -> Result<RawSample, DecodeError> {
     let payload = &bytes[size_of::<SampleHeader>()..];
     let declared = (user + kernel) * 8 + context_len;
     if declared != payload.len() || context_len > MAX_CONTEXT_BYTES {
-        return Err(DecodeError::LengthMismatch { declared, actual: payload.len() });
+        return Err(DecodeError::LengthMismatch {
+            declared,
+            actual: payload.len(),
+        });
     }
     let (frames, context) = payload.split_at((user + kernel) * 8);
     let mut addresses = frames
@@ -163,7 +176,11 @@ pub(crate) mod tests {
             comm,
             user_frames: user,
             kernel_frames: kernel,
-            context_kind: if context_len > 0 { ContextKind::ThreadContext as u8 } else { 0 },
+            context_kind: if context_len > 0 {
+                ContextKind::ThreadContext as u8
+            } else {
+                0
+            },
             _pad: 0,
             context_len,
         }
@@ -172,7 +189,9 @@ pub(crate) mod tests {
     #[test]
     fn decodes_stacks_and_context() {
         let bytes = encode_sample(header(2, 1, 3), &[0x10, 0x20, 0xffff_0000], &[7, 8, 9]);
-        let Record::Sample(s) = decode(&bytes).unwrap() else { panic!("not a sample") };
+        let Record::Sample(s) = decode(&bytes).unwrap() else {
+            panic!("not a sample")
+        };
         assert_eq!(s.user_stack, vec![0x10, 0x20]);
         assert_eq!(s.kernel_stack, vec![0xffff_0000]);
         assert_eq!(s.context, vec![7, 8, 9]);
@@ -186,13 +205,19 @@ pub(crate) mod tests {
         let bytes = encode_sample(header(3, 0, 0), &[1, 2], &[]);
         assert_eq!(
             decode(&bytes),
-            Err(DecodeError::LengthMismatch { declared: 24, actual: 16 })
+            Err(DecodeError::LengthMismatch {
+                declared: 24,
+                actual: 16
+            })
         );
         let bytes = encode_sample(header(200, 0, 0), &[], &[]);
         assert_eq!(decode(&bytes), Err(DecodeError::TooManyFrames(200)));
         assert_eq!(decode(&[1]), Err(DecodeError::TooShort(1)));
         assert_eq!(decode(&[9, 0, 0, 0]), Err(DecodeError::UnknownKind(9)));
-        assert!(matches!(decode(&bytes[..20]), Err(DecodeError::TooShort(20))));
+        assert!(matches!(
+            decode(&bytes[..20]),
+            Err(DecodeError::TooShort(20))
+        ));
     }
 
     #[test]
@@ -205,9 +230,14 @@ pub(crate) mod tests {
             comm: [0; COMM_LEN],
         };
         // SAFETY: ProcessEvent is repr(C) without padding.
-        let bytes = unsafe {
-            std::slice::from_raw_parts((&event as *const ProcessEvent).cast::<u8>(), 32)
-        };
-        assert_eq!(decode(bytes), Ok(Record::Exit { tgid: 7, ktime_ns: 5 }));
+        let bytes =
+            unsafe { std::slice::from_raw_parts((&event as *const ProcessEvent).cast::<u8>(), 32) };
+        assert_eq!(
+            decode(bytes),
+            Ok(Record::Exit {
+                tgid: 7,
+                ktime_ns: 5
+            })
+        );
     }
 }

@@ -18,9 +18,9 @@ use aya::{
     },
     util::online_cpus,
 };
+pub use privileges::check_privileges;
 use profiler_common::{Counter, EbpfConfig, names};
 pub use reader::spawn_reader;
-pub use privileges::check_privileges;
 
 /// The object `profiler-ebpf` compiles to, built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
@@ -65,22 +65,27 @@ impl Sampler {
 
         if let Some(pids) = &config.pids {
             let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
-                ebpf.map_mut(names::PID_FILTER).context("PID_FILTER map missing")?,
+                ebpf.map_mut(names::PID_FILTER)
+                    .context("PID_FILTER map missing")?,
             )?;
             for pid in pids {
-                filter.insert(pid, 1, 0).with_context(|| format!("allow pid {pid}"))?;
+                filter
+                    .insert(pid, 1, 0)
+                    .with_context(|| format!("allow pid {pid}"))?;
             }
         }
 
-        for (program, event) in
-            [(names::ON_PROCESS_EXEC, "sched_process_exec"), (names::ON_PROCESS_EXIT, "sched_process_exit")]
-        {
+        for (program, event) in [
+            (names::ON_PROCESS_EXEC, "sched_process_exec"),
+            (names::ON_PROCESS_EXIT, "sched_process_exit"),
+        ] {
             let tp: &mut TracePoint = ebpf
                 .program_mut(program)
                 .with_context(|| format!("program {program} missing"))?
                 .try_into()?;
             tp.load().with_context(|| format!("load {program}"))?;
-            tp.attach("sched", event).with_context(|| format!("attach sched/{event}"))?;
+            tp.attach("sched", event)
+                .with_context(|| format!("attach sched/{event}"))?;
         }
 
         let sampler: &mut PerfEvent = ebpf
@@ -101,33 +106,47 @@ impl Sampler {
         }
 
         let ring = RingBuf::try_from(ebpf.take_map(names::EVENTS).context("EVENTS map missing")?)?;
-        let counters =
-            PerCpuArray::try_from(ebpf.take_map(names::COUNTERS).context("COUNTERS map missing")?)?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map(names::COUNTERS)
+                .context("COUNTERS map missing")?,
+        )?;
         Ok((Self { ebpf, counters }, ring))
     }
 
     /// Adds a process to the allow-list (only meaningful when started with `pids`).
     pub fn allow_pid(&mut self, pid: u32) -> anyhow::Result<()> {
         let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
-            self.ebpf.map_mut(names::PID_FILTER).context("PID_FILTER map missing")?,
+            self.ebpf
+                .map_mut(names::PID_FILTER)
+                .context("PID_FILTER map missing")?,
         )?;
         filter.insert(pid, 1, 0)?;
         Ok(())
     }
 
+    /// Detaches every program, then reads the final counters.
+    pub fn stop(self) -> KernelCounters {
+        let Self { ebpf, counters } = self;
+        drop(ebpf);
+        read_counters(&counters)
+    }
+
     /// Kernel-side counters summed over CPUs.
     pub fn counters(&self) -> KernelCounters {
-        let mut values = BTreeMap::new();
-        for counter in Counter::ALL {
-            let total = self
-                .counters
-                .get(&(*counter as u32), 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0);
-            values.insert(counter.name(), total);
-        }
-        KernelCounters(values)
+        read_counters(&self.counters)
     }
+}
+
+fn read_counters(map: &PerCpuArray<MapData, u64>) -> KernelCounters {
+    let mut values = BTreeMap::new();
+    for counter in Counter::ALL {
+        let total = map
+            .get(&(*counter as u32), 0)
+            .map(|per_cpu| per_cpu.iter().sum())
+            .unwrap_or(0);
+        values.insert(counter.name(), total);
+    }
+    KernelCounters(values)
 }
 
 /// Snapshot of the kernel-side counters, by name.
@@ -154,16 +173,20 @@ fn ensure_tracefs() -> anyhow::Result<()> {
         .status();
     match status {
         Ok(s) if s.success() => Ok(()),
-        _ => bail!("tracefs is not mounted at {TRACEFS} and mounting it failed: mount it (mount -t tracefs nodev {TRACEFS})"),
+        _ => bail!(
+            "tracefs is not mounted at {TRACEFS} and mounting it failed: mount it (mount -t tracefs nodev {TRACEFS})"
+        ),
     }
 }
 
 /// Offset of `group_dead` in the `sched_process_exit` record, from the tracepoint's format file
 /// (the field exists from Linux 6.16 on).
 fn exit_group_dead_offset() -> Option<u32> {
-    let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"].iter().find_map(|root| {
-        std::fs::read_to_string(format!("{root}/events/sched/sched_process_exit/format")).ok()
-    })?;
+    let format = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .find_map(|root| {
+            std::fs::read_to_string(format!("{root}/events/sched/sched_process_exit/format")).ok()
+        })?;
     parse_field_offset(&format, "group_dead")
 }
 
@@ -175,7 +198,9 @@ fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
         if name != field {
             return None;
         }
-        let offset = line.split(';').find_map(|p| p.trim().strip_prefix("offset:"))?;
+        let offset = line
+            .split(';')
+            .find_map(|p| p.trim().strip_prefix("offset:"))?;
         offset.trim().parse().ok()
     })
 }

@@ -48,7 +48,10 @@ mod tests {
 
     #[test]
     fn names_what_is_missing() {
-        assert_eq!(parse_cap_eff("Name:\tx\nCapEff:\t000001ffffffffff\n"), Some(0x1ff_ffff_ffff));
+        assert_eq!(
+            parse_cap_eff("Name:\tx\nCapEff:\t000001ffffffffff\n"),
+            Some(0x1ff_ffff_ffff)
+        );
         assert!(missing_capabilities(0x1ff_ffff_ffff).is_empty());
         assert_eq!(missing_capabilities(0), vec!["CAP_BPF", "CAP_PERFMON"]);
         assert_eq!(missing_capabilities(1 << CAP_BPF), vec!["CAP_PERFMON"]);

@@ -53,7 +53,9 @@ fn drain<T: From<Record>>(
         match decode(&item) {
             Ok(record) => match records.try_send(record.into()) {
                 Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => metrics.inc("records_dropped_queue_full"),
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    metrics.inc("records_dropped_queue_full")
+                }
                 Err(mpsc::error::TrySendError::Closed(_)) => return false,
             },
             Err(e) => {

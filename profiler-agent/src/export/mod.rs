@@ -8,11 +8,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use crate::{
-    process::ObjectStore,
-    profile::Aggregate,
-    symbolize::Symbolizer,
-};
+use crate::{process::ObjectStore, profile::Aggregate, symbolize::Symbolizer};
 use pprof::{LabelValue, PprofBuilder};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -32,11 +28,24 @@ pub fn aggregate_to_pprof(
     objects: &ObjectStore,
 ) -> pprof_proto::Profile {
     let (start, end) = window;
-    let mut builder =
-        PprofBuilder::new(frequency_hz, start, end.saturating_sub(start), symbolizer, objects);
+    let mut builder = PprofBuilder::new(
+        frequency_hz,
+        start,
+        end.saturating_sub(start),
+        symbolizer,
+        objects,
+    );
     for (key, value) in aggregate.sorted_samples() {
-        let thread = aggregate.thread_names.get(&key.tid).map(String::as_str).unwrap_or("");
-        let process = aggregate.process_names.get(&key.pid).map(String::as_str).unwrap_or("");
+        let thread = aggregate
+            .thread_names
+            .get(&key.tid)
+            .map(String::as_str)
+            .unwrap_or("");
+        let process = aggregate
+            .process_names
+            .get(&key.pid)
+            .map(String::as_str)
+            .unwrap_or("");
         builder.add_sample(
             aggregate.stacks.get(key.stack),
             value.count,

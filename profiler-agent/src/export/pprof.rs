@@ -74,8 +74,16 @@ impl<'a> PprofBuilder<'a> {
             .map(|(key, value)| {
                 let key = self.string(key);
                 match value {
-                    LabelValue::Str(s) => pb::Label { key, str: self.string(s), ..Default::default() },
-                    LabelValue::Num(n) => pb::Label { key, num: *n, ..Default::default() },
+                    LabelValue::Str(s) => pb::Label {
+                        key,
+                        str: self.string(s),
+                        ..Default::default()
+                    },
+                    LabelValue::Num(n) => pb::Label {
+                        key,
+                        num: *n,
+                        ..Default::default()
+                    },
                 }
             })
             .collect();
@@ -116,7 +124,13 @@ impl<'a> PprofBuilder<'a> {
             })
             .collect();
         let id = self.profile.location.len() as u64 + 1;
-        self.profile.location.push(pb::Location { id, mapping_id, address, line, is_folded: false });
+        self.profile.location.push(pb::Location {
+            id,
+            mapping_id,
+            address,
+            line,
+            is_folded: false,
+        });
         self.locations.insert(frame, id);
         id
     }
@@ -171,7 +185,10 @@ impl<'a> PprofBuilder<'a> {
     }
 
     fn value_type(&mut self, r#type: &str, unit: &str) -> pb::ValueType {
-        pb::ValueType { r#type: self.string(r#type), unit: self.string(unit) }
+        pb::ValueType {
+            r#type: self.string(r#type),
+            unit: self.string(unit),
+        }
     }
 
     fn string(&mut self, s: &str) -> i64 {

@@ -81,9 +81,10 @@ impl ProcessTable {
     }
 
     pub fn info(&self, pid: u32) -> Option<ProcessInfo> {
-        self.processes
-            .get(&pid)
-            .map(|p| ProcessInfo { name: p.name.clone(), exe_path: p.exe_path.clone() })
+        self.processes.get(&pid).map(|p| ProcessInfo {
+            name: p.name.clone(),
+            exe_path: p.exe_path.clone(),
+        })
     }
 
     /// A new program image: forget the old one's mappings.
@@ -100,8 +101,10 @@ impl ProcessTable {
     /// Drops processes that exited more than the grace period ago.
     pub fn collect_garbage(&mut self) {
         let now = Instant::now();
-        self.processes
-            .retain(|_, p| p.exited_at.is_none_or(|t| now.duration_since(t) < EXIT_GRACE));
+        self.processes.retain(|_, p| {
+            p.exited_at
+                .is_none_or(|t| now.duration_since(t) < EXIT_GRACE)
+        });
     }
 
     /// Normalizes a sampled stack: kernel frames first (leaf first), then user frames.
@@ -142,19 +145,30 @@ impl ProcessTable {
         }
         self.metrics.inc("frames_unmapped");
         let unmapped = *self.unmapped.get_or_insert_with(|| {
-            self.objects.pseudo_object("[unmapped]").unwrap_or(ObjectId(u32::MAX))
+            self.objects
+                .pseudo_object("[unmapped]")
+                .unwrap_or(ObjectId(u32::MAX))
         });
-        Frame::User { object: unmapped, address: addr }
+        Frame::User {
+            object: unmapped,
+            address: addr,
+        }
     }
 
     fn lookup(&self, pid: u32, addr: u64) -> Option<Frame> {
         let process = self.processes.get(&pid)?;
-        let idx = process.mappings.partition_point(|m| m.start <= addr).checked_sub(1)?;
+        let idx = process
+            .mappings
+            .partition_point(|m| m.start <= addr)
+            .checked_sub(1)?;
         let m = &process.mappings[idx];
         if addr >= m.end {
             return None;
         }
-        Some(Frame::User { object: m.object?, address: addr - m.start + m.file_offset })
+        Some(Frame::User {
+            object: m.object?,
+            address: addr - m.start + m.file_offset,
+        })
     }
 
     fn ensure_loaded(&mut self, pid: u32, comm: &str) {
@@ -166,7 +180,9 @@ impl ProcessTable {
     fn refresh(&mut self, pid: u32, comm: Option<&str>) {
         let previous = self.processes.remove(&pid);
         let proc_dir = self.proc_root.join(pid.to_string());
-        let exe_path = std::fs::read_link(proc_dir.join("exe")).ok().map(|p| clean_path(&p));
+        let exe_path = std::fs::read_link(proc_dir.join("exe"))
+            .ok()
+            .map(|p| clean_path(&p));
         let name = exe_path
             .as_deref()
             .and_then(|p| p.rsplit('/').next())
@@ -182,7 +198,10 @@ impl ProcessTable {
                 // Gone already, or not readable: keep whatever we knew.
                 self.metrics.inc("process_maps_read_failed");
                 tracing::debug!(pid, error = %e, "cannot read process maps");
-                previous.as_ref().map(|p| p.mappings.clone()).unwrap_or_default()
+                previous
+                    .as_ref()
+                    .map(|p| p.mappings.clone())
+                    .unwrap_or_default()
             }
         };
         self.metrics.inc("process_maps_read");
@@ -211,7 +230,10 @@ impl ProcessTable {
                 let object = match &m.pathname {
                     MMapPath::Path(path) => {
                         let name = clean_path(path);
-                        let key = ObjectKey::File { dev: m.dev, inode: m.inode };
+                        let key = ObjectKey::File {
+                            dev: m.dev,
+                            inode: m.inode,
+                        };
                         let open_paths = [
                             proc_dir.join(format!("map_files/{start:x}-{end:x}")),
                             proc_dir.join("root").join(name.trim_start_matches('/')),
@@ -224,8 +246,17 @@ impl ProcessTable {
                     _ => self.objects.pseudo_object("[anon]"),
                 };
                 // Memory without a file is addressed relative to its mapping.
-                let file_offset = if matches!(m.pathname, MMapPath::Path(_)) { m.offset } else { 0 };
-                Mapping { start, end, file_offset, object }
+                let file_offset = if matches!(m.pathname, MMapPath::Path(_)) {
+                    m.offset
+                } else {
+                    0
+                };
+                Mapping {
+                    start,
+                    end,
+                    file_offset,
+                    object,
+                }
             })
             .collect();
         out.sort_by_key(|m| m.start);
@@ -242,11 +273,18 @@ mod tests {
         let metrics = Metrics::default();
         let mut table = ProcessTable::new(metrics.clone());
         let pid = std::process::id();
-        let here = normalizes_own_stack_to_file_offsets as usize as u64;
+        let here = normalizes_own_stack_to_file_offsets as *const () as u64;
         let frames = table.normalize(pid, "test", &[here, here + 1], &[0xffff_ffff_8100_0000]);
         assert_eq!(frames.len(), 3);
-        assert_eq!(frames[0], Frame::Kernel { address: 0xffff_ffff_8100_0000 });
-        let Frame::User { object, address } = frames[1] else { panic!("{frames:?}") };
+        assert_eq!(
+            frames[0],
+            Frame::Kernel {
+                address: 0xffff_ffff_8100_0000
+            }
+        );
+        let Frame::User { object, address } = frames[1] else {
+            panic!("{frames:?}")
+        };
         let obj = table.objects().get(object);
         assert!(obj.build_id.is_some(), "{obj:?}");
         assert!(obj.symbolize_path().is_some());

@@ -21,7 +21,10 @@ pub struct ObjectId(pub u32);
 /// What identifies a file-backed object across processes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ObjectKey {
-    File { dev: (i32, i32), inode: u64 },
+    File {
+        dev: (i32, i32),
+        inode: u64,
+    },
     /// Memory without a file (`[vdso]`, anonymous executable memory): one per name.
     Pseudo(String),
 }
@@ -43,11 +46,15 @@ impl Object {
 
     /// A path through which the symbolizer can read the object, valid while the store lives.
     pub fn symbolize_path(&self) -> Option<PathBuf> {
-        self.file.as_ref().map(|f| PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())))
+        self.file
+            .as_ref()
+            .map(|f| PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())))
     }
 
     pub fn build_id_hex(&self) -> Option<String> {
-        self.build_id.as_ref().map(|b| b.iter().map(|x| format!("{x:02x}")).collect())
+        self.build_id
+            .as_ref()
+            .map(|b| b.iter().map(|x| format!("{x:02x}")).collect())
     }
 }
 
@@ -63,7 +70,12 @@ pub struct ObjectStore {
 
 impl ObjectStore {
     pub fn new(max_objects: usize, metrics: Metrics) -> Self {
-        Self { by_key: HashMap::new(), objects: Vec::new(), max_objects, metrics }
+        Self {
+            by_key: HashMap::new(),
+            objects: Vec::new(),
+            max_objects,
+            metrics,
+        }
     }
 
     pub fn get(&self, id: ObjectId) -> &Object {
@@ -80,7 +92,12 @@ impl ObjectStore {
 
     /// Finds or opens a file-backed object. `open_paths` are tried in order (for example the
     /// process's `map_files` entry, then the path under its root).
-    pub fn file_object(&mut self, key: ObjectKey, name: &str, open_paths: &[PathBuf]) -> Option<ObjectId> {
+    pub fn file_object(
+        &mut self,
+        key: ObjectKey,
+        name: &str,
+        open_paths: &[PathBuf],
+    ) -> Option<ObjectId> {
         if let Some(id) = self.by_key.get(&key) {
             return Some(*id);
         }
@@ -88,8 +105,15 @@ impl ObjectStore {
         if file.is_none() {
             self.metrics.inc("objects_open_failed");
         }
-        let build_id = file.as_ref().and_then(|f| read_build_id(f));
-        self.insert(key, Object { name: name.to_owned(), build_id, file: file.map(Arc::new) })
+        let build_id = file.as_ref().and_then(read_build_id);
+        self.insert(
+            key,
+            Object {
+                name: name.to_owned(),
+                build_id,
+                file: file.map(Arc::new),
+            },
+        )
     }
 
     pub fn pseudo_object(&mut self, name: &str) -> Option<ObjectId> {
@@ -97,7 +121,14 @@ impl ObjectStore {
         if let Some(id) = self.by_key.get(&key) {
             return Some(*id);
         }
-        self.insert(key, Object { name: name.to_owned(), build_id: None, file: None })
+        self.insert(
+            key,
+            Object {
+                name: name.to_owned(),
+                build_id: None,
+                file: None,
+            },
+        )
     }
 
     fn insert(&mut self, key: ObjectKey, object: Object) -> Option<ObjectId> {
@@ -122,7 +153,13 @@ pub fn read_build_id(file: &File) -> Option<Vec<u8>> {
     // Go binaries without a GNU note carry their own build id section.
     let section = elf.section_by_name(".note.go.buildid")?;
     let data = section.data().ok()?;
-    Some(data.get(16..)?.iter().copied().take_while(|&b| b != 0).collect())
+    Some(
+        data.get(16..)?
+            .iter()
+            .copied()
+            .take_while(|&b| b != 0)
+            .collect(),
+    )
 }
 
 /// Strips the ` (deleted)` suffix the kernel appends to replaced files.
@@ -146,7 +183,10 @@ mod tests {
     fn dedups_and_bounds() {
         let metrics = Metrics::default();
         let mut store = ObjectStore::new(2, metrics.clone());
-        let key = ObjectKey::File { dev: (1, 2), inode: 3 };
+        let key = ObjectKey::File {
+            dev: (1, 2),
+            inode: 3,
+        };
         let a = store.file_object(key.clone(), "/proc/self/exe", &["/proc/self/exe".into()]);
         assert_eq!(store.file_object(key, "/other", &[]), a);
         assert!(store.get(a.unwrap()).symbolize_path().is_some());

@@ -83,7 +83,11 @@ impl Aggregate {
                 v.first_unix_ns = v.first_unix_ns.min(unix_ns);
                 v.last_unix_ns = v.last_unix_ns.max(unix_ns);
             })
-            .or_insert(SampleValue { count: 1, first_unix_ns: unix_ns, last_unix_ns: unix_ns });
+            .or_insert(SampleValue {
+                count: 1,
+                first_unix_ns: unix_ns,
+                last_unix_ns: unix_ns,
+            });
     }
 
     pub fn set_thread_name(&mut self, tid: u32, name: &str) {
@@ -122,7 +126,13 @@ mod tests {
     #[test]
     fn aggregates_identical_stacks() {
         let mut agg = Aggregate::default();
-        let a = vec![Frame::Kernel { address: 1 }, Frame::User { object: ObjectId(0), address: 2 }];
+        let a = vec![
+            Frame::Kernel { address: 1 },
+            Frame::User {
+                object: ObjectId(0),
+                address: 2,
+            },
+        ];
         agg.add(1, 2, a.clone(), 100);
         agg.add(1, 2, a.clone(), 50);
         agg.add(1, 3, a, 70);
@@ -130,7 +140,11 @@ mod tests {
         assert_eq!(agg.total_samples, 4);
         assert_eq!(agg.stacks.len(), 2);
         assert_eq!(agg.samples.len(), 3);
-        let v = agg.samples[&SampleKey { pid: 1, tid: 2, stack: StackId(0) }];
+        let v = agg.samples[&SampleKey {
+            pid: 1,
+            tid: 2,
+            stack: StackId(0),
+        }];
         assert_eq!((v.count, v.first_unix_ns, v.last_unix_ns), (2, 50, 100));
         assert_eq!(agg.frames().count(), 3);
         assert_eq!(agg.time_range(), Some((50, 100)));

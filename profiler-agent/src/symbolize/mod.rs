@@ -65,7 +65,13 @@ impl Symbolizer {
             debug_syms: false,
             ..Kernel::default()
         });
-        Self { blazesym, cache: HashMap::new(), strings: HashMap::new(), kernel, metrics }
+        Self {
+            blazesym,
+            cache: HashMap::new(),
+            strings: HashMap::new(),
+            kernel,
+            metrics,
+        }
     }
 
     /// Symbolizes every frame not already cached: one blazesym call per object.
@@ -99,7 +105,10 @@ impl Symbolizer {
             return s.clone();
         }
         self.resolve([frame], objects);
-        self.cache.get(&frame).cloned().expect("resolve fills every frame")
+        self.cache
+            .get(&frame)
+            .cloned()
+            .expect("resolve fills every frame")
     }
 
     pub fn cached_frames(&self) -> usize {
@@ -123,11 +132,22 @@ impl Symbolizer {
             None => Vec::new(),
         };
         let module = object.short_name().to_owned();
-        self.store(offsets, results, |address| Frame::User { object: id, address }, &module);
+        self.store(
+            offsets,
+            results,
+            |address| Frame::User {
+                object: id,
+                address,
+            },
+            &module,
+        );
     }
 
     fn resolve_kernel(&mut self, addresses: &[u64]) {
-        let results = match self.blazesym.symbolize(&self.kernel, Input::AbsAddr(addresses)) {
+        let results = match self
+            .blazesym
+            .symbolize(&self.kernel, Input::AbsAddr(addresses))
+        {
             Ok(results) => owned_levels(results),
             Err(e) => {
                 self.metrics.inc("symbolize_kernel_errors");
@@ -135,7 +155,12 @@ impl Symbolizer {
                 Vec::new()
             }
         };
-        self.store(addresses, results, |address| Frame::Kernel { address }, "[kernel]");
+        self.store(
+            addresses,
+            results,
+            |address| Frame::Kernel { address },
+            "[kernel]",
+        );
     }
 
     /// Caches one result per address; missing results (a failed call) become unknown frames.
@@ -152,13 +177,20 @@ impl Symbolizer {
                 Some(levels) => {
                     self.metrics.inc("frames_symbolized");
                     let lines = levels.into_iter().map(|l| self.line(l)).collect();
-                    SymbolizedFrame { lines, resolved: true }
+                    SymbolizedFrame {
+                        lines,
+                        resolved: true,
+                    }
                 }
                 None => {
                     self.metrics.inc("frames_unsymbolized");
                     let name = format!("[unknown] {module}+{address:#x}");
                     SymbolizedFrame {
-                        lines: vec![SourceLine { function: self.intern(name), file: None, line: 0 }],
+                        lines: vec![SourceLine {
+                            function: self.intern(name),
+                            file: None,
+                            line: 0,
+                        }],
                         resolved: false,
                     }
                 }
@@ -177,7 +209,11 @@ impl Symbolizer {
             }
         };
         let file = level.file.map(|f| self.intern(f));
-        SourceLine { function, file, line: level.line }
+        SourceLine {
+            function,
+            file,
+            line: level.line,
+        }
     }
 
     fn intern(&mut self, s: String) -> Arc<str> {
@@ -211,8 +247,12 @@ fn owned_levels(results: Vec<Symbolized<'_>>) -> Vec<Option<Vec<Level>>> {
         .into_iter()
         .map(|r| match r {
             Symbolized::Sym(sym) => {
-                let mut levels: Vec<Level> =
-                    sym.inlined.iter().rev().map(|i| level(&i.name, i.code_info.as_ref())).collect();
+                let mut levels: Vec<Level> = sym
+                    .inlined
+                    .iter()
+                    .rev()
+                    .map(|i| level(&i.name, i.code_info.as_ref()))
+                    .collect();
                 levels.push(level(&sym.name, sym.code_info.as_deref()));
                 Some(levels)
             }

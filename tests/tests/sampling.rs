@@ -1,0 +1,166 @@
+//! The sampler against real processes: attribution of known functions to known threads, the
+//! pid filter, drops when the ring buffer is full, short-lived processes.
+//! Needs root; run through `cargo xtask test`.
+
+use std::{process::Command, time::Duration};
+
+use profiler_common::Counter;
+use profiler_tests::*;
+
+const MIN_LEAF_SAMPLES: u64 = 300;
+const CAP: Duration = Duration::from_secs(30);
+
+async fn check_attribution(binary: std::path::PathBuf, label: &str) {
+    require_root();
+    let fixture = Fixture::start(Command::new(&binary));
+    let recording =
+        profiler_agent::record::Recording::start(&sampler_config(Some(vec![fixture.pid]), 99))
+            .expect("start recording");
+    let (samples, done) = sample_until(&recording, CAP, |s| {
+        leaf_count(s, "burn_a") >= MIN_LEAF_SAMPLES && leaf_count(s, "burn_b") >= MIN_LEAF_SAMPLES
+    })
+    .await;
+    let finished = recording.finish(|_| ()).await.expect("finish");
+    assert!(
+        done,
+        "{label}: fewer than {MIN_LEAF_SAMPLES} samples per leaf within {CAP:?}: burn_a {} burn_b {}",
+        leaf_count(&samples, "burn_a"),
+        leaf_count(&samples, "burn_b")
+    );
+    assert!(
+        samples.iter().all(|s| s.pid == fixture.pid),
+        "{label}: samples from other processes"
+    );
+    for (leaf, entry, middle, other_entry) in [
+        ("burn_a", "thread_a_main", "work_a", "thread_b_main"),
+        ("burn_b", "thread_b_main", "work_b", "thread_a_main"),
+    ] {
+        let (total, with_entry, with_other) = caller_counts(&samples, leaf, entry, other_entry);
+        let (_, full_chain, _) = caller_counts(&samples, leaf, middle, other_entry);
+        let entry_rate = with_entry as f64 / total as f64;
+        println!(
+            "{label}: {leaf}: {total} samples, {:.1}% under {entry}, {:.1}% full chain (with {middle}), {with_other} under {other_entry}",
+            100.0 * entry_rate,
+            100.0 * full_chain as f64 / total as f64
+        );
+        assert!(
+            entry_rate >= 0.90,
+            "{label}: only {:.1}% of {leaf} samples under {entry}",
+            100.0 * entry_rate
+        );
+        assert_eq!(
+            with_other, 0,
+            "{label}: {leaf} samples attributed to {other_entry}"
+        );
+    }
+    assert!(finished.kernel.get(Counter::SamplesEmitted) > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attributes_c_threads() {
+    check_attribution(burn_c(), "C").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn attributes_rust_threads() {
+    check_attribution(burn_rust(), "Rust").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pid_filter_excludes_other_processes() {
+    require_root();
+    let profiled = Fixture::start(Command::new(burn_c()));
+    let other = Fixture::start(Command::new(burn_c()));
+    let recording =
+        profiler_agent::record::Recording::start(&sampler_config(Some(vec![profiled.pid]), 99))
+            .expect("start recording");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let samples = recording.snapshot().await.unwrap();
+    let finished = recording.finish(|_| ()).await.unwrap();
+    let from_profiled: u64 = samples
+        .iter()
+        .filter(|s| s.pid == profiled.pid)
+        .map(|s| s.count)
+        .sum();
+    let from_others: u64 = samples
+        .iter()
+        .filter(|s| s.pid != profiled.pid)
+        .map(|s| s.count)
+        .sum();
+    println!(
+        "profiled {from_profiled}, others {from_others} (other fixture pid {})",
+        other.pid
+    );
+    assert!(
+        from_profiled > 100,
+        "too few samples from the profiled process: {from_profiled}"
+    );
+    assert_eq!(from_others, 0);
+    assert!(
+        finished.kernel.get(Counter::SkippedFiltered) > 0,
+        "filtered ticks not counted"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_ring_buffer_is_counted() {
+    require_root();
+    let _load = Fixture::start(Command::new(burn_c()));
+    // One page of ring buffer at 4 kHz on every CPU overflows between two drains.
+    let config = profiler_agent::ebpf::SamplerConfig {
+        frequency_hz: 4000,
+        pids: None,
+        ring_buffer_bytes: 4096,
+    };
+    let recording = profiler_agent::record::Recording::start(&config).expect("start recording");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let finished = recording
+        .finish(|f| f.aggregate.total_samples)
+        .await
+        .unwrap();
+    let lost = finished.kernel.get(Counter::RingBufferFull);
+    let emitted = finished.kernel.get(Counter::SamplesEmitted);
+    println!(
+        "emitted {emitted}, lost {lost}, aggregated {}",
+        finished.output
+    );
+    assert!(
+        lost > 0,
+        "no drop counted with a one-page ring buffer at 4 kHz"
+    );
+    assert!(emitted > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn short_lived_process_is_symbolized_after_exit() {
+    require_root();
+    let mut recording =
+        profiler_agent::record::Recording::start(&sampler_config(Some(vec![]), 99)).expect("start");
+    // The fixture exits by itself 0.6 s after it is ready; symbolization happens after that.
+    let mut fixture = Fixture::start({
+        let mut c = Command::new(burn_c());
+        c.arg("0.6");
+        c
+    });
+    recording.sampler().allow_pid(fixture.pid).unwrap();
+    assert!(fixture.wait().success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !std::path::Path::new(&format!("/proc/{}", fixture.pid)).exists(),
+        "fixture still alive"
+    );
+    let samples = recording.snapshot().await.unwrap();
+    recording.finish(|_| ()).await.unwrap();
+    let ours: Vec<_> = samples.iter().filter(|s| s.pid == fixture.pid).collect();
+    let total: u64 = ours.iter().map(|s| s.count).sum();
+    let named = leaf_count(&samples, "burn_a") + leaf_count(&samples, "burn_b");
+    println!("short-lived: {total} samples, {named} with a named burn leaf");
+    assert!(
+        total >= 20,
+        "too few samples from the short-lived process: {total}"
+    );
+    assert!(
+        named as f64 >= 0.8 * total as f64,
+        "frames not symbolized after exit: {ours:?}"
+    );
+}
