@@ -151,12 +151,61 @@ pub struct EbpfConfig {
 }
 const _: () = assert!(core::mem::size_of::<EbpfConfig>() == 16);
 
+/// How the eBPF side finds a thread-local variable of the sampled thread, starting from the
+/// thread pointer (x86_64: `task_struct->thread.fsbase`). User space computes it from the
+/// ELF's TLS symbol and relocations (every access model OTEP 4947 allows).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TlsLocation {
+    /// Static TLS (`module_id == 0`): the variable's offset from the thread pointer (negative on
+    /// x86_64). Dynamic TLS: the variable's offset inside its module's TLS block.
+    pub offset: i64,
+    /// 0: static TLS. Otherwise the module's index in the thread's DTV.
+    pub module_id: u32,
+    /// Offset of the DTV pointer from the thread pointer (glibc and musl on x86_64: 8).
+    pub dtv_offset: i16,
+    /// Bytes per DTV entry (glibc: 16, musl: 8).
+    pub dtv_entry_size: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<TlsLocation>() == 16);
+
+/// Per-process entry of the `CONTEXT_SOURCES` map (key: tgid): which trace-context source the
+/// agent chose for this process and where to read it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ContextSource {
+    /// A [`ContextKind`].
+    pub kind: u8,
+    pub _pad: [u8; 7],
+    /// For `ThreadContext`: where `otel_thread_ctx_v1` lives. For `CustomLabels`: where
+    /// `custom_labels_current_set` lives. For `GoLabels`: where the current `g` pointer lives.
+    pub tls: TlsLocation,
+}
+const _: () = assert!(core::mem::size_of::<ContextSource>() == 24);
+
+/// OTEP 4947 thread-context record header; `attrs_data_size` bytes of attributes follow.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ThreadContextHeader {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// Exactly 1 when the record is valid.
+    pub valid: u8,
+    pub trace_flags: u8,
+    pub attrs_data_size: u16,
+}
+const _: () = assert!(core::mem::size_of::<ThreadContextHeader>() == 28);
+/// Attribute bytes copied at most (OTEP 4947's recommended 640-byte record).
+pub const MAX_THREAD_CONTEXT_ATTRS: usize = MAX_CONTEXT_BYTES - 28;
+
 /// Map and global names, shared so the two sides cannot drift.
 pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const PID_FILTER: &str = "PID_FILTER";
     pub const CONFIG: &str = "CONFIG";
+    pub const CONTEXT_SOURCES: &str = "CONTEXT_SOURCES";
     pub const ON_CPU_SAMPLE: &str = "on_cpu_sample";
     pub const ON_PROCESS_EXEC: &str = "on_process_exec";
     pub const ON_PROCESS_EXIT: &str = "on_process_exit";
@@ -220,6 +269,9 @@ mod pod {
     unsafe impl aya::Pod for super::SampleHeader {}
     unsafe impl aya::Pod for super::ProcessEvent {}
     unsafe impl aya::Pod for super::EbpfConfig {}
+    unsafe impl aya::Pod for super::TlsLocation {}
+    unsafe impl aya::Pod for super::ContextSource {}
+    unsafe impl aya::Pod for super::ThreadContextHeader {}
 }
 
 #[cfg(test)]
