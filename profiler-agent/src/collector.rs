@@ -1,6 +1,7 @@
-//! The collector owns the process table, the current aggregate and the symbolizer. It runs on
-//! its own thread (it does blocking `/proc` and ELF reads), fed through one bounded channel by
-//! the ring-buffer reader and by whoever asks it for output.
+//! The collector owns the process table, the interval aggregate, the per-trace table, the
+//! symbolizer and the sinks. It runs on its own thread (it does blocking `/proc` and ELF reads,
+//! and blazesym's symbolizer is not `Send`), fed through one bounded channel by the ring-buffer
+//! reader, a 1 s ticker, and whoever asks it for output.
 
 use std::{sync::Arc, thread::JoinHandle};
 
@@ -8,25 +9,56 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     clock::MonotonicToUnix,
-    ebpf::decode::{RawSample, Record},
+    context::{DecodeOutcome, TraceContext, decode_thread_context},
+    ebpf::{
+        ContextSourceMap,
+        decode::{RawSample, Record},
+    },
     metrics::Metrics,
     process::{ObjectStore, ProcessTable},
-    profile::Aggregate,
+    profile::{
+        Aggregate,
+        traces::{TraceProfile, TraceTable, TraceTableConfig, TracedSample},
+    },
     symbolize::Symbolizer,
 };
+use profiler_common::ContextKind;
 
 /// Messages the collector handles, in order.
 pub enum Message {
     Record(Record),
+    /// Periodic: flush idle traces, housekeeping.
+    Tick,
     /// Symbolize what has been aggregated so far and return it, keeping the aggregate.
     Snapshot(oneshot::Sender<Vec<SymbolizedSample>>),
+    /// Hand the interval's aggregate to every sink, then start a new interval.
+    FlushInterval,
     /// Hand the current aggregate to `f` together with the symbolizer, then start a new one.
     Flush(Box<dyn FnOnce(Flushed<'_>) + Send>),
+    /// Flush every live trace to the sinks (shutdown).
+    FlushTraces,
 }
 
 impl From<Record> for Message {
     fn from(r: Record) -> Self {
         Message::Record(r)
+    }
+}
+
+/// What an output needs besides the data: the symbolizer and the objects frames point to.
+pub struct SinkContext<'a> {
+    pub symbolizer: &'a mut Symbolizer,
+    pub objects: &'a ObjectStore,
+    pub frequency_hz: u64,
+}
+
+/// An output of the collector. Runs on the collector thread: it must not block for long
+/// (network sinks hand encoded bytes to their own task through a bounded queue).
+pub trait Sink: Send {
+    /// The whole profile of a trace so far; replaces any version handed out before.
+    fn trace(&mut self, trace: &TraceProfile, cx: &mut SinkContext<'_>);
+    /// Every sample of an interval, traced or not.
+    fn interval(&mut self, _aggregate: &Aggregate, _window: (u64, u64), _cx: &mut SinkContext<'_>) {
     }
 }
 
@@ -47,24 +79,44 @@ pub struct SymbolizedSample {
     pub thread_name: String,
     pub functions: Vec<Arc<str>>,
     pub count: u64,
+    pub context: Option<TraceContext>,
+}
+
+#[derive(Clone)]
+pub struct CollectorConfig {
+    pub frequency_hz: u64,
+    pub traces: TraceTableConfig,
 }
 
 pub struct Collector {
+    config: CollectorConfig,
     processes: ProcessTable,
     aggregate: Aggregate,
+    traces: TraceTable,
     symbolizer: Symbolizer,
+    sinks: Vec<Box<dyn Sink>>,
+    context_sources: Option<ContextSourceMap>,
     clock: MonotonicToUnix,
     window_start: u64,
     metrics: Metrics,
 }
 
 impl Collector {
-    pub fn new(metrics: Metrics) -> Self {
+    fn new(
+        config: CollectorConfig,
+        sinks: Vec<Box<dyn Sink>>,
+        context_sources: Option<ContextSourceMap>,
+        metrics: Metrics,
+    ) -> Self {
         let clock = MonotonicToUnix::now();
         Self {
+            traces: TraceTable::new(config.traces.clone()),
+            config,
             processes: ProcessTable::new(metrics.clone()),
             aggregate: Aggregate::default(),
             symbolizer: Symbolizer::new(metrics.clone()),
+            sinks,
+            context_sources,
             window_start: clock.unix_now(),
             clock,
             metrics,
@@ -73,36 +125,59 @@ impl Collector {
 
     /// Runs a collector on a new thread until every sender is dropped. (The symbolizer is not
     /// `Send`: the collector is created on its thread and never leaves it.)
-    pub fn spawn(metrics: Metrics, mut inbox: mpsc::Receiver<Message>) -> JoinHandle<()> {
+    pub fn spawn(
+        config: CollectorConfig,
+        sinks: Vec<Box<dyn Sink>>,
+        context_sources: Option<ContextSourceMap>,
+        metrics: Metrics,
+        mut inbox: mpsc::Receiver<Message>,
+    ) -> std::io::Result<JoinHandle<()>> {
         std::thread::Builder::new()
             .name("collector".into())
             .spawn(move || {
-                let mut this = Collector::new(metrics);
-                let mut handled = 0u64;
+                let mut this = Collector::new(config, sinks, context_sources, metrics);
                 while let Some(message) = inbox.blocking_recv() {
                     this.handle(message);
-                    handled += 1;
-                    if handled.is_multiple_of(4096) {
-                        this.processes.collect_garbage();
-                    }
                 }
             })
-            .expect("spawn the collector thread")
     }
 
-    pub fn handle(&mut self, message: Message) {
+    fn handle(&mut self, message: Message) {
         match message {
             Message::Record(Record::Sample(sample)) => self.add_sample(sample),
-            Message::Record(Record::Exec { tgid, .. }) => self.processes.on_exec(tgid),
-            Message::Record(Record::Exit { tgid, .. }) => self.processes.on_exit(tgid),
+            Message::Record(Record::Exec { tgid, .. }) => {
+                self.processes.on_exec(tgid);
+                if let Some(map) = &mut self.context_sources {
+                    map.remove(tgid);
+                }
+            }
+            Message::Record(Record::Exit { tgid, .. }) => {
+                self.processes.on_exit(tgid);
+                if let Some(map) = &mut self.context_sources {
+                    map.remove(tgid);
+                }
+            }
+            Message::Record(Record::MmapExec { .. }) => self.metrics.inc("mmap_exec_events"),
+            Message::Tick => {
+                self.flush_idle_traces();
+                self.processes.collect_garbage();
+            }
             Message::Snapshot(reply) => {
                 let _ = reply.send(self.snapshot());
             }
+            Message::FlushInterval => {
+                let (aggregate, window) = self.take_interval();
+                let mut cx = SinkContext {
+                    symbolizer: &mut self.symbolizer,
+                    objects: self.processes.objects(),
+                    frequency_hz: self.config.frequency_hz,
+                };
+                for sink in &mut self.sinks {
+                    sink.interval(&aggregate, window, &mut cx);
+                }
+            }
             Message::Flush(f) => {
-                let now = self.clock.unix_now();
-                let window = (self.window_start, now);
-                self.window_start = now;
-                let aggregate = std::mem::take(&mut self.aggregate);
+                let (aggregate, window) = self.take_interval();
                 f(Flushed {
                     aggregate,
                     symbolizer: &mut self.symbolizer,
@@ -110,6 +185,71 @@ impl Collector {
                     window,
                 });
             }
+            Message::FlushTraces => {
+                let Self {
+                    traces,
+                    sinks,
+                    symbolizer,
+                    processes,
+                    config,
+                    ..
+                } = self;
+                let mut cx = SinkContext {
+                    symbolizer,
+                    objects: processes.objects(),
+                    frequency_hz: config.frequency_hz,
+                };
+                traces.flush_all(|trace| {
+                    for sink in sinks.iter_mut() {
+                        sink.trace(trace, &mut cx);
+                    }
+                });
+                self.report_trace_stats();
+            }
+        }
+    }
+
+    fn take_interval(&mut self) -> (Aggregate, (u64, u64)) {
+        let now = self.clock.unix_now();
+        let window = (self.window_start, now);
+        self.window_start = now;
+        (std::mem::take(&mut self.aggregate), window)
+    }
+
+    fn flush_idle_traces(&mut self) {
+        let now = self.clock.unix_now();
+        let Self {
+            traces,
+            sinks,
+            symbolizer,
+            processes,
+            config,
+            ..
+        } = self;
+        let mut cx = SinkContext {
+            symbolizer,
+            objects: processes.objects(),
+            frequency_hz: config.frequency_hz,
+        };
+        traces.flush_idle(now, |trace| {
+            for sink in sinks.iter_mut() {
+                sink.trace(trace, &mut cx);
+            }
+        });
+        self.report_trace_stats();
+    }
+
+    /// Mirrors the trace table's own counts into the metrics.
+    fn report_trace_stats(&mut self) {
+        let stats = &self.traces.stats;
+        for (name, value) in [
+            ("trace_samples_unsampled", stats.unsampled_samples),
+            ("traces_flushed_early_table_full", stats.flushed_early_full),
+            ("traces_retained_evicted", stats.retained_evicted),
+            ("traces_late_merges", stats.late_merges),
+        ] {
+            let seen = self.metrics.get(name);
+            self.metrics.add(name, value.saturating_sub(seen));
         }
     }
 
@@ -132,8 +272,61 @@ impl Collector {
         self.aggregate
             .set_thread_name(sample.tid, &sample.thread_name);
         let unix_ns = self.clock.to_unix(sample.ktime_ns);
-        self.aggregate.add(sample.tgid, sample.tid, frames, unix_ns);
+        let context = self.decode_context(&sample);
+        let stack = self
+            .aggregate
+            .add(sample.tgid, sample.tid, frames, context.as_ref(), unix_ns);
         self.metrics.inc("samples_aggregated");
+        if let Some(context) = &context {
+            let process_name = self
+                .aggregate
+                .process_names
+                .get(&sample.tgid)
+                .map(String::as_str)
+                .unwrap_or("");
+            let kept = self.traces.add(TracedSample {
+                context,
+                pid: sample.tgid,
+                tid: sample.tid,
+                thread_name: &sample.thread_name,
+                process_name,
+                stack: self.aggregate.stacks.shared(stack),
+                unix_ns,
+            });
+            if kept {
+                self.metrics.inc("samples_traced");
+            }
+        }
+    }
+
+    fn decode_context(&mut self, sample: &RawSample) -> Option<TraceContext> {
+        let outcome = match sample.context_kind {
+            ContextKind::None => return None,
+            ContextKind::ThreadContext => decode_thread_context(&sample.context, &[]),
+            other => {
+                self.metrics
+                    .inc(&format!("context_kind_unsupported_{}", other as u8));
+                return None;
+            }
+        };
+        match outcome {
+            DecodeOutcome::Context {
+                context,
+                dropped_attributes,
+                unknown_keys,
+            } => {
+                self.metrics
+                    .add("context_attributes_dropped", u64::from(dropped_attributes));
+                self.metrics
+                    .add("context_attributes_unknown_key", u64::from(unknown_keys));
+                Some(context)
+            }
+            DecodeOutcome::Empty => None,
+            DecodeOutcome::Invalid(reason) => {
+                self.metrics.inc(reason);
+                None
+            }
+        }
     }
 
     fn snapshot(&mut self) -> Vec<SymbolizedSample> {
@@ -167,6 +360,7 @@ impl Collector {
                     })
                     .collect(),
                 count: value.count,
+                context: key.context.map(|c| self.aggregate.context(c).clone()),
             })
             .collect()
     }

@@ -6,6 +6,7 @@
 
 pub mod clock;
 pub mod collector;
+pub mod context;
 pub mod ebpf;
 pub mod export;
 pub mod metrics;

@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use profiler_agent::{
     ebpf::SamplerConfig,
     export::Format,
+    profile::traces::TraceTableConfig,
     record::{RecordOptions, record},
     run::{RunOptions, run},
 };
@@ -74,6 +75,30 @@ impl SamplingArgs {
 }
 
 #[derive(Args)]
+struct TraceArgs {
+    /// A trace is complete after this long without samples.
+    #[arg(long, env = "PROFILER_TRACE_IDLE_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    trace_idle_timeout: Duration,
+    /// Traces held in memory at most (the least recently active is written early past it).
+    #[arg(long, env = "PROFILER_MAX_LIVE_TRACES", default_value_t = 10_000)]
+    max_live_traces: usize,
+    /// Also keep traces whose sampled flag is clear.
+    #[arg(long, env = "PROFILER_KEEP_UNSAMPLED_TRACES")]
+    keep_unsampled_traces: bool,
+}
+
+impl TraceArgs {
+    fn config(&self) -> TraceTableConfig {
+        TraceTableConfig {
+            idle_timeout_ns: self.trace_idle_timeout.as_nanos() as u64,
+            max_live: self.max_live_traces,
+            keep_unsampled: self.keep_unsampled_traces,
+            ..TraceTableConfig::default()
+        }
+    }
+}
+
+#[derive(Args)]
 struct RecordArgs {
     /// How long to sample (e.g. 10s, 1m).
     #[arg(long, short = 'd', default_value = "10s", value_parser = humantime::parse_duration)]
@@ -84,8 +109,13 @@ struct RecordArgs {
     /// Output format.
     #[arg(long, value_enum, default_value = "pprof")]
     format: Format,
+    /// Also write one pprof per trace: <DIR>/<trace_id>.pb.gz.
+    #[arg(long)]
+    per_trace_dir: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    traces: TraceArgs,
 }
 
 #[derive(Args)]
@@ -96,8 +126,13 @@ struct RunArgs {
     /// Write one pprof per interval into this directory.
     #[arg(long, env = "PROFILER_OUTPUT_DIR")]
     output_dir: Option<PathBuf>,
+    /// Write one pprof per trace: <DIR>/<trace_id>.pb.gz.
+    #[arg(long, env = "PROFILER_PER_TRACE_DIR")]
+    per_trace_dir: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
+    #[command(flatten)]
+    traces: TraceArgs,
 }
 
 fn main() -> ExitCode {
@@ -122,6 +157,8 @@ fn main() -> ExitCode {
                     output: args.output.clone(),
                     format: args.format,
                     sampler: args.sampling.config(),
+                    per_trace_dir: args.per_trace_dir.clone(),
+                    traces: args.traces.config(),
                 })
                 .await?;
                 print_summary(&args.output, &summary);
@@ -132,6 +169,8 @@ fn main() -> ExitCode {
                     sampler: args.sampling.config(),
                     interval: args.interval,
                     output_dir: args.output_dir,
+                    per_trace_dir: args.per_trace_dir,
+                    traces: args.traces.config(),
                 })
                 .await
             }

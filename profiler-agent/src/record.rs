@@ -7,20 +7,32 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
-    collector::{Collector, Flushed, Message, SymbolizedSample},
+    collector::{Collector, CollectorConfig, Flushed, Message, Sink, SymbolizedSample},
     ebpf::{KernelCounters, Sampler, SamplerConfig, spawn_reader},
     export::{self, Format},
     metrics::Metrics,
+    profile::traces::TraceTableConfig,
 };
 
 /// Depth of the queue between the ring-buffer reader and the collector.
 const COLLECTOR_QUEUE: usize = 16_384;
+
+/// How often the collector flushes idle traces and does its housekeeping.
+const TICK: Duration = Duration::from_secs(1);
+
+/// What a recording does with what it collects.
+#[derive(Default)]
+pub struct Outputs {
+    pub traces: TraceTableConfig,
+    pub sinks: Vec<Box<dyn Sink>>,
+}
 
 /// A running capture.
 pub struct Recording {
     sampler: Sampler,
     stop: watch::Sender<bool>,
     reader: tokio::task::JoinHandle<anyhow::Result<()>>,
+    ticker: tokio::task::JoinHandle<()>,
     inbox: mpsc::Sender<Message>,
     collector: std::thread::JoinHandle<()>,
     pub metrics: Metrics,
@@ -37,16 +49,43 @@ pub struct Finished<R> {
 
 impl Recording {
     pub fn start(config: &SamplerConfig) -> anyhow::Result<Self> {
+        Self::start_with(config, Outputs::default())
+    }
+
+    pub fn start_with(config: &SamplerConfig, outputs: Outputs) -> anyhow::Result<Self> {
         let metrics = Metrics::default();
-        let (sampler, ring) = Sampler::start(config)?;
+        let (sampler, channels) = Sampler::start(config)?;
         let (inbox, rx) = mpsc::channel(COLLECTOR_QUEUE);
-        let collector = Collector::spawn(metrics.clone(), rx);
+        let collector = Collector::spawn(
+            CollectorConfig {
+                frequency_hz: config.frequency_hz,
+                traces: outputs.traces,
+            },
+            outputs.sinks,
+            Some(channels.context_sources),
+            metrics.clone(),
+            rx,
+        )
+        .context("start the collector thread")?;
         let (stop, stop_rx) = watch::channel(false);
-        let reader = spawn_reader(ring, inbox.clone(), metrics.clone(), stop_rx);
+        let reader = spawn_reader(channels.ring, inbox.clone(), metrics.clone(), stop_rx);
+        let ticker = {
+            let inbox = inbox.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(TICK);
+                loop {
+                    tick.tick().await;
+                    if inbox.send(Message::Tick).await.is_err() {
+                        return;
+                    }
+                }
+            })
+        };
         Ok(Self {
             sampler,
             stop,
             reader,
+            ticker,
             inbox,
             collector,
             metrics,
@@ -72,6 +111,14 @@ impl Recording {
         rx.await.map_err(|_| collector_stopped())
     }
 
+    /// Hands the interval's aggregate to every sink.
+    pub async fn flush_interval(&self) -> anyhow::Result<()> {
+        self.inbox
+            .send(Message::FlushInterval)
+            .await
+            .map_err(|_| collector_stopped())
+    }
+
     /// Runs `f` on the collector's thread with the aggregate since the last flush.
     pub async fn flush(&self, f: impl FnOnce(Flushed<'_>) + Send + 'static) -> anyhow::Result<()> {
         self.inbox
@@ -89,6 +136,11 @@ impl Recording {
         let kernel = self.sampler.stop();
         let _ = self.stop.send(true);
         self.reader.await.context("ring-buffer reader panicked")??;
+        self.ticker.abort();
+        self.inbox
+            .send(Message::FlushTraces)
+            .await
+            .map_err(|_| collector_stopped())?;
         let (tx, rx) = oneshot::channel();
         self.inbox
             .send(Message::Flush(Box::new(move |flushed| {
@@ -119,6 +171,9 @@ pub struct RecordOptions {
     pub output: PathBuf,
     pub format: Format,
     pub sampler: SamplerConfig,
+    /// Also write one pprof per trace, `<dir>/<trace_id>.pb.gz`.
+    pub per_trace_dir: Option<PathBuf>,
+    pub traces: TraceTableConfig,
 }
 
 /// Totals printed at the end of `record`.
@@ -139,7 +194,17 @@ pub async fn record(options: RecordOptions) -> anyhow::Result<RecordSummary> {
             );
         }
     }
-    let recording = Recording::start(&options.sampler)?;
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if let Some(dir) = &options.per_trace_dir {
+        sinks.push(Box::new(export::PerTraceDir::create(dir)?));
+    }
+    let recording = Recording::start_with(
+        &options.sampler,
+        Outputs {
+            traces: options.traces.clone(),
+            sinks,
+        },
+    )?;
     tracing::info!(
         duration = ?options.duration,
         frequency_hz = options.sampler.frequency_hz,

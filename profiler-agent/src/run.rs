@@ -3,13 +3,12 @@
 
 use std::{path::PathBuf, time::Duration};
 
-use anyhow::Context as _;
-
 use crate::{
-    collector::Flushed,
+    collector::Sink,
     ebpf::SamplerConfig,
-    export::{self, Format},
-    record::Recording,
+    export,
+    profile::traces::TraceTableConfig,
+    record::{Outputs, Recording},
 };
 
 #[derive(Debug, Clone)]
@@ -18,17 +17,31 @@ pub struct RunOptions {
     pub interval: Duration,
     /// Write one pprof per interval here.
     pub output_dir: Option<PathBuf>,
+    /// Write one pprof per trace here.
+    pub per_trace_dir: Option<PathBuf>,
+    pub traces: TraceTableConfig,
 }
 
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(dir) = &options.output_dir {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        sinks.push(Box::new(export::IntervalDir::create(dir)?));
     }
-    let recording = Recording::start(&options.sampler)?;
+    if let Some(dir) = &options.per_trace_dir {
+        sinks.push(Box::new(export::PerTraceDir::create(dir)?));
+    }
+    let recording = Recording::start_with(
+        &options.sampler,
+        Outputs {
+            traces: options.traces.clone(),
+            sinks,
+        },
+    )?;
     tracing::info!(
         frequency_hz = options.sampler.frequency_hz,
         interval = ?options.interval,
         output_dir = ?options.output_dir,
+        per_trace_dir = ?options.per_trace_dir,
         "profiling every process on this machine"
     );
     let mut tick = tokio::time::interval(options.interval);
@@ -36,47 +49,17 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                recording.flush(sink(&options, recording.frequency_hz)).await?;
+                recording.flush_interval().await?;
                 log_counters(&recording);
             }
             _ = crate::shutdown_signal() => break,
         }
     }
-    tracing::info!("shutting down: flushing the last interval");
-    let frequency_hz = recording.frequency_hz;
-    let finished = recording.finish(sink(&options, frequency_hz)).await?;
+    tracing::info!("shutting down: flushing the last interval and every open trace");
+    recording.flush_interval().await?;
+    let finished = recording.finish(|_| ()).await?;
     tracing::info!(kernel = ?finished.kernel.0, agent = ?finished.metrics.snapshot(), "stopped");
     Ok(())
-}
-
-fn sink(options: &RunOptions, frequency_hz: u64) -> impl FnOnce(Flushed<'_>) + Send + 'static {
-    let dir = options.output_dir.clone();
-    move |flushed: Flushed<'_>| {
-        let samples = flushed.aggregate.total_samples;
-        let Some(dir) = dir else {
-            tracing::info!(samples, "interval");
-            return;
-        };
-        if samples == 0 {
-            return;
-        }
-        let path = dir.join(format!(
-            "profile-{}.pb.gz",
-            flushed.window.1 / 1_000_000_000
-        ));
-        match export::write_file(
-            &path,
-            Format::Pprof,
-            &flushed.aggregate,
-            frequency_hz,
-            flushed.window,
-            flushed.symbolizer,
-            flushed.objects,
-        ) {
-            Ok(()) => tracing::info!(samples, path = %path.display(), "wrote profile"),
-            Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot write profile"),
-        }
-    }
 }
 
 fn log_counters(recording: &Recording) {

@@ -23,6 +23,8 @@ pub enum RecordKind {
     Sample = 1,
     ProcessExec = 2,
     ProcessExit = 3,
+    /// A process mapped a file with execute permission (a library loaded late, e.g. dlopen).
+    ProcessMmapExec = 4,
 }
 
 impl RecordKind {
@@ -31,6 +33,7 @@ impl RecordKind {
             1 => Some(Self::Sample),
             2 => Some(Self::ProcessExec),
             3 => Some(Self::ProcessExit),
+            4 => Some(Self::ProcessMmapExec),
             _ => None,
         }
     }
@@ -127,7 +130,8 @@ const _: () = assert!(core::mem::size_of::<SampleScratch>() == MAX_SAMPLE_BYTES)
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ProcessEvent {
-    /// [`RecordKind::ProcessExec`] or [`RecordKind::ProcessExit`].
+    /// [`RecordKind::ProcessExec`], [`RecordKind::ProcessExit`] or
+    /// [`RecordKind::ProcessMmapExec`].
     pub kind: u16,
     pub _pad: u16,
     pub tgid: u32,
@@ -147,7 +151,9 @@ pub struct EbpfConfig {
     /// Byte offset of `group_dead` in the `sched_process_exit` tracepoint record, or 0 when the
     /// kernel lacks that field (then a process exit is the exit of its leader thread).
     pub exit_group_dead_offset: u32,
-    pub _pad: u32,
+    /// Byte offset of `task_struct->thread.fsbase` (the thread pointer on x86_64), from the
+    /// kernel's BTF. 0: unknown, and no trace context is read.
+    pub task_fsbase_offset: u32,
 }
 const _: () = assert!(core::mem::size_of::<EbpfConfig>() == 16);
 
@@ -209,6 +215,7 @@ pub mod names {
     pub const ON_CPU_SAMPLE: &str = "on_cpu_sample";
     pub const ON_PROCESS_EXEC: &str = "on_process_exec";
     pub const ON_PROCESS_EXIT: &str = "on_process_exit";
+    pub const ON_MMAP: &str = "on_mmap";
 }
 
 macro_rules! counters {
@@ -258,6 +265,29 @@ counters! {
     KernelStackError = "kernel_stack_error",
     /// The kernel stack was deeper than the buffer.
     KernelStackTruncated = "kernel_stack_truncated",
+    /// Samples of processes with no trace-context source.
+    ContextNoSource = "context_no_source",
+    /// The thread pointer could not be read from the task.
+    ContextThreadPointerFault = "context_thread_pointer_fault",
+    /// Dynamic TLS: the thread has no block for the module yet (never touched the variable).
+    ContextTlsUnallocated = "context_tls_unallocated",
+    /// A read of the target's memory faulted (unmapped, or not resident).
+    ContextReadFault = "context_read_fault",
+    /// The thread has no active context (null pointer): not an error.
+    ContextNoneActive = "context_none_active",
+    /// The record's `valid` byte was not 1 (being updated, or garbage).
+    ContextInvalid = "context_invalid",
+    /// The attributes could not be copied (the header was kept).
+    ContextAttrsFault = "context_attrs_fault",
+    /// Contexts read and attached to the sample.
+    ContextRead = "context_read",
+    /// Sum of the time spent reading trace contexts, in ns (with `context_read_attempts`, the
+    /// isolated cost of the read path).
+    ContextReadNs = "context_read_ns",
+    /// Context reads attempted (processes with a source), timed in `context_read_ns`.
+    ContextReadAttempts = "context_read_attempts",
+    /// Executable file mappings reported (dlopen and friends).
+    MmapExecEvents = "mmap_exec_events",
 }
 
 pub const NUM_COUNTERS: usize = Counter::ALL.len();
@@ -294,6 +324,7 @@ mod tests {
             RecordKind::Sample,
             RecordKind::ProcessExec,
             RecordKind::ProcessExit,
+            RecordKind::ProcessMmapExec,
         ] {
             assert_eq!(RecordKind::from_u16(k as u16), Some(k));
         }

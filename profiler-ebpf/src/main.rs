@@ -22,11 +22,12 @@ use aya_ebpf::{
     programs::{PerfEventContext, TracePointContext},
 };
 use profiler_common::{
-    ContextKind, Counter, EbpfConfig, NUM_COUNTERS, ProcessEvent, RecordKind, STACK_BYTES,
-    SampleHeader, SampleScratch, sample_flags,
+    ContextKind, ContextSource, Counter, EbpfConfig, NUM_COUNTERS, ProcessEvent, RecordKind,
+    STACK_BYTES, SampleHeader, SampleScratch, sample_flags,
 };
 
 mod arch;
+mod context;
 
 /// Load-time settings; user space overrides this before load.
 #[unsafe(no_mangle)]
@@ -34,7 +35,7 @@ static CONFIG: Global<EbpfConfig> = Global::new(EbpfConfig {
     agent_tgid: 0,
     filter_by_pid: 0,
     exit_group_dead_offset: 0,
-    _pad: 0,
+    task_fsbase_offset: 0,
 });
 
 /// Size is set by user space at load time (`EbpfLoader::map_max_entries`).
@@ -51,14 +52,23 @@ static SCRATCH: PerCpuArray<SampleScratch> = PerCpuArray::with_max_entries(1, 0)
 #[map]
 static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 
+/// Trace-context source per process (key: tgid), chosen and written by the agent.
+#[map]
+static CONTEXT_SOURCES: HashMap<u32, ContextSource> = HashMap::with_max_entries(16384, 0);
+
 /// Samples are consumed in batches on a timer: never wake the reader per record.
 const RINGBUF_FLAGS: u64 = aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64;
 
 #[inline(always)]
-fn count(counter: Counter) {
+pub(crate) fn count(counter: Counter) {
+    add(counter, 1);
+}
+
+#[inline(always)]
+fn add(counter: Counter, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // Per-CPU slot, and a perf_event program cannot nest on its own CPU: no atomics needed.
-        unsafe { *slot += 1 };
+        unsafe { *slot += n };
     }
 }
 
@@ -140,6 +150,25 @@ fn sample(ctx: &PerfEventContext) {
         }
     }
 
+    // Trace context right after the frames.
+    let (context_kind, context_len) = match unsafe { CONTEXT_SOURCES.get(tgid) } {
+        Some(source) => {
+            let start = unsafe { bpf_ktime_get_ns() };
+            let dest = unsafe { scratch.data.as_mut_ptr().add(user_bytes + kernel_bytes) };
+            let read = context::read(source, config.task_fsbase_offset, dest);
+            add(
+                Counter::ContextReadNs,
+                unsafe { bpf_ktime_get_ns() } - start,
+            );
+            count(Counter::ContextReadAttempts);
+            read
+        }
+        None => {
+            count(Counter::ContextNoSource);
+            (ContextKind::None, 0)
+        }
+    };
+
     let header = &mut scratch.header;
     header.kind = RecordKind::Sample as u16;
     header.flags = flags;
@@ -150,11 +179,11 @@ fn sample(ctx: &PerfEventContext) {
     header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     header.user_frames = (user_bytes / 8) as u16;
     header.kernel_frames = (kernel_bytes / 8) as u16;
-    header.context_kind = ContextKind::None as u8;
+    header.context_kind = context_kind as u8;
     header._pad = 0;
-    header.context_len = 0;
+    header.context_len = context_len as u16;
 
-    let len = core::mem::size_of::<SampleHeader>() + user_bytes + kernel_bytes;
+    let len = core::mem::size_of::<SampleHeader>() + user_bytes + kernel_bytes + context_len;
     if len > core::mem::size_of::<SampleScratch>() {
         return;
     }
@@ -189,6 +218,24 @@ pub fn on_process_exit(ctx: TracePointContext) -> u32 {
     };
     if process_gone {
         emit_process_event(RecordKind::ProcessExit, tgid);
+    }
+    0
+}
+
+/// `struct syscall_trace_enter`: the syscall number, then `args[6]` as unsigned longs.
+const SYSCALL_ARG0_OFFSET: usize = 16;
+const PROT_EXEC: u64 = 4;
+
+/// A file mapped executable: a library loaded after start-up (dlopen). The agent re-inspects
+/// the process (new trace-context writers, new mappings).
+#[tracepoint]
+pub fn on_mmap(ctx: TracePointContext) -> u32 {
+    let prot = unsafe { ctx.read_at::<u64>(SYSCALL_ARG0_OFFSET + 2 * 8) }.unwrap_or(0);
+    let fd = unsafe { ctx.read_at::<u64>(SYSCALL_ARG0_OFFSET + 4 * 8) }.unwrap_or(u64::MAX) as i64;
+    if prot & PROT_EXEC != 0 && fd >= 0 {
+        count(Counter::MmapExecEvents);
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        emit_process_event(RecordKind::ProcessMmapExec, tgid);
     }
     0
 }

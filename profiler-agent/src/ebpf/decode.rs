@@ -19,6 +19,10 @@ pub enum Record {
         tgid: u32,
         ktime_ns: u64,
     },
+    /// The process mapped a file executable (a library loaded late).
+    MmapExec {
+        tgid: u32,
+    },
 }
 
 /// A sample as the kernel captured it: absolute addresses, raw context bytes.
@@ -86,6 +90,10 @@ pub fn decode(bytes: &[u8]) -> Result<Record, DecodeError> {
                 tgid: event.tgid,
                 ktime_ns: event.ktime_ns,
             })
+        }
+        Some(RecordKind::ProcessMmapExec) => {
+            let event = read_pod::<ProcessEvent>(bytes)?;
+            Ok(Record::MmapExec { tgid: event.tgid })
         }
         None => Err(DecodeError::UnknownKind(kind)),
     }

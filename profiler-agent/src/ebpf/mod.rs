@@ -2,6 +2,7 @@
 //! attaching the sampler and the process tracepoints, draining the ring buffer, reading the
 //! kernel-side counters, maintaining the pid allow-list. No other module uses aya.
 
+pub mod btf;
 pub mod decode;
 mod privileges;
 mod reader;
@@ -19,7 +20,7 @@ use aya::{
     util::online_cpus,
 };
 pub use privileges::check_privileges;
-use profiler_common::{Counter, EbpfConfig, names};
+use profiler_common::{ContextSource, Counter, EbpfConfig, names};
 pub use reader::spawn_reader;
 
 /// The object `profiler-ebpf` compiles to, built by `build.rs`.
@@ -34,6 +35,31 @@ pub struct SamplerConfig {
     pub ring_buffer_bytes: u32,
 }
 
+/// What the collector needs from the kernel side: the ring buffer to drain and the
+/// per-process context-source map to fill.
+pub struct KernelChannels {
+    pub ring: RingBuf<MapData>,
+    pub context_sources: ContextSourceMap,
+}
+
+/// The `CONTEXT_SOURCES` map: which trace-context source the kernel reads for each process.
+pub struct ContextSourceMap {
+    map: HashMap<MapData, u32, ContextSource>,
+}
+
+impl ContextSourceMap {
+    pub fn set(&mut self, tgid: u32, source: &ContextSource) -> anyhow::Result<()> {
+        self.map
+            .insert(tgid, source, 0)
+            .with_context(|| format!("set the context source of {tgid}"))
+    }
+
+    pub fn remove(&mut self, tgid: u32) {
+        // Absent is fine: most processes never had a source.
+        let _ = self.map.remove(&tgid);
+    }
+}
+
 /// The loaded and attached kernel programs. Dropping it detaches everything.
 pub struct Sampler {
     ebpf: Ebpf,
@@ -42,7 +68,7 @@ pub struct Sampler {
 
 impl Sampler {
     /// Loads and attaches the programs. Returns the sampler and the ring buffer to drain.
-    pub fn start(config: &SamplerConfig) -> anyhow::Result<(Self, RingBuf<MapData>)> {
+    pub fn start(config: &SamplerConfig) -> anyhow::Result<(Self, KernelChannels)> {
         check_privileges()?;
         if !config.ring_buffer_bytes.is_power_of_two() || config.ring_buffer_bytes < 4096 {
             bail!("ring buffer size must be a power of two of at least 4096 bytes");
@@ -55,7 +81,13 @@ impl Sampler {
             agent_tgid: std::process::id(),
             filter_by_pid: u32::from(config.pids.is_some()),
             exit_group_dead_offset: exit_group_dead_offset().unwrap_or(0),
-            _pad: 0,
+            task_fsbase_offset: match btf::task_fsbase_offset() {
+                Ok(offset) => offset,
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "no thread pointer offset from BTF: trace contexts will not be read");
+                    0
+                }
+            },
         };
         let mut ebpf = EbpfLoader::new()
             .override_global(names::CONFIG, &settings, true)
@@ -110,7 +142,19 @@ impl Sampler {
             ebpf.take_map(names::COUNTERS)
                 .context("COUNTERS map missing")?,
         )?;
-        Ok((Self { ebpf, counters }, ring))
+        let context_sources = ContextSourceMap {
+            map: HashMap::try_from(
+                ebpf.take_map(names::CONTEXT_SOURCES)
+                    .context("CONTEXT_SOURCES map missing")?,
+            )?,
+        };
+        Ok((
+            Self { ebpf, counters },
+            KernelChannels {
+                ring,
+                context_sources,
+            },
+        ))
     }
 
     /// Adds a process to the allow-list (only meaningful when started with `pids`).

@@ -4,11 +4,17 @@ pub mod folded;
 pub mod pprof;
 pub mod pprof_proto;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
-use crate::{process::ObjectStore, profile::Aggregate, symbolize::Symbolizer};
+use crate::{
+    collector::{Sink, SinkContext},
+    context::hex,
+    process::ObjectStore,
+    profile::{Aggregate, traces::TraceProfile},
+    symbolize::Symbolizer,
+};
 use pprof::{LabelValue, PprofBuilder};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -46,18 +52,144 @@ pub fn aggregate_to_pprof(
             .get(&key.pid)
             .map(String::as_str)
             .unwrap_or("");
-        builder.add_sample(
-            aggregate.stacks.get(key.stack),
-            value.count,
-            &[
-                ("pid", LabelValue::Num(i64::from(key.pid))),
-                ("tid", LabelValue::Num(i64::from(key.tid))),
-                ("thread_name", LabelValue::Str(thread)),
-                ("process_name", LabelValue::Str(process)),
-            ],
-        );
+        let context = key.context.map(|c| aggregate.context(c));
+        let ids = context.map(|c| (hex(&c.trace_id), hex(&c.span_id)));
+        let mut labels = vec![
+            ("pid", LabelValue::Num(i64::from(key.pid))),
+            ("tid", LabelValue::Num(i64::from(key.tid))),
+            ("thread_name", LabelValue::Str(thread)),
+            ("process_name", LabelValue::Str(process)),
+        ];
+        if let (Some((trace_id, span_id)), Some(context)) = (&ids, context) {
+            labels.push(("trace_id", LabelValue::Str(trace_id)));
+            labels.push(("span_id", LabelValue::Str(span_id)));
+            labels.extend(
+                context
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (&**k, LabelValue::Str(v))),
+            );
+        }
+        builder.add_sample(aggregate.stacks.get(key.stack), value.count, &labels);
     }
     builder.finish()
+}
+
+/// One trace's profile: every sample labelled with `trace_id` and `span_id` (lowercase hex, as
+/// Pyroscope derives them from OTLP links), thread and process, and the context's attributes.
+pub fn trace_to_pprof(
+    trace: &TraceProfile,
+    frequency_hz: u64,
+    symbolizer: &mut Symbolizer,
+    objects: &ObjectStore,
+) -> pprof_proto::Profile {
+    let window = (trace.first_unix_ns, trace.last_unix_ns);
+    let mut builder = PprofBuilder::new(
+        frequency_hz,
+        window.0,
+        window.1.saturating_sub(window.0),
+        symbolizer,
+        objects,
+    );
+    let trace_id = hex(&trace.trace_id);
+    for (key, value) in trace.sorted_samples() {
+        let span_id = hex(&key.span_id);
+        let thread = trace
+            .thread_names
+            .get(&key.tid)
+            .map(String::as_str)
+            .unwrap_or("");
+        let process = trace
+            .process_names
+            .get(&key.pid)
+            .map(String::as_str)
+            .unwrap_or("");
+        let mut labels = vec![
+            ("trace_id", LabelValue::Str(&trace_id)),
+            ("span_id", LabelValue::Str(&span_id)),
+            ("pid", LabelValue::Num(i64::from(key.pid))),
+            ("tid", LabelValue::Num(i64::from(key.tid))),
+            ("thread_name", LabelValue::Str(thread)),
+            ("process_name", LabelValue::Str(process)),
+        ];
+        labels.extend(key.labels.iter().map(|(k, v)| (&**k, LabelValue::Str(v))));
+        builder.add_sample(&key.stack, value.count, &labels);
+    }
+    builder.finish()
+}
+
+/// Writes `bytes` to `path` atomically (temporary file, then rename).
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
+    Ok(())
+}
+
+/// Sink: one pprof per trace, `<dir>/<trace_id>.pb.gz`, rewritten when late samples arrive.
+pub struct PerTraceDir {
+    dir: PathBuf,
+}
+
+impl PerTraceDir {
+    pub fn create(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
+    }
+}
+
+impl Sink for PerTraceDir {
+    fn trace(&mut self, trace: &TraceProfile, cx: &mut SinkContext<'_>) {
+        let profile = trace_to_pprof(trace, cx.frequency_hz, cx.symbolizer, cx.objects);
+        let path = self.dir.join(format!("{}.pb.gz", hex(&trace.trace_id)));
+        if let Err(e) = write_atomically(&path, &pprof::encode_gzip(&profile)) {
+            tracing::error!(error = %format!("{e:#}"), "cannot write a trace profile");
+        }
+    }
+}
+
+/// Sink: one pprof per interval, `<dir>/profile-<unix seconds>.pb.gz`.
+pub struct IntervalDir {
+    dir: PathBuf,
+}
+
+impl IntervalDir {
+    pub fn create(dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
+    }
+}
+
+impl Sink for IntervalDir {
+    fn trace(&mut self, _trace: &TraceProfile, _cx: &mut SinkContext<'_>) {}
+
+    fn interval(&mut self, aggregate: &Aggregate, window: (u64, u64), cx: &mut SinkContext<'_>) {
+        if aggregate.total_samples == 0 {
+            return;
+        }
+        let path = self
+            .dir
+            .join(format!("profile-{}.pb.gz", window.1 / 1_000_000_000));
+        let profile = aggregate_to_pprof(
+            aggregate,
+            cx.frequency_hz,
+            window,
+            cx.symbolizer,
+            cx.objects,
+        );
+        match write_atomically(&path, &pprof::encode_gzip(&profile)) {
+            Ok(()) => {
+                tracing::info!(samples = aggregate.total_samples, path = %path.display(), "wrote profile")
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot write an interval profile")
+            }
+        }
+    }
 }
 
 /// Writes the aggregate to `path` in `format`, atomically (temporary file, then rename).
@@ -80,8 +212,5 @@ pub fn write_file(
         )),
         Format::Folded => folded::render(aggregate, symbolizer, objects).into_bytes(),
     };
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
-    Ok(())
+    write_atomically(path, &bytes)
 }

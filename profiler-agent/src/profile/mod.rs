@@ -1,9 +1,12 @@
 //! Profile data as the agent holds it between sampling and output: normalized frames,
-//! interned stacks, and samples aggregated by (process, thread, stack). No I/O here.
+//! interned stacks, samples aggregated by (process, thread, stack, trace context) per interval
+//! (`Aggregate`), and per trace (`traces::TraceTable`). No I/O here.
+
+pub mod traces;
 
 use std::{collections::HashMap, sync::Arc};
 
-use crate::process::ObjectId;
+use crate::{context::TraceContext, process::ObjectId};
 
 /// One normalized frame. User frames are `(object, file offset)`; kernel frames keep their
 /// address (kallsyms is global). Return addresses are already adjusted by -1.
@@ -35,6 +38,11 @@ impl StackInterner {
         id
     }
 
+    /// The shared stack, for holders outside this interner (per-trace profiles).
+    pub fn shared(&self, id: StackId) -> Arc<[Frame]> {
+        self.stacks[id.0 as usize].clone()
+    }
+
     pub fn get(&self, id: StackId) -> &[Frame] {
         &self.stacks[id.0 as usize]
     }
@@ -49,10 +57,15 @@ impl StackInterner {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ContextId(pub u32);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SampleKey {
     pub pid: u32,
     pub tid: u32,
     pub stack: StackId,
+    /// The trace context active on the thread, if any.
+    pub context: Option<ContextId>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,17 +80,33 @@ pub struct SampleValue {
 pub struct Aggregate {
     pub stacks: StackInterner,
     pub samples: HashMap<SampleKey, SampleValue>,
+    context_ids: HashMap<TraceContext, ContextId>,
+    contexts: Vec<TraceContext>,
     pub thread_names: HashMap<u32, String>,
     pub process_names: HashMap<u32, String>,
     pub total_samples: u64,
 }
 
 impl Aggregate {
-    pub fn add(&mut self, pid: u32, tid: u32, frames: Vec<Frame>, unix_ns: u64) {
+    /// Adds one sample; returns its interned stack.
+    pub fn add(
+        &mut self,
+        pid: u32,
+        tid: u32,
+        frames: Vec<Frame>,
+        context: Option<&TraceContext>,
+        unix_ns: u64,
+    ) -> StackId {
         let stack = self.stacks.intern(frames);
+        let context = context.map(|c| self.context_id(c));
         self.total_samples += 1;
         self.samples
-            .entry(SampleKey { pid, tid, stack })
+            .entry(SampleKey {
+                pid,
+                tid,
+                stack,
+                context,
+            })
             .and_modify(|v| {
                 v.count += 1;
                 v.first_unix_ns = v.first_unix_ns.min(unix_ns);
@@ -88,6 +117,21 @@ impl Aggregate {
                 first_unix_ns: unix_ns,
                 last_unix_ns: unix_ns,
             });
+        stack
+    }
+
+    fn context_id(&mut self, context: &TraceContext) -> ContextId {
+        if let Some(id) = self.context_ids.get(context) {
+            return *id;
+        }
+        let id = ContextId(self.contexts.len() as u32);
+        self.contexts.push(context.clone());
+        self.context_ids.insert(context.clone(), id);
+        id
+    }
+
+    pub fn context(&self, id: ContextId) -> &TraceContext {
+        &self.contexts[id.0 as usize]
     }
 
     pub fn set_thread_name(&mut self, tid: u32, name: &str) {
@@ -133,18 +177,30 @@ mod tests {
                 address: 2,
             },
         ];
-        agg.add(1, 2, a.clone(), 100);
-        agg.add(1, 2, a.clone(), 50);
-        agg.add(1, 3, a, 70);
-        agg.add(1, 2, vec![Frame::Kernel { address: 9 }], 80);
-        assert_eq!(agg.total_samples, 4);
+        let ctx = TraceContext {
+            trace_id: [1; 16],
+            span_id: [2; 8],
+            sampled: true,
+            labels: Arc::new([]),
+        };
+        agg.add(1, 2, a.clone(), None, 100);
+        agg.add(1, 2, a.clone(), None, 50);
+        agg.add(1, 3, a.clone(), None, 70);
+        agg.add(1, 2, vec![Frame::Kernel { address: 9 }], None, 80);
+        agg.add(1, 2, a.clone(), Some(&ctx), 90);
+        agg.add(1, 2, a, Some(&ctx), 95);
+        assert_eq!(agg.total_samples, 6);
         assert_eq!(agg.stacks.len(), 2);
-        assert_eq!(agg.samples.len(), 3);
-        let v = agg.samples[&SampleKey {
+        assert_eq!(agg.samples.len(), 4);
+        let key = |context| SampleKey {
             pid: 1,
             tid: 2,
             stack: StackId(0),
-        }];
+            context,
+        };
+        assert_eq!(agg.samples[&key(Some(ContextId(0)))].count, 2);
+        assert_eq!(agg.context(ContextId(0)), &ctx);
+        let v = agg.samples[&key(None)];
         assert_eq!((v.count, v.first_unix_ns, v.last_unix_ns), (2, 50, 100));
         assert_eq!(agg.frames().count(), 3);
         assert_eq!(agg.time_range(), Some((50, 100)));

@@ -1,0 +1,123 @@
+//! Reading the sampled thread's trace context from the target's memory.
+//!
+//! Every read is a `bpf_probe_read_*` (it cannot fault the kernel); every pointer comes from the
+//! target and is treated as untrusted: the raw bytes go to user space, which validates them.
+//! Each outcome increments its counter.
+
+use aya_ebpf::helpers::generated::bpf_probe_read_user as probe_read_user_raw;
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user};
+use profiler_common::{
+    ContextKind, ContextSource, Counter, MAX_THREAD_CONTEXT_ATTRS, ThreadContextHeader, TlsLocation,
+};
+
+use crate::count;
+
+/// Marks a DTV slot whose TLS block was never allocated (glibc's `TLS_DTV_UNALLOCATED`).
+const DTV_UNALLOCATED: u64 = u64::MAX;
+/// Highest user-space address on x86_64 (47-bit): anything above is not a user pointer.
+const USER_ADDRESS_LIMIT: u64 = 0x0000_8000_0000_0000;
+
+/// Reads the context described by `source` into `dest` (at most `MAX_CONTEXT_BYTES`).
+/// Returns the payload kind and length; `(None, 0)` when nothing usable was found.
+#[inline(always)]
+pub fn read(source: &ContextSource, fsbase_offset: u32, dest: *mut u8) -> (ContextKind, usize) {
+    if source.kind == ContextKind::ThreadContext as u8 {
+        return read_thread_context(&source.tls, fsbase_offset, dest);
+    }
+    (ContextKind::None, 0)
+}
+
+/// OTEP 4947: TLS pointer → 28-byte header (require `valid == 1`) → attributes.
+#[inline(always)]
+fn read_thread_context(
+    tls: &TlsLocation,
+    fsbase_offset: u32,
+    dest: *mut u8,
+) -> (ContextKind, usize) {
+    let Some(thread_pointer) = thread_pointer(fsbase_offset) else {
+        count(Counter::ContextThreadPointerFault);
+        return (ContextKind::None, 0);
+    };
+    let Some(variable) = tls_address(thread_pointer, tls) else {
+        return (ContextKind::None, 0);
+    };
+    let record = match unsafe { bpf_probe_read_user(variable as *const u64) } {
+        Ok(0) => {
+            count(Counter::ContextNoneActive);
+            return (ContextKind::None, 0);
+        }
+        Ok(p) => p,
+        Err(_) => {
+            count(Counter::ContextReadFault);
+            return (ContextKind::None, 0);
+        }
+    };
+    let header_len = core::mem::size_of::<ThreadContextHeader>();
+    let ret = unsafe { probe_read_user_raw(dest.cast(), header_len as u32, record as *const _) };
+    if ret < 0 {
+        count(Counter::ContextReadFault);
+        return (ContextKind::None, 0);
+    }
+    let header = unsafe { &*(dest as *const ThreadContextHeader) };
+    if header.valid != 1 {
+        count(Counter::ContextInvalid);
+        return (ContextKind::None, 0);
+    }
+    let declared = header.attrs_data_size as usize;
+    let mut attrs = if declared > MAX_THREAD_CONTEXT_ATTRS {
+        MAX_THREAD_CONTEXT_ATTRS
+    } else {
+        declared
+    };
+    if attrs > 0 {
+        let ret = unsafe {
+            probe_read_user_raw(
+                dest.add(header_len).cast(),
+                attrs as u32,
+                (record + header_len as u64) as *const _,
+            )
+        };
+        if ret < 0 {
+            count(Counter::ContextAttrsFault);
+            attrs = 0;
+        }
+    }
+    count(Counter::ContextRead);
+    (ContextKind::ThreadContext, header_len + attrs)
+}
+
+/// `task_struct->thread.fsbase` of the current task (x86_64 thread pointer).
+#[inline(always)]
+fn thread_pointer(fsbase_offset: u32) -> Option<u64> {
+    if fsbase_offset == 0 {
+        return None;
+    }
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let fsbase =
+        unsafe { bpf_probe_read_kernel(task.add(fsbase_offset as usize) as *const u64) }.ok()?;
+    (fsbase != 0).then_some(fsbase)
+}
+
+/// Address of the thread-local variable: static TLS is a fixed offset from the thread pointer;
+/// dynamic TLS goes through the DTV (`dtv[module].val + offset`).
+#[inline(always)]
+fn tls_address(thread_pointer: u64, tls: &TlsLocation) -> Option<u64> {
+    if tls.module_id == 0 {
+        return Some(thread_pointer.wrapping_add(tls.offset as u64));
+    }
+    let dtv_slot = thread_pointer.wrapping_add(tls.dtv_offset as i64 as u64);
+    let Ok(dtv) = (unsafe { bpf_probe_read_user(dtv_slot as *const u64) }) else {
+        count(Counter::ContextReadFault);
+        return None;
+    };
+    let entry = dtv.wrapping_add(u64::from(tls.module_id) * u64::from(tls.dtv_entry_size));
+    let Ok(block) = (unsafe { bpf_probe_read_user(entry as *const u64) }) else {
+        count(Counter::ContextReadFault);
+        return None;
+    };
+    if block == 0 || block == DTV_UNALLOCATED || block >= USER_ADDRESS_LIMIT {
+        count(Counter::ContextTlsUnallocated);
+        return None;
+    }
+    Some(block.wrapping_add(tls.offset as u64))
+}
