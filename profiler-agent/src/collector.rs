@@ -9,7 +9,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     clock::MonotonicToUnix,
-    context::{DecodeOutcome, TraceContext, decode_thread_context},
+    context::{
+        DecodeOutcome, IdLabels, TraceContext, decode_custom_labels, decode_obi,
+        decode_thread_context,
+    },
     ebpf::{
         ContextSourceMap,
         decode::{RawSample, Record},
@@ -86,6 +89,7 @@ pub struct SymbolizedSample {
 pub struct CollectorConfig {
     pub frequency_hz: u64,
     pub traces: TraceTableConfig,
+    pub id_labels: IdLabels,
 }
 
 pub struct Collector {
@@ -303,6 +307,10 @@ impl Collector {
         let outcome = match sample.context_kind {
             ContextKind::None => return None,
             ContextKind::ThreadContext => decode_thread_context(&sample.context, &[]),
+            ContextKind::CustomLabels => {
+                decode_custom_labels(&sample.context, &self.config.id_labels)
+            }
+            ContextKind::Obi => decode_obi(&sample.context),
             other => {
                 self.metrics
                     .inc(&format!("context_kind_unsupported_{}", other as u8));

@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use profiler_agent::{
+    context::IdLabels,
     ebpf::SamplerConfig,
     export::Format,
     profile::traces::TraceTableConfig,
@@ -62,6 +63,13 @@ struct SamplingArgs {
     /// Ring-buffer size in bytes (power of two).
     #[arg(long, env = "PROFILER_RING_BUFFER_BYTES", default_value_t = 8 << 20)]
     ring_buffer_bytes: u32,
+    /// Read trace contexts that OpenTelemetry eBPF Instrumentation (OBI) records in its pinned
+    /// `traces_ctx_v1` map (lowest precedence; creates and pins the map if OBI has not).
+    #[arg(long, env = "PROFILER_OBI")]
+    obi: bool,
+    /// Where bpffs is mounted (OBI's map is `<root>/otel/traces_ctx_v1`).
+    #[arg(long, env = "PROFILER_BPFFS_ROOT", default_value = "/sys/fs/bpf")]
+    bpffs_root: PathBuf,
 }
 
 impl SamplingArgs {
@@ -70,6 +78,7 @@ impl SamplingArgs {
             frequency_hz: self.frequency,
             pids: (!self.pids.is_empty()).then(|| self.pids.clone()),
             ring_buffer_bytes: self.ring_buffer_bytes,
+            obi_bpffs_root: self.obi.then(|| self.bpffs_root.clone()),
         }
     }
 }
@@ -85,6 +94,23 @@ struct TraceArgs {
     /// Also keep traces whose sampled flag is clear.
     #[arg(long, env = "PROFILER_KEEP_UNSAMPLED_TRACES")]
     keep_unsampled_traces: bool,
+    /// Label keys that carry the trace id (hex) in label-based sources (custom-labels, Go
+    /// pprof labels), in order of preference.
+    #[arg(
+        long = "trace-id-label",
+        env = "PROFILER_TRACE_ID_LABELS",
+        value_delimiter = ',',
+        default_value = "trace_id"
+    )]
+    trace_id_labels: Vec<String>,
+    /// Label keys that carry the span id (hex).
+    #[arg(
+        long = "span-id-label",
+        env = "PROFILER_SPAN_ID_LABELS",
+        value_delimiter = ',',
+        default_value = "span_id"
+    )]
+    span_id_labels: Vec<String>,
 }
 
 impl TraceArgs {
@@ -94,6 +120,13 @@ impl TraceArgs {
             max_live: self.max_live_traces,
             keep_unsampled: self.keep_unsampled_traces,
             ..TraceTableConfig::default()
+        }
+    }
+
+    fn id_labels(&self) -> IdLabels {
+        IdLabels {
+            trace_id: self.trace_id_labels.clone(),
+            span_id: self.span_id_labels.clone(),
         }
     }
 }
@@ -159,6 +192,7 @@ fn main() -> ExitCode {
                     sampler: args.sampling.config(),
                     per_trace_dir: args.per_trace_dir.clone(),
                     traces: args.traces.config(),
+                    id_labels: args.traces.id_labels(),
                 })
                 .await?;
                 print_summary(&args.output, &summary);
@@ -171,6 +205,7 @@ fn main() -> ExitCode {
                     output_dir: args.output_dir,
                     per_trace_dir: args.per_trace_dir,
                     traces: args.traces.config(),
+                    id_labels: args.traces.id_labels(),
                 })
                 .await
             }

@@ -8,6 +8,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     collector::{Collector, CollectorConfig, Flushed, Message, Sink, SymbolizedSample},
+    context::IdLabels,
     ebpf::{KernelCounters, Sampler, SamplerConfig, spawn_reader},
     export::{self, Format},
     metrics::Metrics,
@@ -22,8 +23,10 @@ const TICK: Duration = Duration::from_secs(1);
 
 /// What a recording does with what it collects.
 #[derive(Default)]
-pub struct Outputs {
+pub struct CollectOptions {
     pub traces: TraceTableConfig,
+    /// Labels that carry trace and span ids (label-based sources).
+    pub id_labels: IdLabels,
     pub sinks: Vec<Box<dyn Sink>>,
 }
 
@@ -49,10 +52,10 @@ pub struct Finished<R> {
 
 impl Recording {
     pub fn start(config: &SamplerConfig) -> anyhow::Result<Self> {
-        Self::start_with(config, Outputs::default())
+        Self::start_with(config, CollectOptions::default())
     }
 
-    pub fn start_with(config: &SamplerConfig, outputs: Outputs) -> anyhow::Result<Self> {
+    pub fn start_with(config: &SamplerConfig, outputs: CollectOptions) -> anyhow::Result<Self> {
         let metrics = Metrics::default();
         let (sampler, channels) = Sampler::start(config)?;
         let (inbox, rx) = mpsc::channel(COLLECTOR_QUEUE);
@@ -60,6 +63,7 @@ impl Recording {
             CollectorConfig {
                 frequency_hz: config.frequency_hz,
                 traces: outputs.traces,
+                id_labels: outputs.id_labels,
             },
             outputs.sinks,
             Some(channels.context_sources),
@@ -174,6 +178,7 @@ pub struct RecordOptions {
     /// Also write one pprof per trace, `<dir>/<trace_id>.pb.gz`.
     pub per_trace_dir: Option<PathBuf>,
     pub traces: TraceTableConfig,
+    pub id_labels: IdLabels,
 }
 
 /// Totals printed at the end of `record`.
@@ -200,8 +205,9 @@ pub async fn record(options: RecordOptions) -> anyhow::Result<RecordSummary> {
     }
     let recording = Recording::start_with(
         &options.sampler,
-        Outputs {
+        CollectOptions {
             traces: options.traces.clone(),
+            id_labels: options.id_labels.clone(),
             sinks,
         },
     )?;

@@ -5,10 +5,11 @@ use std::{path::PathBuf, time::Duration};
 
 use crate::{
     collector::Sink,
+    context::IdLabels,
     ebpf::SamplerConfig,
     export,
     profile::traces::TraceTableConfig,
-    record::{Outputs, Recording},
+    record::{CollectOptions, Recording},
 };
 
 #[derive(Debug, Clone)]
@@ -20,6 +21,7 @@ pub struct RunOptions {
     /// Write one pprof per trace here.
     pub per_trace_dir: Option<PathBuf>,
     pub traces: TraceTableConfig,
+    pub id_labels: IdLabels,
 }
 
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
@@ -32,8 +34,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     let recording = Recording::start_with(
         &options.sampler,
-        Outputs {
+        CollectOptions {
             traces: options.traces.clone(),
+            id_labels: options.id_labels.clone(),
             sinks,
         },
     )?;

@@ -154,8 +154,11 @@ pub struct EbpfConfig {
     /// Byte offset of `task_struct->thread.fsbase` (the thread pointer on x86_64), from the
     /// kernel's BTF. 0: unknown, and no trace context is read.
     pub task_fsbase_offset: u32,
+    /// Non-zero: look up OBI's `traces_ctx_v1` map for samples with no other context.
+    pub obi_enabled: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<EbpfConfig>() == 16);
+const _: () = assert!(core::mem::size_of::<EbpfConfig>() == 24);
 
 /// How the eBPF side finds a thread-local variable of the sampled thread, starting from the
 /// thread pointer (x86_64: `task_struct->thread.fsbase`). User space computes it from the
@@ -204,6 +207,37 @@ pub struct ThreadContextHeader {
 const _: () = assert!(core::mem::size_of::<ThreadContextHeader>() == 28);
 /// Attribute bytes copied at most (OTEP 4947's recommended 640-byte record).
 pub const MAX_THREAD_CONTEXT_ATTRS: usize = MAX_CONTEXT_BYTES - 28;
+
+/// Value of OBI's `traces_ctx_v1` map (key: `pid_tgid`), as OpenTelemetry eBPF Instrumentation
+/// defines it. The sample payload for [`ContextKind::Obi`] is these 24 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ObiTraceContext {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+}
+const _: () = assert!(core::mem::size_of::<ObiTraceContext>() == 24);
+
+/// The definition OBI gives `traces_ctx_v1`; an existing pin must match it.
+pub mod obi {
+    pub const MAP_NAME: &str = "traces_ctx_v1";
+    pub const KEY_SIZE: u32 = 8;
+    pub const VALUE_SIZE: u32 = 24;
+    pub const MAX_ENTRIES: u32 = 1 << 14;
+}
+
+/// custom-labels v1 (Polar Signals ABI): a label set is `{label *storage; size_t count;
+/// size_t capacity}`, a label `{string key; string value}`, a string `{size_t len; u8 *buf}`.
+/// The sample payload for [`ContextKind::CustomLabels`] is up to `MAX_LABELS` entries of
+/// `{u8 key_len; u8 value_len; key[min(key_len, MAX_KEY)]; value[min(value_len, MAX_VALUE)]}`
+/// where the lengths are the originals capped at 255 (so truncation is visible).
+pub mod custom_labels {
+    pub const MAX_LABELS: usize = 8;
+    pub const MAX_KEY: usize = 24;
+    pub const MAX_VALUE: usize = 48;
+    pub const MAX_ENTRY: usize = 2 + MAX_KEY + MAX_VALUE;
+    const _: () = assert!(MAX_LABELS * MAX_ENTRY <= super::MAX_CONTEXT_BYTES);
+}
 
 /// Map and global names, shared so the two sides cannot drift.
 pub mod names {
@@ -288,6 +322,8 @@ counters! {
     ContextReadAttempts = "context_read_attempts",
     /// Executable file mappings reported (dlopen and friends).
     MmapExecEvents = "mmap_exec_events",
+    /// Samples that took their context from OBI's `traces_ctx_v1` map.
+    ContextObi = "context_obi",
 }
 
 pub const NUM_COUNTERS: usize = Counter::ALL.len();
@@ -302,6 +338,7 @@ mod pod {
     unsafe impl aya::Pod for super::TlsLocation {}
     unsafe impl aya::Pod for super::ContextSource {}
     unsafe impl aya::Pod for super::ThreadContextHeader {}
+    unsafe impl aya::Pod for super::ObiTraceContext {}
 }
 
 #[cfg(test)]

@@ -4,13 +4,26 @@
 //! target and is treated as untrusted: the raw bytes go to user space, which validates them.
 //! Each outcome increments its counter.
 
-use aya_ebpf::helpers::generated::bpf_probe_read_user as probe_read_user_raw;
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user};
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::bpf_probe_read_user as probe_read_user_raw,
+    },
+    macros::map,
+    maps::LruHashMap,
+};
 use profiler_common::{
-    ContextKind, ContextSource, Counter, MAX_THREAD_CONTEXT_ATTRS, ThreadContextHeader, TlsLocation,
+    ContextKind, ContextSource, Counter, MAX_CONTEXT_BYTES, MAX_THREAD_CONTEXT_ATTRS,
+    ObiTraceContext, ThreadContextHeader, TlsLocation, custom_labels, obi,
 };
 
 use crate::count;
+
+/// OBI's shared map. User space gives it OBI's pin (or creates and pins it) when OBI support
+/// is on, and shrinks it to one entry otherwise.
+#[map(name = "traces_ctx_v1")]
+static OBI_TRACES_CTX: LruHashMap<u64, ObiTraceContext> =
+    LruHashMap::with_max_entries(obi::MAX_ENTRIES, 0);
 
 /// Marks a DTV slot whose TLS block was never allocated (glibc's `TLS_DTV_UNALLOCATED`).
 const DTV_UNALLOCATED: u64 = u64::MAX;
@@ -24,7 +37,107 @@ pub fn read(source: &ContextSource, fsbase_offset: u32, dest: *mut u8) -> (Conte
     if source.kind == ContextKind::ThreadContext as u8 {
         return read_thread_context(&source.tls, fsbase_offset, dest);
     }
+    if source.kind == ContextKind::CustomLabels as u8 {
+        return read_custom_labels(&source.tls, fsbase_offset, dest);
+    }
     (ContextKind::None, 0)
+}
+
+/// OBI: the context OBI recorded for this thread, if any (lowest precedence).
+#[inline(always)]
+pub fn read_obi(pid_tgid: u64, dest: *mut u8) -> (ContextKind, usize) {
+    let Some(value) = (unsafe { OBI_TRACES_CTX.get(pid_tgid) }) else {
+        return (ContextKind::None, 0);
+    };
+    unsafe { core::ptr::write_unaligned(dest.cast::<ObiTraceContext>(), *value) };
+    count(Counter::ContextObi);
+    (ContextKind::Obi, core::mem::size_of::<ObiTraceContext>())
+}
+
+/// custom-labels v1: TLS pointer → label set → up to `MAX_LABELS` key/value pairs, each copied
+/// bounded; user space decides which labels carry the trace and span ids.
+#[inline(always)]
+fn read_custom_labels(
+    tls: &TlsLocation,
+    fsbase_offset: u32,
+    dest: *mut u8,
+) -> (ContextKind, usize) {
+    let Some(thread_pointer) = thread_pointer(fsbase_offset) else {
+        count(Counter::ContextThreadPointerFault);
+        return (ContextKind::None, 0);
+    };
+    let Some(variable) = tls_address(thread_pointer, tls) else {
+        return (ContextKind::None, 0);
+    };
+    let set = match unsafe { bpf_probe_read_user(variable as *const u64) } {
+        Ok(0) => {
+            count(Counter::ContextNoneActive);
+            return (ContextKind::None, 0);
+        }
+        Ok(p) => p,
+        Err(_) => {
+            count(Counter::ContextReadFault);
+            return (ContextKind::None, 0);
+        }
+    };
+    let Ok(header) = (unsafe { bpf_probe_read_user(set as *const [u64; 2]) }) else {
+        count(Counter::ContextReadFault);
+        return (ContextKind::None, 0);
+    };
+    let (storage, labels) = (header[0], header[1]);
+    let mut pos = 0usize;
+    for i in 0..custom_labels::MAX_LABELS {
+        if i as u64 >= labels || pos > MAX_CONTEXT_BYTES - custom_labels::MAX_ENTRY {
+            break;
+        }
+        // {key.len, key.buf, value.len, value.buf}
+        let Ok(label) =
+            (unsafe { bpf_probe_read_user((storage + 32 * i as u64) as *const [u64; 4]) })
+        else {
+            count(Counter::ContextReadFault);
+            break;
+        };
+        if label[1] == 0 {
+            continue; // A label without a key is ignored, per the ABI.
+        }
+        let key_len = if label[0] > custom_labels::MAX_KEY as u64 {
+            custom_labels::MAX_KEY
+        } else {
+            label[0] as usize
+        };
+        let value_len = if label[2] > custom_labels::MAX_VALUE as u64 {
+            custom_labels::MAX_VALUE
+        } else {
+            label[2] as usize
+        };
+        let entry = unsafe { dest.add(pos) };
+        unsafe {
+            *entry = if label[0] > 255 { 255 } else { label[0] as u8 };
+            *entry.add(1) = if label[2] > 255 { 255 } else { label[2] as u8 };
+        }
+        let key_ok = unsafe {
+            probe_read_user_raw(entry.add(2).cast(), key_len as u32, label[1] as *const _)
+        } >= 0;
+        let value_ok = value_len == 0
+            || unsafe {
+                probe_read_user_raw(
+                    entry.add(2 + key_len).cast(),
+                    value_len as u32,
+                    label[3] as *const _,
+                )
+            } >= 0;
+        if !(key_ok && value_ok) {
+            count(Counter::ContextReadFault);
+            break;
+        }
+        pos += 2 + key_len + value_len;
+    }
+    if pos == 0 {
+        count(Counter::ContextNoneActive);
+        return (ContextKind::None, 0);
+    }
+    count(Counter::ContextRead);
+    (ContextKind::CustomLabels, pos)
 }
 
 /// OTEP 4947: TLS pointer → 28-byte header (require `valid == 1`) → attributes.

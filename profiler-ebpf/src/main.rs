@@ -36,6 +36,8 @@ static CONFIG: Global<EbpfConfig> = Global::new(EbpfConfig {
     filter_by_pid: 0,
     exit_group_dead_offset: 0,
     task_fsbase_offset: 0,
+    obi_enabled: 0,
+    _pad: 0,
 });
 
 /// Size is set by user space at load time (`EbpfLoader::map_max_entries`).
@@ -150,11 +152,12 @@ fn sample(ctx: &PerfEventContext) {
         }
     }
 
-    // Trace context right after the frames.
-    let (context_kind, context_len) = match unsafe { CONTEXT_SOURCES.get(tgid) } {
+    // Trace context right after the frames. Precedence: the process's own source (thread
+    // context, custom-labels, Go labels), then OBI's map.
+    let dest = unsafe { scratch.data.as_mut_ptr().add(user_bytes + kernel_bytes) };
+    let (mut context_kind, mut context_len) = match unsafe { CONTEXT_SOURCES.get(tgid) } {
         Some(source) => {
             let start = unsafe { bpf_ktime_get_ns() };
-            let dest = unsafe { scratch.data.as_mut_ptr().add(user_bytes + kernel_bytes) };
             let read = context::read(source, config.task_fsbase_offset, dest);
             add(
                 Counter::ContextReadNs,
@@ -168,6 +171,9 @@ fn sample(ctx: &PerfEventContext) {
             (ContextKind::None, 0)
         }
     };
+    if context_len == 0 && config.obi_enabled != 0 {
+        (context_kind, context_len) = context::read_obi(pid_tgid, dest);
+    }
 
     let header = &mut scratch.header;
     header.kind = RecordKind::Sample as u16;

@@ -146,6 +146,7 @@ pub fn sampler_config(pids: Option<Vec<u32>>, frequency_hz: u64) -> SamplerConfi
         frequency_hz,
         pids,
         ring_buffer_bytes: 8 << 20,
+        obi_bpffs_root: None,
     }
 }
 

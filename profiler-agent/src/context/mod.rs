@@ -6,7 +6,9 @@ pub mod decode;
 
 use std::sync::Arc;
 
-pub use decode::{DecodeOutcome, decode_thread_context};
+pub use decode::{
+    DecodeOutcome, IdLabels, decode_custom_labels, decode_obi, decode_thread_context,
+};
 
 /// A sampled thread's active trace context, decoded and validated.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

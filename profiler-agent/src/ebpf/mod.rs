@@ -4,10 +4,14 @@
 
 pub mod btf;
 pub mod decode;
+mod obi;
 mod privileges;
 mod reader;
 
-use std::{collections::BTreeMap, path::Path};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, bail};
 use aya::{
@@ -33,6 +37,8 @@ pub struct SamplerConfig {
     pub pids: Option<Vec<u32>>,
     /// Ring-buffer size in bytes (a power of two, multiple of the page size).
     pub ring_buffer_bytes: u32,
+    /// `Some(bpffs root)`: read OBI's `traces_ctx_v1` map pinned at `<root>/otel/`.
+    pub obi_bpffs_root: Option<PathBuf>,
 }
 
 /// What the collector needs from the kernel side: the ring buffer to drain and the
@@ -88,12 +94,29 @@ impl Sampler {
                     0
                 }
             },
+            obi_enabled: u32::from(config.obi_bpffs_root.is_some()),
+            _pad: 0,
         };
-        let mut ebpf = EbpfLoader::new()
+        let obi_pin = config
+            .obi_bpffs_root
+            .as_deref()
+            .map(obi::prepare_pin)
+            .transpose()?;
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global(names::CONFIG, &settings, true)
-            .map_max_entries(names::EVENTS, config.ring_buffer_bytes)
+            .map_max_entries(names::EVENTS, config.ring_buffer_bytes);
+        match &obi_pin {
+            Some(path) => loader.map_pin_path(profiler_common::obi::MAP_NAME, path.as_path()),
+            // Off: the map exists (the program references it) but holds nothing.
+            None => loader.map_max_entries(profiler_common::obi::MAP_NAME, 1),
+        };
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .context("load the eBPF programs into the kernel")?;
+        if let Some(path) = &obi_pin {
+            tracing::info!(path = %path.display(), "reading OBI trace contexts");
+        }
 
         if let Some(pids) = &config.pids {
             let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
