@@ -1,5 +1,5 @@
 //! Reading OTEP 4719 process contexts out of real processes: the C publisher fixture (good,
-//! updated, and each kind of garbage).
+//! updated, and each kind of garbage) and Datadog's Rust writer.
 
 use std::{path::PathBuf, process::Command, sync::OnceLock, time::Duration};
 
@@ -170,4 +170,50 @@ fn an_exited_publisher_is_gone() {
         matches!(fresh.read(), Err(ProcessContextError::Gone)),
         "discovery"
     );
+}
+
+/// Datadog's Rust writer (`libdd-library-config`): a second, independent publisher. It keeps
+/// the payload on the heap, apart from the header, and always puts
+/// `datadog.local_root_span_id` first in the key map.
+#[test]
+fn reads_the_libdatadog_writer() {
+    require_access();
+    let fixture = Fixture::start(Command::new(env!("CARGO_BIN_EXE_process_ctx_rust")));
+    let mut reader = ProcessContextReader::new(fixture.pid);
+    let info = reader.read().expect("read context");
+
+    assert_eq!(info.service_name.as_deref(), Some("checkout"));
+    for expected in [
+        (
+            "service.instance.id",
+            "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0",
+        ),
+        ("service.version", "1.2.3"),
+        ("deployment.environment.name", "test"),
+        ("telemetry.sdk.language", "rust"),
+        ("host.name", "fixture-host"),
+    ] {
+        assert!(
+            info.resource_attributes
+                .contains(&(expected.0.into(), expected.1.into())),
+            "{expected:?} in {:?}",
+            info.resource_attributes
+        );
+    }
+    assert_eq!(info.schema_version.as_deref(), Some("tlsdesc_v1_dev"));
+    assert_eq!(
+        info.attribute_key_map,
+        ["datadog.local_root_span_id", "http.route", "http.method"]
+    );
+
+    fixture.signal(libc::SIGUSR1);
+    fixture
+        .wait_for_line("updated", Duration::from_secs(10))
+        .expect("fixture reports the update");
+    let updated = reader
+        .read_if_changed()
+        .expect("read after update")
+        .expect("the timestamp changed");
+    assert_eq!(updated.service_name.as_deref(), Some("checkout-v2"));
+    assert_ne!(updated.published_at_ns, info.published_at_ns);
 }
