@@ -5,7 +5,7 @@ use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{Mutex, mpsc},
     time::{Duration, Instant},
 };
 
@@ -99,6 +99,9 @@ fn target_bin(name: &str) -> PathBuf {
 pub struct Fixture {
     child: Child,
     pub pid: u32,
+    /// Stdout lines after `ready`, for fixtures that report more (behind a mutex: `Fixture`
+    /// stays `Sync`).
+    lines: Mutex<mpsc::Receiver<String>>,
 }
 
 impl Fixture {
@@ -113,24 +116,51 @@ impl Fixture {
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(pid) = line.strip_prefix("ready ") {
-                    let _ = tx.send(pid.trim().parse::<u32>().ok());
+                if tx.send(line).is_err() {
+                    break;
                 }
             }
         });
-        let pid = rx
-            .recv_timeout(Duration::from_secs(10))
-            .ok()
-            .flatten()
+        let pid = wait_line(&rx, "ready ", Duration::from_secs(10))
+            .and_then(|pid| pid.trim().parse::<u32>().ok())
             .unwrap_or_else(|| {
                 let _ = child.kill();
                 panic!("fixture did not report ready within 10 s")
             });
-        Self { child, pid }
+        Self {
+            child,
+            pid,
+            lines: Mutex::new(rx),
+        }
+    }
+
+    /// Waits for a stdout line starting with `prefix`, skipping others; returns the rest of it.
+    pub fn wait_for_line(&self, prefix: &str, timeout: Duration) -> Option<String> {
+        let rx = self.lines.lock().expect("fixture lines");
+        wait_line(&rx, prefix, timeout)
+    }
+
+    /// Sends `signal` to the fixture.
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.pid).expect("pid");
+        // SAFETY: kill has no memory preconditions; the pid is our own live child.
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill({pid}, {signal})");
     }
 
     pub fn wait(&mut self) -> std::process::ExitStatus {
         self.child.wait().expect("wait fixture")
+    }
+}
+
+fn wait_line(rx: &mpsc::Receiver<String>, prefix: &str, timeout: Duration) -> Option<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx.recv_timeout(left).ok()?;
+        if let Some(rest) = line.strip_prefix(prefix) {
+            return Some(rest.to_owned());
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! symbolizable after the process is gone.
 
 pub mod objects;
+pub mod process_context;
 
 use std::{
     collections::HashMap,
