@@ -2,6 +2,7 @@
 //! attaching the sampler and the process tracepoints, draining the ring buffer, reading the
 //! kernel-side counters, maintaining the pid allow-list. No other module uses aya.
 
+pub mod btf;
 pub mod decode;
 mod privileges;
 mod reader;
