@@ -5,6 +5,7 @@
 //! symbolizable after the process is gone.
 
 pub mod objects;
+pub mod tls;
 
 use std::{
     collections::HashMap,
