@@ -37,23 +37,55 @@ pub fn fixture_dir() -> PathBuf {
 /// Compiles `tests/fixtures/<source>` with gcc and `flags` into `target/fixtures/<output>`,
 /// unless an up-to-date build exists.
 pub fn build_c(source: &str, output: &str, flags: &[&str]) -> PathBuf {
-    let src = workspace_root().join("tests/fixtures").join(source);
+    build_c_sources(&[source], output, flags)
+}
+
+/// Compiles and links `sources` (relative to `tests/fixtures`) with gcc into
+/// `target/fixtures/<output>`: `gcc <sources> <flags> -o <output>` (so `-l` flags work), unless
+/// the output is newer than every source and every header next to them and was built with
+/// the same command line.
+pub fn build_c_sources(sources: &[&str], output: &str, flags: &[&str]) -> PathBuf {
+    let fixtures = workspace_root().join("tests/fixtures");
+    let sources: Vec<PathBuf> = sources.iter().map(|s| fixtures.join(s)).collect();
     let out = fixture_dir().join(output);
-    let fresh = match (std::fs::metadata(&src), std::fs::metadata(&out)) {
-        (Ok(s), Ok(o)) => o.modified().unwrap() >= s.modified().unwrap(),
-        _ => false,
-    };
+    let stamp = fixture_dir().join(format!("{output}.cmd"));
+    let command = format!("{sources:?} {flags:?}");
+    let fresh = std::fs::read_to_string(&stamp).is_ok_and(|c| c == command)
+        && std::fs::metadata(&out)
+            .and_then(|m| m.modified())
+            .is_ok_and(|built| inputs(&sources).iter().all(|t| *t <= built));
     if !fresh {
         let status = Command::new("gcc")
+            .args(&sources)
             .args(flags)
             .arg("-o")
             .arg(&out)
-            .arg(&src)
             .status()
             .expect("run gcc");
-        assert!(status.success(), "gcc failed for {source}");
+        assert!(status.success(), "gcc failed for {output}");
+        std::fs::write(&stamp, command).expect("write build stamp");
     }
     out
+}
+
+/// Modification times of the sources and of the headers in their directories.
+fn inputs(sources: &[PathBuf]) -> Vec<std::time::SystemTime> {
+    let mut files = sources.to_vec();
+    for dir in sources.iter().filter_map(|s| s.parent()) {
+        for entry in std::fs::read_dir(dir).expect("read fixture dir").flatten() {
+            if entry.path().extension().is_some_and(|e| e == "h") {
+                files.push(entry.path());
+            }
+        }
+    }
+    files
+        .iter()
+        .map(|f| {
+            std::fs::metadata(f)
+                .and_then(|m| m.modified())
+                .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+        })
+        .collect()
 }
 
 /// The C burn fixture, as built for the attribution tests.
@@ -99,6 +131,8 @@ fn target_bin(name: &str) -> PathBuf {
 pub struct Fixture {
     child: Child,
     pub pid: u32,
+    /// The lines the fixture printed before `ready`.
+    pub preamble: Vec<String>,
     /// Stdout lines after `ready`, for fixtures that report more (behind a mutex: `Fixture`
     /// stays `Sync`).
     lines: Mutex<mpsc::Receiver<String>>,
@@ -113,6 +147,7 @@ impl Fixture {
             .expect("start fixture");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
+        // Drains stdout for the fixture's whole life, so that it never blocks on a full pipe.
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
@@ -121,23 +156,33 @@ impl Fixture {
                 }
             }
         });
-        let pid = wait_line(&rx, "ready ", Duration::from_secs(10))
-            .and_then(|pid| pid.trim().parse::<u32>().ok())
-            .unwrap_or_else(|| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut preamble = Vec::new();
+        let pid = loop {
+            let line = deadline
+                .checked_duration_since(Instant::now())
+                .and_then(|left| rx.recv_timeout(left).ok());
+            let Some(line) = line else {
                 let _ = child.kill();
-                panic!("fixture did not report ready within 10 s")
-            });
-        Self {
-            child,
-            pid,
-            lines: Mutex::new(rx),
-        }
+                panic!("fixture did not report ready within 10 s; it printed {preamble:?}")
+            };
+            match line.strip_prefix("ready ") {
+                Some(pid) => break pid.trim().parse::<u32>().expect("ready <pid>"),
+                None => preamble.push(line),
+            }
+        };
+        Self { child, pid, preamble, lines: Mutex::new(rx) }
     }
 
     /// Waits for a stdout line starting with `prefix`, skipping others; returns the rest of it.
     pub fn wait_for_line(&self, prefix: &str, timeout: Duration) -> Option<String> {
         let rx = self.lines.lock().expect("fixture lines");
         wait_line(&rx, prefix, timeout)
+    }
+
+    /// The next line printed after `ready`, if one comes within `timeout`.
+    pub fn next_line(&self, timeout: Duration) -> Option<String> {
+        self.lines.lock().expect("fixture lines").recv_timeout(timeout).ok()
     }
 
     /// Sends `signal` to the fixture.

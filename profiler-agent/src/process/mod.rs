@@ -6,6 +6,7 @@
 
 pub mod objects;
 pub mod process_context;
+pub mod tls;
 
 use std::{
     collections::HashMap,
