@@ -3,7 +3,7 @@
 //! and blazesym's symbolizer is not `Send`), fed through one bounded channel by the ring-buffer
 //! reader, a 1 s ticker, and whoever asks it for output.
 
-use std::{sync::Arc, thread::JoinHandle};
+use std::{collections::HashSet, sync::Arc, thread::JoinHandle};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -11,7 +11,7 @@ use crate::{
     clock::MonotonicToUnix,
     context::{
         DecodeOutcome, IdLabels, TraceContext, decode_custom_labels, decode_obi,
-        decode_thread_context,
+        decode_thread_context, sources::ContextSources,
     },
     ebpf::{
         ContextSourceMap,
@@ -99,7 +99,9 @@ pub struct Collector {
     traces: TraceTable,
     symbolizer: Symbolizer,
     sinks: Vec<Box<dyn Sink>>,
-    context_sources: Option<ContextSourceMap>,
+    sources: Option<ContextSources>,
+    /// Processes whose samples named attribute keys their cached key map lacks.
+    stale_key_maps: HashSet<u32>,
     clock: MonotonicToUnix,
     window_start: u64,
     metrics: Metrics,
@@ -120,7 +122,8 @@ impl Collector {
             aggregate: Aggregate::default(),
             symbolizer: Symbolizer::new(metrics.clone()),
             sinks,
-            context_sources,
+            sources: context_sources.map(|map| ContextSources::new(map, metrics.clone())),
+            stale_key_maps: HashSet::new(),
             window_start: clock.unix_now(),
             clock,
             metrics,
@@ -151,20 +154,30 @@ impl Collector {
             Message::Record(Record::Sample(sample)) => self.add_sample(sample),
             Message::Record(Record::Exec { tgid, .. }) => {
                 self.processes.on_exec(tgid);
-                if let Some(map) = &mut self.context_sources {
-                    map.remove(tgid);
+                if let Some(sources) = &mut self.sources {
+                    sources.on_exec(tgid);
                 }
             }
             Message::Record(Record::Exit { tgid, .. }) => {
                 self.processes.on_exit(tgid);
-                if let Some(map) = &mut self.context_sources {
-                    map.remove(tgid);
+                if let Some(sources) = &mut self.sources {
+                    sources.on_exit(tgid);
                 }
             }
-            Message::Record(Record::MmapExec { .. }) => self.metrics.inc("mmap_exec_events"),
+            Message::Record(Record::MmapExec { tgid }) => {
+                if let Some(sources) = &mut self.sources {
+                    sources.on_new_code(tgid);
+                }
+            }
             Message::Tick => {
                 self.flush_idle_traces();
                 self.processes.collect_garbage();
+                if let Some(sources) = &mut self.sources {
+                    for pid in self.stale_key_maps.drain() {
+                        sources.refresh_process_context(pid);
+                    }
+                    sources.tick();
+                }
             }
             Message::Snapshot(reply) => {
                 let _ = reply.send(self.snapshot());
@@ -258,6 +271,9 @@ impl Collector {
     }
 
     fn add_sample(&mut self, sample: RawSample) {
+        if let Some(sources) = &mut self.sources {
+            sources.on_sample(sample.tgid);
+        }
         let frames = self.processes.normalize(
             sample.tgid,
             &sample.thread_name,
@@ -272,6 +288,17 @@ impl Collector {
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(|| sample.thread_name.clone());
             self.aggregate.process_names.insert(sample.tgid, name);
+        }
+        let service = self
+            .sources
+            .as_ref()
+            .and_then(|s| s.meta(sample.tgid)?.service_name.clone());
+        if let Some(service) = &service
+            && !self.aggregate.service_names.contains_key(&sample.tgid)
+        {
+            self.aggregate
+                .service_names
+                .insert(sample.tgid, service.clone());
         }
         self.aggregate
             .set_thread_name(sample.tid, &sample.thread_name);
@@ -294,6 +321,7 @@ impl Collector {
                 tid: sample.tid,
                 thread_name: &sample.thread_name,
                 process_name,
+                service_name: service.as_deref(),
                 stack: self.aggregate.stacks.shared(stack),
                 unix_ns,
             });
@@ -306,7 +334,11 @@ impl Collector {
     fn decode_context(&mut self, sample: &RawSample) -> Option<TraceContext> {
         let outcome = match sample.context_kind {
             ContextKind::None => return None,
-            ContextKind::ThreadContext => decode_thread_context(&sample.context, &[]),
+            ContextKind::ThreadContext => {
+                let keys = self.sources.as_ref().and_then(|s| s.meta(sample.tgid));
+                let keys = keys.map(|m| m.attribute_keys.clone());
+                decode_thread_context(&sample.context, keys.as_deref().unwrap_or(&[]))
+            }
             ContextKind::CustomLabels => {
                 decode_custom_labels(&sample.context, &self.config.id_labels)
             }
@@ -327,6 +359,9 @@ impl Collector {
                     .add("context_attributes_dropped", u64::from(dropped_attributes));
                 self.metrics
                     .add("context_attributes_unknown_key", u64::from(unknown_keys));
+                if unknown_keys > 0 {
+                    self.stale_key_maps.insert(sample.tgid);
+                }
                 Some(context)
             }
             DecodeOutcome::Empty => None,

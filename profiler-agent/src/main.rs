@@ -73,12 +73,18 @@ struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn config(&self) -> SamplerConfig {
+    fn config(&self, traces: &TraceArgs) -> SamplerConfig {
         SamplerConfig {
             frequency_hz: self.frequency,
             pids: (!self.pids.is_empty()).then(|| self.pids.clone()),
             ring_buffer_bytes: self.ring_buffer_bytes,
             obi_bpffs_root: self.obi.then(|| self.bpffs_root.clone()),
+            wanted_label_keys: traces
+                .trace_id_labels
+                .iter()
+                .chain(&traces.span_id_labels)
+                .cloned()
+                .collect(),
         }
     }
 }
@@ -189,7 +195,7 @@ fn main() -> ExitCode {
                     duration: args.duration,
                     output: args.output.clone(),
                     format: args.format,
-                    sampler: args.sampling.config(),
+                    sampler: args.sampling.config(&args.traces),
                     per_trace_dir: args.per_trace_dir.clone(),
                     traces: args.traces.config(),
                     id_labels: args.traces.id_labels(),
@@ -200,7 +206,7 @@ fn main() -> ExitCode {
             }
             Command::Run(args) => {
                 run(RunOptions {
-                    sampler: args.sampling.config(),
+                    sampler: args.sampling.config(&args.traces),
                     interval: args.interval,
                     output_dir: args.output_dir,
                     per_trace_dir: args.per_trace_dir,

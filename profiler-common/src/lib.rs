@@ -122,8 +122,11 @@ pub const MAX_SAMPLE_BYTES: usize = core::mem::size_of::<SampleHeader>() + SAMPL
 pub struct SampleScratch {
     pub header: SampleHeader,
     pub data: [u8; SAMPLE_DATA_BYTES],
+    /// Working space of the context readers (never emitted): a write position stored here and
+    /// read back is opaque to the verifier, which keeps loops over labels verifiable.
+    pub cursor: u64,
 }
-const _: () = assert!(core::mem::size_of::<SampleScratch>() == MAX_SAMPLE_BYTES);
+const _: () = assert!(core::mem::size_of::<SampleScratch>() == MAX_SAMPLE_BYTES + 8);
 
 /// Process lifecycle record (exec or exit), in the same ring buffer as samples so that it is
 /// ordered with them.
@@ -186,12 +189,84 @@ const _: () = assert!(core::mem::size_of::<TlsLocation>() == 16);
 pub struct ContextSource {
     /// A [`ContextKind`].
     pub kind: u8,
-    pub _pad: [u8; 7],
+    /// Index of the reader program in `CONTEXT_READERS` (a [`ContextReader`]).
+    pub reader: u8,
+    pub _pad: [u8; 6],
     /// For `ThreadContext`: where `otel_thread_ctx_v1` lives. For `CustomLabels`: where
     /// `custom_labels_current_set` lives. For `GoLabels`: where the current `g` pointer lives.
     pub tls: TlsLocation,
+    /// For `GoLabels`: the runtime's struct offsets for the binary's Go version.
+    pub go: GoRuntimeOffsets,
 }
-const _: () = assert!(core::mem::size_of::<ContextSource>() == 24);
+const _: () = assert!(core::mem::size_of::<ContextSource>() == 32);
+
+/// Reader programs, by their index in the `CONTEXT_READERS` program array.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ContextReader {
+    ThreadContext = 1,
+    GoLabelsMap = 2,
+    CustomLabels = 3,
+    GoLabelsSlice = 4,
+}
+
+/// Offsets into Go runtime structs, which change between Go versions (user space picks them
+/// from the binary's DWARF or from a table per version).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoRuntimeOffsets {
+    /// `runtime.g.m`.
+    pub g_m: u16,
+    /// `runtime.g.labels`.
+    pub g_labels: u16,
+    /// `runtime.m.curg`.
+    pub m_curg: u16,
+    /// A [`GoLabelsFormat`].
+    pub labels_format: u8,
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<GoRuntimeOffsets>() == 8);
+
+/// How `g.labels` is laid out.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GoLabelsFormat {
+    /// Go ≤ 1.23: `*map[string]string` (a pointer to the map word, then `hmap`).
+    Map = 1,
+    /// Go ≥ 1.24: `*labelMap` = a pointer to a slice header of `{key, value string}`, sorted.
+    Slice = 2,
+}
+
+/// Go runtime layout constants the reader relies on (amd64, stable across 1.17–1.27).
+pub mod go {
+    /// `hmap.B` (log2 of the bucket count).
+    pub const HMAP_B_OFFSET: u64 = 9;
+    /// `hmap.buckets`.
+    pub const HMAP_BUCKETS_OFFSET: u64 = 16;
+    /// A `map[string]string` bucket: `tophash[8]`, `keys[8]`, `values[8]`, `overflow`.
+    pub const BUCKET_SIZE: u64 = 8 + 8 * 16 + 8 * 16 + 8;
+    /// `tophash` values below this mark empty or evacuated slots.
+    pub const MIN_TOP_HASH: u8 = 5;
+    /// Buckets read at most (8 slots each; a map of up to 26 labels has at most 4).
+    pub const MAX_BUCKETS: u64 = 4;
+    /// Slice labels read at most.
+    pub const MAX_SLICE_LABELS: u64 = 16;
+}
+
+/// Label keys the kernel looks for first in label-based sources (Go labels: the trace and span
+/// id keys), so they are found however many labels come before them. Zero-padded.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WantedLabelKeys {
+    pub lens: [u8; MAX_WANTED_KEYS],
+    pub _pad: [u8; 4],
+    pub keys: [[u64; WANTED_KEY_WORDS]; MAX_WANTED_KEYS],
+}
+pub const MAX_WANTED_KEYS: usize = 4;
+pub const WANTED_KEY_WORDS: usize = 4;
+/// Longest wanted key, in bytes.
+pub const MAX_WANTED_KEY_LEN: usize = WANTED_KEY_WORDS * 8;
+const _: () = assert!(core::mem::size_of::<WantedLabelKeys>() == 8 + 4 * 32);
 
 /// OTEP 4947 thread-context record header; `attrs_data_size` bytes of attributes follow.
 #[repr(C, packed)]
@@ -246,10 +321,17 @@ pub mod names {
     pub const PID_FILTER: &str = "PID_FILTER";
     pub const CONFIG: &str = "CONFIG";
     pub const CONTEXT_SOURCES: &str = "CONTEXT_SOURCES";
+    pub const LABEL_KEYS: &str = "LABEL_KEYS";
     pub const ON_CPU_SAMPLE: &str = "on_cpu_sample";
     pub const ON_PROCESS_EXEC: &str = "on_process_exec";
     pub const ON_PROCESS_EXIT: &str = "on_process_exit";
     pub const ON_MMAP: &str = "on_mmap";
+    pub const CONTEXT_READERS: &str = "CONTEXT_READERS";
+    /// Tail-call targets, by the [`super::ContextKind`] they read.
+    pub const READ_THREAD_CONTEXT: &str = "read_thread_context";
+    pub const READ_GO_LABELS_MAP: &str = "read_go_labels_map";
+    pub const READ_GO_LABELS_SLICE: &str = "read_go_labels_slice";
+    pub const READ_CUSTOM_LABELS: &str = "read_custom_labels";
 }
 
 macro_rules! counters {
@@ -339,6 +421,8 @@ mod pod {
     unsafe impl aya::Pod for super::ContextSource {}
     unsafe impl aya::Pod for super::ThreadContextHeader {}
     unsafe impl aya::Pod for super::ObiTraceContext {}
+    unsafe impl aya::Pod for super::GoRuntimeOffsets {}
+    unsafe impl aya::Pod for super::WantedLabelKeys {}
 }
 
 #[cfg(test)]

@@ -10,12 +10,17 @@ use aya_ebpf::{
         generated::bpf_probe_read_user as probe_read_user_raw,
     },
     macros::map,
-    maps::LruHashMap,
+    maps::{Array, LruHashMap},
 };
 use profiler_common::{
     ContextKind, ContextSource, Counter, MAX_CONTEXT_BYTES, MAX_THREAD_CONTEXT_ATTRS,
-    ObiTraceContext, ThreadContextHeader, TlsLocation, custom_labels, obi,
+    MAX_WANTED_KEY_LEN, MAX_WANTED_KEYS, ObiTraceContext, ThreadContextHeader, TlsLocation,
+    WantedLabelKeys, custom_labels, go, obi,
 };
+
+/// Label keys searched first in Go labels (the trace and span id keys), written by user space.
+#[map]
+static LABEL_KEYS: Array<WantedLabelKeys> = Array::with_max_entries(1, 0);
 
 use crate::count;
 
@@ -30,17 +35,245 @@ const DTV_UNALLOCATED: u64 = u64::MAX;
 /// Highest user-space address on x86_64 (47-bit): anything above is not a user pointer.
 const USER_ADDRESS_LIMIT: u64 = 0x0000_8000_0000_0000;
 
-/// Reads the context described by `source` into `dest` (at most `MAX_CONTEXT_BYTES`).
-/// Returns the payload kind and length; `(None, 0)` when nothing usable was found.
+/// Go pprof labels: thread pointer → g → g.m → m.curg → curg.labels → the label map (Go ≤
+/// 1.23) or sorted slice (Go ≥ 1.24). The wanted keys (trace and span ids) are searched among
+/// all labels read; other labels are copied while room remains, keeping room for the wanted.
 #[inline(always)]
-pub fn read(source: &ContextSource, fsbase_offset: u32, dest: *mut u8) -> (ContextKind, usize) {
-    if source.kind == ContextKind::ThreadContext as u8 {
-        return read_thread_context(&source.tls, fsbase_offset, dest);
+pub fn read_go_labels(
+    source: &ContextSource,
+    fsbase_offset: u32,
+    dest: *mut u8,
+    cursor: Cursor,
+    slice: bool,
+) -> (ContextKind, usize) {
+    let Some(thread_pointer) = thread_pointer(fsbase_offset) else {
+        count(Counter::ContextThreadPointerFault);
+        return (ContextKind::None, 0);
+    };
+    let Some(g_slot) = tls_address(thread_pointer, &source.tls) else {
+        return (ContextKind::None, 0);
+    };
+    let offsets = &source.go;
+    let Some(g) = read_pointer(g_slot) else {
+        return (ContextKind::None, 0);
+    };
+    let Some(m) = read_pointer(g + u64::from(offsets.g_m)) else {
+        return (ContextKind::None, 0);
+    };
+    // In the scheduler (g0) there is no current user goroutine, so no labels.
+    let Some(curg) = read_pointer(m + u64::from(offsets.m_curg)) else {
+        count(Counter::ContextNoneActive);
+        return (ContextKind::None, 0);
+    };
+    let Some(labels) = read_pointer(curg + u64::from(offsets.g_labels)) else {
+        count(Counter::ContextNoneActive);
+        return (ContextKind::None, 0);
+    };
+    let Some(wanted) = LABEL_KEYS.get(0) else {
+        return (ContextKind::None, 0);
+    };
+    let len = if slice {
+        go_slice_labels(labels, wanted, dest, cursor)
+    } else {
+        go_map_labels(labels, wanted, dest, cursor)
+    };
+    if len == 0 {
+        count(Counter::ContextNoneActive);
+        return (ContextKind::None, 0);
     }
-    if source.kind == ContextKind::CustomLabels as u8 {
-        return read_custom_labels(&source.tls, fsbase_offset, dest);
+    count(Counter::ContextRead);
+    (ContextKind::GoLabels, len)
+}
+
+/// Go ≥ 1.24: `labels` points to a slice header `{array, len, cap}` of `{key, value string}`.
+#[inline(always)]
+fn go_slice_labels(labels: u64, wanted: &WantedLabelKeys, dest: *mut u8, cursor: Cursor) -> usize {
+    let Ok(header) = (unsafe { bpf_probe_read_user(labels as *const [u64; 2]) }) else {
+        count(Counter::ContextReadFault);
+        return 0;
+    };
+    let (array, len) = (header[0], header[1]);
+    let mut pos = 0usize;
+    for i in 0..go::MAX_SLICE_LABELS {
+        if i >= len {
+            break;
+        }
+        // {key.ptr, key.len, value.ptr, value.len}
+        let Ok(label) = (unsafe { bpf_probe_read_user((array + 32 * i) as *const [u64; 4]) })
+        else {
+            count(Counter::ContextReadFault);
+            break;
+        };
+        pos = cursor.set(copy_label(
+            dest, pos, wanted, label[0], label[1], label[2], label[3],
+        ));
     }
-    (ContextKind::None, 0)
+    pos
+}
+
+/// Go ≤ 1.23: `labels` points to the map word of a `map[string]string`. Labels maps are built
+/// once and never grow afterwards, so the buckets (not `oldbuckets`) hold every entry; overflow
+/// buckets are not followed.
+#[inline(always)]
+fn go_map_labels(labels: u64, wanted: &WantedLabelKeys, dest: *mut u8, cursor: Cursor) -> usize {
+    let Some(hmap) = read_pointer(labels) else {
+        return 0;
+    };
+    let (Ok(b), Ok(buckets)) = (unsafe {
+        (
+            bpf_probe_read_user((hmap + go::HMAP_B_OFFSET) as *const u8),
+            bpf_probe_read_user((hmap + go::HMAP_BUCKETS_OFFSET) as *const u64),
+        )
+    }) else {
+        count(Counter::ContextReadFault);
+        return 0;
+    };
+    let bucket_count = if b > 3 { go::MAX_BUCKETS } else { 1u64 << b };
+    let mut pos = 0usize;
+    for bucket_index in 0..go::MAX_BUCKETS {
+        if bucket_index >= bucket_count {
+            break;
+        }
+        let bucket = buckets + bucket_index * go::BUCKET_SIZE;
+        let Ok(tophash) = (unsafe { bpf_probe_read_user(bucket as *const [u8; 8]) }) else {
+            count(Counter::ContextReadFault);
+            break;
+        };
+        for slot in 0..8u64 {
+            if tophash[slot as usize] < go::MIN_TOP_HASH {
+                continue;
+            }
+            let key = bucket + 8 + 16 * slot;
+            let value = bucket + 8 + 128 + 16 * slot;
+            let (Ok(k), Ok(v)) = (unsafe {
+                (
+                    bpf_probe_read_user(key as *const [u64; 2]),
+                    bpf_probe_read_user(value as *const [u64; 2]),
+                )
+            }) else {
+                count(Counter::ContextReadFault);
+                continue;
+            };
+            pos = cursor.set(copy_label(dest, pos, wanted, k[0], k[1], v[0], v[1]));
+        }
+    }
+    pos
+}
+
+/// Appends `{u8 key_len; u8 value_len; key; value}` at `pos` when there is room: wanted keys
+/// while a whole entry fits, other labels only while room for two wanted entries remains.
+#[inline(always)]
+fn copy_label(
+    dest: *mut u8,
+    pos: usize,
+    wanted: &WantedLabelKeys,
+    key_ptr: u64,
+    key_len: u64,
+    value_ptr: u64,
+    value_len: u64,
+) -> usize {
+    // Every return is masked: the verifier then sees the same range for `pos` whichever path
+    // was taken, and can prune the paths of later labels (otherwise they multiply per label).
+    // Real values stay below MAX_CONTEXT_BYTES, so the mask never changes one.
+    const POS_MASK: usize = 0x3ff;
+    const _: () = assert!(MAX_CONTEXT_BYTES <= POS_MASK);
+    if key_ptr == 0 || pos > MAX_CONTEXT_BYTES - custom_labels::MAX_ENTRY {
+        return pos & POS_MASK;
+    }
+    if pos > MAX_CONTEXT_BYTES - 3 * custom_labels::MAX_ENTRY
+        && !is_wanted(key_ptr, key_len, wanted)
+    {
+        return pos & POS_MASK;
+    }
+    let key_copy = if key_len > custom_labels::MAX_KEY as u64 {
+        custom_labels::MAX_KEY
+    } else {
+        key_len as usize
+    };
+    let value_copy = if value_len > custom_labels::MAX_VALUE as u64 {
+        custom_labels::MAX_VALUE
+    } else {
+        value_len as usize
+    };
+    let entry = unsafe { dest.add(pos) };
+    unsafe {
+        *entry = if key_len > 255 { 255 } else { key_len as u8 };
+        *entry.add(1) = if value_len > 255 {
+            255
+        } else {
+            value_len as u8
+        };
+    }
+    let key_ok =
+        unsafe { probe_read_user_raw(entry.add(2).cast(), key_copy as u32, key_ptr as *const _) }
+            >= 0;
+    let value_ok = value_copy == 0
+        || unsafe {
+            probe_read_user_raw(
+                entry.add(2 + key_copy).cast(),
+                value_copy as u32,
+                value_ptr as *const _,
+            )
+        } >= 0;
+    if !(key_ok && value_ok) {
+        count(Counter::ContextReadFault);
+        return pos & POS_MASK;
+    }
+    (pos + 2 + key_copy + value_copy) & POS_MASK
+}
+
+/// Whether the key equals one of the wanted keys (compared as zero-padded words).
+#[inline(always)]
+fn is_wanted(key_ptr: u64, key_len: u64, wanted: &WantedLabelKeys) -> bool {
+    if key_len == 0 || key_len > MAX_WANTED_KEY_LEN as u64 {
+        return false;
+    }
+    if !wanted.lens.iter().any(|&l| u64::from(l) == key_len) {
+        return false;
+    }
+    let mut key = [0u64; 4];
+    let len = key_len as u32 & 0x3f;
+    if len as usize > MAX_WANTED_KEY_LEN
+        || unsafe { probe_read_user_raw(key.as_mut_ptr().cast(), len, key_ptr as *const _) } < 0
+    {
+        return false;
+    }
+    for i in 0..MAX_WANTED_KEYS {
+        if u64::from(wanted.lens[i]) == key_len && wanted.keys[i] == key {
+            return true;
+        }
+    }
+    false
+}
+
+/// A write position kept in map memory. Storing it and reading it back hides its exact value
+/// from the verifier (map contents are not tracked), so every path through a label loop ends in
+/// the same state and the verifier can prune instead of exploring each combination of label
+/// sizes. Callers bound the value again after each `set`.
+#[derive(Clone, Copy)]
+pub struct Cursor(pub *mut u64);
+
+impl Cursor {
+    #[inline(always)]
+    fn set(self, value: usize) -> usize {
+        unsafe {
+            core::ptr::write_volatile(self.0, value as u64);
+            core::ptr::read_volatile(self.0) as usize
+        }
+    }
+}
+
+/// A non-null pointer read from the target.
+#[inline(always)]
+fn read_pointer(address: u64) -> Option<u64> {
+    match unsafe { bpf_probe_read_user(address as *const u64) } {
+        Ok(0) => None,
+        Ok(p) => Some(p),
+        Err(_) => {
+            count(Counter::ContextReadFault);
+            None
+        }
+    }
 }
 
 /// OBI: the context OBI recorded for this thread, if any (lowest precedence).
@@ -57,10 +290,11 @@ pub fn read_obi(pid_tgid: u64, dest: *mut u8) -> (ContextKind, usize) {
 /// custom-labels v1: TLS pointer → label set → up to `MAX_LABELS` key/value pairs, each copied
 /// bounded; user space decides which labels carry the trace and span ids.
 #[inline(always)]
-fn read_custom_labels(
+pub fn read_custom_labels(
     tls: &TlsLocation,
     fsbase_offset: u32,
     dest: *mut u8,
+    cursor: Cursor,
 ) -> (ContextKind, usize) {
     let Some(thread_pointer) = thread_pointer(fsbase_offset) else {
         count(Counter::ContextThreadPointerFault);
@@ -130,7 +364,7 @@ fn read_custom_labels(
             count(Counter::ContextReadFault);
             break;
         }
-        pos += 2 + key_len + value_len;
+        pos = cursor.set(pos + 2 + key_len + value_len);
     }
     if pos == 0 {
         count(Counter::ContextNoneActive);
@@ -142,7 +376,7 @@ fn read_custom_labels(
 
 /// OTEP 4947: TLS pointer → 28-byte header (require `valid == 1`) → attributes.
 #[inline(always)]
-fn read_thread_context(
+pub fn read_thread_context(
     tls: &TlsLocation,
     fsbase_offset: u32,
     dest: *mut u8,

@@ -18,12 +18,12 @@ use aya_ebpf::{
         bpf_ktime_get_ns,
     },
     macros::{map, perf_event, tracepoint},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::{PerfEventContext, TracePointContext},
 };
 use profiler_common::{
-    ContextKind, ContextSource, Counter, EbpfConfig, NUM_COUNTERS, ProcessEvent, RecordKind,
-    STACK_BYTES, SampleHeader, SampleScratch, sample_flags,
+    ContextKind, ContextSource, Counter, EbpfConfig, MAX_CONTEXT_BYTES, NUM_COUNTERS, ProcessEvent,
+    RecordKind, STACK_BYTES, SampleHeader, SampleScratch, sample_flags,
 };
 
 mod arch;
@@ -57,6 +57,10 @@ static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
 /// Trace-context source per process (key: tgid), chosen and written by the agent.
 #[map]
 static CONTEXT_SOURCES: HashMap<u32, ContextSource> = HashMap::with_max_entries(16384, 0);
+
+/// Context readers by `ContextKind`, for tail calls from the sampler; filled by user space.
+#[map]
+static CONTEXT_READERS: ProgramArray = ProgramArray::with_max_entries(8, 0);
 
 /// Samples are consumed in batches on a timer: never wake the reader per record.
 const RINGBUF_FLAGS: u64 = aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64;
@@ -152,29 +156,6 @@ fn sample(ctx: &PerfEventContext) {
         }
     }
 
-    // Trace context right after the frames. Precedence: the process's own source (thread
-    // context, custom-labels, Go labels), then OBI's map.
-    let dest = unsafe { scratch.data.as_mut_ptr().add(user_bytes + kernel_bytes) };
-    let (mut context_kind, mut context_len) = match unsafe { CONTEXT_SOURCES.get(tgid) } {
-        Some(source) => {
-            let start = unsafe { bpf_ktime_get_ns() };
-            let read = context::read(source, config.task_fsbase_offset, dest);
-            add(
-                Counter::ContextReadNs,
-                unsafe { bpf_ktime_get_ns() } - start,
-            );
-            count(Counter::ContextReadAttempts);
-            read
-        }
-        None => {
-            count(Counter::ContextNoSource);
-            (ContextKind::None, 0)
-        }
-    };
-    if context_len == 0 && config.obi_enabled != 0 {
-        (context_kind, context_len) = context::read_obi(pid_tgid, dest);
-    }
-
     let header = &mut scratch.header;
     header.kind = RecordKind::Sample as u16;
     header.flags = flags;
@@ -185,11 +166,41 @@ fn sample(ctx: &PerfEventContext) {
     header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     header.user_frames = (user_bytes / 8) as u16;
     header.kernel_frames = (kernel_bytes / 8) as u16;
-    header.context_kind = context_kind as u8;
+    header.context_kind = ContextKind::None as u8;
     header._pad = 0;
-    header.context_len = context_len as u16;
+    header.context_len = 0;
 
-    let len = core::mem::size_of::<SampleHeader>() + user_bytes + kernel_bytes + context_len;
+    // Trace context right after the frames, read by a program of its own per source (each is
+    // verified on its own, which keeps every program within the verifier's limits). A failed
+    // tail call falls through: the sample goes out without the process's own context.
+    match unsafe { CONTEXT_SOURCES.get(tgid) } {
+        Some(source) => unsafe { CONTEXT_READERS.tail_call(ctx, u32::from(source.reader)) },
+        None => count(Counter::ContextNoSource),
+    }
+    finish_sample(scratch, pid_tgid, &config, ContextKind::None, 0);
+}
+
+/// Appends OBI's context when none was found (lowest precedence), then emits the record.
+#[inline(always)]
+pub(crate) fn finish_sample(
+    scratch: &mut SampleScratch,
+    pid_tgid: u64,
+    config: &EbpfConfig,
+    mut context_kind: ContextKind,
+    mut context_len: usize,
+) {
+    let frames =
+        (usize::from(scratch.header.user_frames) + usize::from(scratch.header.kernel_frames)) * 8;
+    if frames > 2 * STACK_BYTES || context_len > MAX_CONTEXT_BYTES {
+        return;
+    }
+    if context_len == 0 && config.obi_enabled != 0 {
+        let dest = unsafe { scratch.data.as_mut_ptr().add(frames) };
+        (context_kind, context_len) = context::read_obi(pid_tgid, dest);
+    }
+    scratch.header.context_kind = context_kind as u8;
+    scratch.header.context_len = context_len as u16;
+    let len = core::mem::size_of::<SampleHeader>() + frames + context_len;
     if len > core::mem::size_of::<SampleScratch>() {
         return;
     }
@@ -199,6 +210,71 @@ fn sample(ctx: &PerfEventContext) {
         Ok(()) => count(Counter::SamplesEmitted),
         Err(_) => count(Counter::RingBufferFull),
     }
+}
+
+/// Tail-call target for every context source: reads the context of the sampled thread into
+/// the scratch record the sampler prepared, then emits it.
+#[inline(always)]
+fn read_context_and_finish(
+    reader: impl Fn(&ContextSource, u32, *mut u8, context::Cursor) -> (ContextKind, usize),
+) -> u32 {
+    let config = CONFIG.load();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    let scratch = unsafe { &mut *scratch };
+    let frames =
+        (usize::from(scratch.header.user_frames) + usize::from(scratch.header.kernel_frames)) * 8;
+    if frames > 2 * STACK_BYTES {
+        return 0;
+    }
+    let (kind, len) = match unsafe { CONTEXT_SOURCES.get(tgid) } {
+        Some(source) => {
+            let start = unsafe { bpf_ktime_get_ns() };
+            let dest = unsafe { scratch.data.as_mut_ptr().add(frames) };
+            let cursor = context::Cursor(&raw mut scratch.cursor);
+            let read = reader(source, config.task_fsbase_offset, dest, cursor);
+            add(
+                Counter::ContextReadNs,
+                unsafe { bpf_ktime_get_ns() } - start,
+            );
+            count(Counter::ContextReadAttempts);
+            read
+        }
+        None => (ContextKind::None, 0),
+    };
+    finish_sample(scratch, pid_tgid, &config, kind, len);
+    0
+}
+
+#[perf_event]
+pub fn read_thread_context(_ctx: PerfEventContext) -> u32 {
+    read_context_and_finish(|source, fsbase, dest, _| {
+        context::read_thread_context(&source.tls, fsbase, dest)
+    })
+}
+
+#[perf_event]
+pub fn read_custom_labels(_ctx: PerfEventContext) -> u32 {
+    read_context_and_finish(|source, fsbase, dest, cursor| {
+        context::read_custom_labels(&source.tls, fsbase, dest, cursor)
+    })
+}
+
+#[perf_event]
+pub fn read_go_labels_map(_ctx: PerfEventContext) -> u32 {
+    read_context_and_finish(|source, fsbase, dest, cursor| {
+        context::read_go_labels(source, fsbase, dest, cursor, false)
+    })
+}
+
+#[perf_event]
+pub fn read_go_labels_slice(_ctx: PerfEventContext) -> u32 {
+    read_context_and_finish(|source, fsbase, dest, cursor| {
+        context::read_go_labels(source, fsbase, dest, cursor, true)
+    })
 }
 
 /// `STACK_BYTES` (1016) is `0b11_1111_1000`: masking keeps every multiple of 8 up to it.

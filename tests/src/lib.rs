@@ -9,6 +9,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod otel_ctx;
+
 use profiler_agent::{collector::SymbolizedSample, ebpf::SamplerConfig, record::Recording};
 
 /// Fails loudly: these tests load eBPF programs and must never pass by skipping.
@@ -171,7 +173,12 @@ impl Fixture {
                 None => preamble.push(line),
             }
         };
-        Self { child, pid, preamble, lines: Mutex::new(rx) }
+        Self {
+            child,
+            pid,
+            preamble,
+            lines: Mutex::new(rx),
+        }
     }
 
     /// Waits for a stdout line starting with `prefix`, skipping others; returns the rest of it.
@@ -182,7 +189,11 @@ impl Fixture {
 
     /// The next line printed after `ready`, if one comes within `timeout`.
     pub fn next_line(&self, timeout: Duration) -> Option<String> {
-        self.lines.lock().expect("fixture lines").recv_timeout(timeout).ok()
+        self.lines
+            .lock()
+            .expect("fixture lines")
+            .recv_timeout(timeout)
+            .ok()
     }
 
     /// Sends `signal` to the fixture.
@@ -221,7 +232,7 @@ pub fn sampler_config(pids: Option<Vec<u32>>, frequency_hz: u64) -> SamplerConfi
         frequency_hz,
         pids,
         ring_buffer_bytes: 8 << 20,
-        obi_bpffs_root: None,
+        ..SamplerConfig::default()
     }
 }
 

@@ -111,7 +111,7 @@ async fn full_ring_buffer_is_counted() {
         frequency_hz: 4000,
         pids: None,
         ring_buffer_bytes: 4096,
-        obi_bpffs_root: None,
+        ..Default::default()
     };
     let recording = profiler_agent::record::Recording::start(&config).expect("start recording");
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -3,6 +3,7 @@
 //! and decides per process which source the kernel should read (`sources`).
 
 pub mod decode;
+pub mod sources;
 
 use std::sync::Arc;
 

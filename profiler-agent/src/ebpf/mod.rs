@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         PerfEvent, TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
@@ -24,7 +24,10 @@ use aya::{
     util::online_cpus,
 };
 pub use privileges::check_privileges;
-use profiler_common::{ContextSource, Counter, EbpfConfig, names};
+use profiler_common::{
+    ContextReader, ContextSource, Counter, EbpfConfig, MAX_WANTED_KEY_LEN, MAX_WANTED_KEYS,
+    WantedLabelKeys, names,
+};
 pub use reader::spawn_reader;
 
 /// The object `profiler-ebpf` compiles to, built by `build.rs`.
@@ -39,6 +42,44 @@ pub struct SamplerConfig {
     pub ring_buffer_bytes: u32,
     /// `Some(bpffs root)`: read OBI's `traces_ctx_v1` map pinned at `<root>/otel/`.
     pub obi_bpffs_root: Option<PathBuf>,
+    /// Label keys the kernel searches first in Go labels (trace and span id keys).
+    pub wanted_label_keys: Vec<String>,
+}
+
+impl Default for SamplerConfig {
+    fn default() -> Self {
+        Self {
+            frequency_hz: 19,
+            pids: None,
+            ring_buffer_bytes: 8 << 20,
+            obi_bpffs_root: None,
+            wanted_label_keys: vec!["trace_id".into(), "span_id".into()],
+        }
+    }
+}
+
+/// Packs label keys for the kernel; keys too long to compare, or past the maximum count, are
+/// left out with a warning (their labels are still copied while room remains).
+fn wanted_label_keys(keys: &[String]) -> WantedLabelKeys {
+    let mut wanted = WantedLabelKeys::default();
+    let mut n = 0;
+    for key in keys {
+        if key.is_empty() || key.len() > MAX_WANTED_KEY_LEN || n == MAX_WANTED_KEYS {
+            tracing::warn!(
+                key,
+                "label key not searched in the kernel (too long, or too many keys)"
+            );
+            continue;
+        }
+        let mut bytes = [0u8; MAX_WANTED_KEY_LEN];
+        bytes[..key.len()].copy_from_slice(key.as_bytes());
+        for (word, chunk) in wanted.keys[n].iter_mut().zip(bytes.chunks_exact(8)) {
+            *word = u64::from_ne_bytes(chunk.try_into().expect("8 bytes"));
+        }
+        wanted.lens[n] = key.len() as u8;
+        n += 1;
+    }
+    wanted
 }
 
 /// What the collector needs from the kernel side: the ring buffer to drain and the
@@ -117,6 +158,11 @@ impl Sampler {
         if let Some(path) = &obi_pin {
             tracing::info!(path = %path.display(), "reading OBI trace contexts");
         }
+        let mut label_keys: aya::maps::Array<_, WantedLabelKeys> = aya::maps::Array::try_from(
+            ebpf.map_mut(names::LABEL_KEYS)
+                .context("LABEL_KEYS map missing")?,
+        )?;
+        label_keys.set(0, wanted_label_keys(&config.wanted_label_keys), 0)?;
 
         if let Some(pids) = &config.pids {
             let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
@@ -141,6 +187,31 @@ impl Sampler {
             tp.load().with_context(|| format!("load {program}"))?;
             tp.attach("sched", event)
                 .with_context(|| format!("attach sched/{event}"))?;
+        }
+
+        // Context readers first: the sampler tail-calls into them by context kind.
+        let mut readers = Vec::new();
+        for (kind, name) in [
+            (ContextReader::ThreadContext, names::READ_THREAD_CONTEXT),
+            (ContextReader::GoLabelsMap, names::READ_GO_LABELS_MAP),
+            (ContextReader::GoLabelsSlice, names::READ_GO_LABELS_SLICE),
+            (ContextReader::CustomLabels, names::READ_CUSTOM_LABELS),
+        ] {
+            let program: &mut PerfEvent = ebpf
+                .program_mut(name)
+                .with_context(|| format!("program {name} missing"))?
+                .try_into()?;
+            program
+                .load()
+                .with_context(|| format!("load {name} (verifier)"))?;
+            readers.push((kind, program.fd()?.try_clone()?));
+        }
+        let mut table = ProgramArray::try_from(
+            ebpf.map_mut(names::CONTEXT_READERS)
+                .context("CONTEXT_READERS map missing")?,
+        )?;
+        for (kind, fd) in &readers {
+            table.set(*kind as u32, fd, 0)?;
         }
 
         let sampler: &mut PerfEvent = ebpf
@@ -274,6 +345,16 @@ fn parse_field_offset(format: &str, field: &str) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn packs_wanted_label_keys() {
+        let keys = ["trace_id", "", &"x".repeat(40), "span_id"].map(String::from);
+        let w = super::wanted_label_keys(&keys);
+        assert_eq!(w.lens, [8, 7, 0, 0]);
+        assert_eq!(w.keys[0][0], u64::from_ne_bytes(*b"trace_id"));
+        assert_eq!(w.keys[1][0], u64::from_ne_bytes(*b"span_id\0"));
+        assert_eq!(w.keys[1][1], 0);
+    }
+
     #[test]
     fn parses_tracepoint_format() {
         let format = "name: sched_process_exit\nformat:\n\tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;\n\tfield:pid_t pid;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:bool group_dead;\toffset:32;\tsize:1;\tsigned:0;\n";

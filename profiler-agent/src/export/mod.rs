@@ -60,6 +60,9 @@ pub fn aggregate_to_pprof(
             ("thread_name", LabelValue::Str(thread)),
             ("process_name", LabelValue::Str(process)),
         ];
+        if let Some(service) = aggregate.service_names.get(&key.pid) {
+            labels.push(("service_name", LabelValue::Str(service)));
+        }
         if let (Some((trace_id, span_id)), Some(context)) = (&ids, context) {
             labels.push(("trace_id", LabelValue::Str(trace_id)));
             labels.push(("span_id", LabelValue::Str(span_id)));
@@ -112,6 +115,9 @@ pub fn trace_to_pprof(
             ("thread_name", LabelValue::Str(thread)),
             ("process_name", LabelValue::Str(process)),
         ];
+        if let Some(service) = trace.service_names.get(&key.pid) {
+            labels.push(("service_name", LabelValue::Str(service)));
+        }
         labels.extend(key.labels.iter().map(|(k, v)| (&**k, LabelValue::Str(v))));
         builder.add_sample(&key.stack, value.count, &labels);
     }

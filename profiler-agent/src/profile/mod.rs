@@ -84,6 +84,8 @@ pub struct Aggregate {
     contexts: Vec<TraceContext>,
     pub thread_names: HashMap<u32, String>,
     pub process_names: HashMap<u32, String>,
+    /// `service.name` of processes that published one (OTEP 4719 process context).
+    pub service_names: HashMap<u32, String>,
     pub total_samples: u64,
 }
 

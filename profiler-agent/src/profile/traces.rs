@@ -35,6 +35,7 @@ pub struct TraceProfile {
     pub last_unix_ns: u64,
     pub thread_names: HashMap<u32, String>,
     pub process_names: HashMap<u32, String>,
+    pub service_names: HashMap<u32, String>,
     /// How many times this trace was handed to sinks before (0: first time).
     pub previous_flushes: u32,
 }
@@ -49,6 +50,7 @@ impl TraceProfile {
             last_unix_ns: unix_ns,
             thread_names: HashMap::new(),
             process_names: HashMap::new(),
+            service_names: HashMap::new(),
             previous_flushes: 0,
         }
     }
@@ -111,6 +113,7 @@ pub struct TracedSample<'a> {
     pub tid: u32,
     pub thread_name: &'a str,
     pub process_name: &'a str,
+    pub service_name: Option<&'a str>,
     pub stack: Arc<[Frame]>,
     pub unix_ns: u64,
 }
@@ -194,6 +197,12 @@ impl TraceTable {
             .process_names
             .entry(sample.pid)
             .or_insert_with(|| sample.process_name.to_owned());
+        if let Some(service) = sample.service_name {
+            profile
+                .service_names
+                .entry(sample.pid)
+                .or_insert_with(|| service.to_owned());
+        }
         true
     }
 
@@ -295,6 +304,7 @@ mod tests {
             tid: 2,
             thread_name: "w",
             process_name: "p",
+            service_name: None,
             stack: Arc::new([Frame::Kernel { address: 1 }]),
             unix_ns: t,
         })
