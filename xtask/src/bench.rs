@@ -182,7 +182,9 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
 }
 
 fn progress(message: &str) {
-    eprintln!("[bench] {message}");
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let elapsed = START.get_or_init(Instant::now).elapsed().as_secs();
+    eprintln!("[bench {elapsed:>3}s] {message}");
 }
 
 /// The profilers compared, in their first-round order.
@@ -245,6 +247,8 @@ struct Snapshot {
     at: Instant,
     monotonic_secs: f64,
     iterations: u64,
+    /// The fixtures' user + sys, in clock ticks.
+    fixture_ticks: u64,
     prog: Option<ProgStats>,
     samples_emitted: Option<u64>,
     cpu_ticks: Option<u64>,
@@ -345,15 +349,18 @@ impl Run<'_> {
     fn snapshot(&mut self, target: &Option<Target<'_>>) -> anyhow::Result<Snapshot> {
         let at = Instant::now();
         let monotonic_secs = monotonic_secs();
-        let mut iterations = 0;
+        let (mut iterations, mut fixture_ticks) = (0, 0);
         for fixture in self.fixtures.iter_mut() {
             iterations += fixture.iterations()?;
+            let pid = fixture.process.pid();
+            fixture_ticks += parse_stat_cpu_ticks(&read(format!("/proc/{pid}/stat"))?)?;
         }
         let Some(target) = target else {
             return Ok(Snapshot {
                 at,
                 monotonic_secs,
                 iterations,
+                fixture_ticks,
                 prog: None,
                 samples_emitted: None,
                 cpu_ticks: None,
@@ -378,6 +385,7 @@ impl Run<'_> {
             at,
             monotonic_secs,
             iterations,
+            fixture_ticks,
             prog,
             samples_emitted,
             cpu_ticks: Some(cpu_ticks),
@@ -424,7 +432,9 @@ impl Run<'_> {
             round,
             window_secs: secs,
             monotonic_window: (start.monotonic_secs, end.monotonic_secs),
-            iterations_per_s: end.iterations.saturating_sub(start.iterations) as f64 / secs,
+            iterations: end.iterations.saturating_sub(start.iterations),
+            fixture_cpu_ms: end.fixture_ticks.saturating_sub(start.fixture_ticks) as f64 * 1000.0
+                / self.clock_ticks as f64,
             ebpf_run_time_ns: ebpf.map(|e| e.0),
             ebpf_run_cnt: ebpf.map(|e| e.1),
             cpu_ms: delta(start.cpu_ticks, end.cpu_ticks)
@@ -1168,7 +1178,9 @@ pub(crate) struct Measurement {
     pub window_secs: f64,
     /// CLOCK_MONOTONIC at the window's start and end (for perf's timestamps).
     pub monotonic_window: (f64, f64),
-    pub iterations_per_s: f64,
+    /// Fixture burn calls completed in the window, and the fixture's user + sys meanwhile.
+    pub iterations: u64,
+    pub fixture_cpu_ms: f64,
     pub ebpf_run_time_ns: Option<u64>,
     pub ebpf_run_cnt: Option<u64>,
     /// Profiler process user + sys over the window.
@@ -1180,6 +1192,16 @@ pub(crate) struct Measurement {
 }
 
 impl Measurement {
+    fn iterations_per_s(&self) -> f64 {
+        self.iterations as f64 / self.window_secs
+    }
+
+    /// Work per CPU-second the fixture got: insensitive to how much CPU other tenants took.
+    /// Without IRQ time accounting the sampling interrupt is charged to the sampled thread.
+    fn iterations_per_cpu_s(&self) -> Option<f64> {
+        (self.fixture_cpu_ms > 0.0).then(|| self.iterations as f64 / (self.fixture_cpu_ms / 1000.0))
+    }
+
     fn ebpf_us_per_sample(&self) -> Option<f64> {
         let cnt = self.ebpf_run_cnt.filter(|&c| c > 0)?;
         Some(self.ebpf_run_time_ns? as f64 / cnt as f64 / 1000.0)
@@ -1273,9 +1295,9 @@ pub(crate) struct ReportContext {
     pub clock_tick_ms: f64,
 }
 
-type RowValue = fn(&Measurement, Option<f64>) -> Option<f64>;
+type RowValue = fn(&Measurement, Option<&Measurement>) -> Option<f64>;
 
-/// (label, decimals, signed, value given the round's `none` throughput).
+/// (label, decimals, signed, value given the same round's `none` window, for other profilers).
 const ROWS: &[(&str, usize, bool, RowValue)] = &[
     (
         "eBPF time per sample (µs), Δrun_time_ns / Δrun_cnt",
@@ -1308,31 +1330,37 @@ const ROWS: &[(&str, usize, bool, RowValue)] = &[
         m.samples.map(|s| s as f64)
     }),
     ("fixture throughput (iterations/s)", 1, false, |m, _| {
-        Some(m.iterations_per_s)
+        Some(m.iterations_per_s())
     }),
-    ("fixture throughput vs none (%)", 2, true, |m, base| {
-        if m.profiler == Profiler::None {
-            return None;
-        }
-        Some((m.iterations_per_s / base? - 1.0) * 100.0)
+    ("fixture throughput vs none (%)", 2, true, |m, none| {
+        change_pct(m.iterations_per_s(), none?.iterations_per_s())
     }),
+    (
+        "fixture iterations per CPU-second vs none (%)",
+        2,
+        true,
+        |m, none| change_pct(m.iterations_per_cpu_s()?, none?.iterations_per_cpu_s()?),
+    ),
 ];
+
+/// `value` relative to `base`, in %; None for a zero base.
+fn change_pct(value: f64, base: f64) -> Option<f64> {
+    (base > 0.0).then(|| (value / base - 1.0) * 100.0)
+}
 
 fn values_of(
     measurements: &[Measurement],
     profiler: Profiler,
-    value: impl Fn(&Measurement, Option<f64>) -> Option<f64>,
+    value: impl Fn(&Measurement, Option<&Measurement>) -> Option<f64>,
 ) -> Vec<f64> {
     measurements
         .iter()
         .filter(|m| m.profiler == profiler)
         .filter_map(|m| {
-            let base = measurements
-                .iter()
-                .find(|b| b.profiler == Profiler::None && b.round == m.round)
-                .map(|b| b.iterations_per_s)
-                .filter(|&b| b > 0.0);
-            value(m, base)
+            let none = measurements.iter().find(|b| {
+                m.profiler != Profiler::None && b.profiler == Profiler::None && b.round == m.round
+            });
+            value(m, none)
         })
         .collect()
 }
@@ -1441,7 +1469,7 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
         out,
         "\nCells: median [min–max] over rounds. eBPF time excludes the timer interrupt and perf \
          overhead around each program run (≈12 µs per sample on this VM class, paid by the \
-         sampled thread; see the fixture throughput row). bpftrace and perf symbolize only at \
+         sampled thread; see the fixture rows). bpftrace and perf symbolize only at \
          exit, outside the window; ours symbolizes continuously, inside it. Process CPU is \
          counted in {} ms clock ticks ({:.2}% of one CPU per {} s window). See BENCHMARKS.md.",
         ctx.clock_tick_ms,
@@ -1627,7 +1655,8 @@ mod tests {
             round,
             window_secs: 10.0,
             monotonic_window: (0.0, 10.0),
-            iterations_per_s: 400.0,
+            iterations: 4000,
+            fixture_cpu_ms: 20_000.0,
             ebpf_run_time_ns: None,
             ebpf_run_cnt: None,
             cpu_ms: None,
@@ -1644,7 +1673,8 @@ mod tests {
         for round in 0..2 {
             ms.push(measurement(Profiler::None, round));
             ms.push(Measurement {
-                iterations_per_s: 396.0,
+                iterations: 3960,
+                fixture_cpu_ms: 19_800.0,
                 ebpf_run_time_ns: Some(1980 * 4000 + u64::from(round) * 1980 * 1000),
                 ebpf_run_cnt: Some(1980),
                 cpu_ms: Some(100.0),
@@ -1654,7 +1684,7 @@ mod tests {
                 ..measurement(Profiler::Ours, round)
             });
             ms.push(Measurement {
-                iterations_per_s: 392.0,
+                iterations: 3920,
                 ebpf_run_time_ns: Some(1980 * 6000),
                 ebpf_run_cnt: Some(1980),
                 cpu_ms: Some(10.0),
@@ -1697,6 +1727,13 @@ mod tests {
         );
         assert!(row("profiler process CPU, user+sys").ends_with("| n/a | 1.00 | 0.10 | 3.00 |"));
         assert!(row("fixture throughput vs none").ends_with("| n/a | -1.00 | -2.00 | +0.00 |"));
+        // Ours got 1% less CPU for 1% less work: no change per CPU-second; bpftrace -2%.
+        assert!(
+            row("fixture iterations per CPU-second").ends_with("| n/a | +0.00 | -2.00 | +0.00 |")
+        );
+        assert!(
+            row("fixture throughput (iterations/s)").ends_with("| 400.0 | 396.0 | 392.0 | 400.0 |")
+        );
         assert!(row("peak RssAnon").contains("| 20.5 [20.0–21.0] |"));
         assert!(report.contains(
             "ours 4.50 µs vs bpftrace 6.00 µs (ours ≤ bpftrace in 2/2 rounds) → **PASS**"
