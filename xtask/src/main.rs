@@ -15,6 +15,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Cli {
@@ -41,6 +43,8 @@ enum Task {
     },
     /// Formatting and clippy, for the host crates and the eBPF crate.
     Lint,
+    /// Overhead benchmark (root): the agent next to bpftrace and perf, one table.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -102,6 +106,7 @@ fn main() -> anyhow::Result<()> {
             cargo(&integration)
         }
         Task::Lint => lint(),
+        Task::Bench(args) => bench::bench(&root, args),
     }
 }
 
