@@ -16,7 +16,7 @@ RUST_SRC_TARBALL=${PROFILER_RUST_SRC_TARBALL:-}
 APT_PACKAGES=${PROFILER_APT_PACKAGES:-"golang-1.19-go bpftrace linux-perf bpftool"}
 # Go release series the Go fixture tests build with besides Debian's 1.19 (keep in step with
 # DEFAULT_GO_SERIES in tests/src/go.rs).
-GO_SERIES=${PROFILER_GO_SERIES:-"1.24"}
+GO_SERIES=${PROFILER_GO_SERIES:-"1.24,1.27"}
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 

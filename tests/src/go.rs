@@ -16,8 +16,9 @@ use std::{
 use crate::{fixture_dir, workspace_root};
 
 /// Go release series set up besides Debian's 1.19 (overridden by `PROFILER_GO_SERIES`,
-/// comma-separated; keep in step with scripts/setup.sh).
-pub const DEFAULT_GO_SERIES: &[&str] = &["1.24"];
+/// comma-separated; keep in step with scripts/setup.sh): 1.24 brought the slice labels, 1.27
+/// is the newest supported, with m.curg at 184 and no textStart in the pclntab header.
+pub const DEFAULT_GO_SERIES: &[&str] = &["1.24", "1.27"];
 /// Debian 12's Go.
 const DEBIAN_GOROOT: &str = "/usr/lib/go-1.19";
 

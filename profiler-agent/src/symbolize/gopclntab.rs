@@ -180,10 +180,30 @@ impl GoPclntab {
         }
         let segments = LoadSegments::from_object(file);
         let (vaddr, bytes) = locate(file, &segments)?;
-        Self::from_table(bytes.to_vec(), vaddr, segments)
+        let mut table = Self::from_header(bytes.to_vec(), vaddr, segments)?;
+        if table.version != PclntabVersion::Go116 && table.text_start == 0 {
+            // Go 1.26 stopped filling pcHeader.textStart: moduledata.text has it.
+            table.text_start = moduledata_text(file, &table)
+                .ok_or(PclntabError::Malformed("text start not found"))?;
+        }
+        table.validate()?;
+        Ok(table)
     }
 
+    /// A table parsed from its bytes alone (textStart as the header has it), validated.
+    #[cfg(test)]
     fn from_table(data: Vec<u8>, vaddr: u64, segments: LoadSegments) -> Result<Self, PclntabError> {
+        let table = Self::from_header(data, vaddr, segments)?;
+        table.validate()?;
+        Ok(table)
+    }
+
+    /// Reads the header; the function table is not checked yet.
+    fn from_header(
+        data: Vec<u8>,
+        vaddr: u64,
+        segments: LoadSegments,
+    ) -> Result<Self, PclntabError> {
         let magic = read_u32(&data, 0).ok_or(PclntabError::Malformed("short header"))?;
         let version =
             PclntabVersion::from_magic(magic).ok_or(PclntabError::UnsupportedMagic(magic))?;
@@ -223,7 +243,6 @@ impl GoPclntab {
             segments,
             data,
         };
-        table.validate()?;
         Ok(table)
     }
 
@@ -484,6 +503,63 @@ fn locate<'data, R: ReadRef<'data>>(
     Err(PclntabError::NotFound)
 }
 
+/// Words of `runtime.moduledata` used to recognise it and read `text` (the same from Go 1.18 to
+/// 1.27): `pcHeader`, then slice headers `{ptr, len, cap}` for funcnametab (1), cutab (4),
+/// filetab (7), pctab (10), pclntable (13) and ftab (16), findfunctab (19), minpc, maxpc (20,
+/// 21), text (22).
+const MODULEDATA_FUNCNAMETAB: usize = 1;
+const MODULEDATA_FTAB: usize = 16;
+const MODULEDATA_TEXT: usize = 22;
+
+/// `moduledata.text`, from the moduledata whose pcHeader is `table` (in `.go.module` from Go
+/// 1.26, `.noptrdata` before, else anywhere in writable loaded data): its pointers to the header, the name table and the
+/// function table, and the function table's length, must all agree with the table.
+fn moduledata_text<'data, R: ReadRef<'data>>(
+    file: &object::File<'data, R>,
+    table: &GoPclntab,
+) -> Option<u64> {
+    const PF_W: u32 = 2;
+    let sections = [".go.module", ".noptrdata"]
+        .iter()
+        .filter_map(|name| file.section_by_name(name))
+        .filter_map(|section| Some((section.address(), section.data().ok()?)));
+    let writable_segments = file
+        .segments()
+        .filter(
+            |s| matches!(s.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & PF_W != 0),
+        )
+        .filter_map(|s| Some((s.address(), s.data().ok()?)));
+    let regions: Vec<(u64, &'data [u8])> = sections.chain(writable_segments).collect();
+    let p = table.ptr_size;
+    let word = |bytes: &[u8], at: usize, index: usize| read_word(bytes, at + index * p, p);
+    let expect =
+        |index: usize, value: u64, bytes: &[u8], at: usize| word(bytes, at, index) == Some(value);
+    for (base, bytes) in regions {
+        // Pointer-aligned addresses only.
+        let first = ((p as u64 - base % p as u64) % p as u64) as usize;
+        for at in (first..bytes.len()).step_by(p) {
+            if !expect(0, table.vaddr, bytes, at) {
+                continue;
+            }
+            let matches = expect(
+                MODULEDATA_FUNCNAMETAB,
+                table.vaddr + table.funcname_off as u64,
+                bytes,
+                at,
+            ) && expect(
+                MODULEDATA_FTAB,
+                table.vaddr + table.functab_off as u64,
+                bytes,
+                at,
+            ) && expect(MODULEDATA_FTAB + 1, table.nfunc as u64 + 1, bytes, at);
+            if matches {
+                return word(bytes, at, MODULEDATA_TEXT);
+            }
+        }
+    }
+    None
+}
+
 /// The offset of the first plausible pcHeader in `bytes`: a known magic, zero padding, a sane
 /// quantum and pointer size, and (1.18+) a textStart in executable memory.
 fn find_header(bytes: &[u8], segments: &LoadSegments) -> Option<usize> {
@@ -510,16 +586,40 @@ fn find_header(bytes: &[u8], segments: &LoadSegments) -> Option<usize> {
         if candidate.get(4..6) != Some(&[0, 0]) {
             continue;
         }
-        let plausible = match version {
-            PclntabVersion::Go116 => true,
-            _ => read_word(candidate, 8 + 2 * ptr_size, ptr_size)
-                .is_some_and(|text| segments.is_executable(text)),
-        };
-        if plausible {
+        if plausible_header(candidate, version, ptr_size, segments) {
             return Some(start);
         }
     }
     None
+}
+
+/// Whether a header with a known magic is a real one: a function count, table offsets in the
+/// order Go's linker lays the tables out and inside `candidate`, and (1.18–1.25) a textStart in
+/// executable memory (1.26 leaves it 0).
+fn plausible_header(
+    candidate: &[u8],
+    version: PclntabVersion,
+    ptr_size: usize,
+    segments: &LoadSegments,
+) -> bool {
+    let word = |index: usize| read_word(candidate, 8 + index * ptr_size, ptr_size);
+    let first = match version {
+        PclntabVersion::Go116 => 2,
+        _ => 3,
+    };
+    let offsets: Option<Vec<u64>> = (first..first + 5).map(word).collect();
+    let Some(offsets) = offsets else {
+        return false;
+    };
+    let ordered = offsets.windows(2).all(|w| w[0] < w[1])
+        && offsets[0] >= (8 + (first + 5) * ptr_size) as u64
+        && offsets[4] < candidate.len() as u64;
+    let nfunc_ok = word(0).is_some_and(|n| n > 0 && n <= MAX_FUNCTIONS);
+    let text_ok = match version {
+        PclntabVersion::Go116 => true,
+        _ => word(2).is_some_and(|text| text == 0 || segments.is_executable(text)),
+    };
+    ordered && nfunc_ok && text_ok
 }
 
 /// (instruction quantum, pointer size) from a header, when both are sane.
@@ -690,11 +790,15 @@ mod tests {
         };
         let mut bytes = vec![0xffu8; 3];
         bytes.extend_from_slice(&[0; 5]);
-        let mut header = synthetic();
-        header.truncate(64);
-        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(&synthetic());
         assert_eq!(find_header(&bytes, &segments), Some(8));
         // textStart outside executable memory: not a header.
         assert_eq!(find_header(&bytes, &LoadSegments::default()), None);
+        // Go 1.26 leaves textStart 0.
+        bytes[8 + 24..8 + 32].fill(0);
+        assert_eq!(find_header(&bytes, &LoadSegments::default()), Some(8));
+        // A table offset past the end: not a header.
+        bytes.truncate(8 + 100);
+        assert_eq!(find_header(&bytes, &segments), None);
     }
 }
