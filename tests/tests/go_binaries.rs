@@ -432,3 +432,61 @@ fn fixture_runs_and_is_inspectable_while_running() {
         }
     }
 }
+
+/// A copy of `binary` whose build-info version string `from` is replaced by `to` (same length).
+fn with_version(binary: &Path, from: &str, to: &str) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let mut data = std::fs::read(binary).unwrap();
+    let at = data
+        .windows(from.len() + 1)
+        .position(|w| w[0] == from.len() as u8 && &w[1..] == from.as_bytes())
+        .unwrap_or_else(|| panic!("no inline version string {from} in {}", binary.display()));
+    data[at + 1..at + 1 + to.len()].copy_from_slice(to.as_bytes());
+    data
+}
+
+#[test]
+fn versions_outside_the_table_are_refused() {
+    let tc = go_toolchains()
+        .into_iter()
+        .find(|t| t.minor() == 24)
+        .expect("a go1.24 toolchain");
+    let path = build_go_fixture(&tc, GoVariant::Static);
+    let patch = tc.version.trim_start_matches("go1.24");
+    for version in ["go1.16", "go1.28", "go2.24"] {
+        let to = format!("{version}{patch}");
+        let data = with_version(&path, &tc.version, &to);
+        match golang::inspect(&data[..]) {
+            Err(golang::GoError::UnsupportedVersion(v)) => assert_eq!(v, to),
+            other => panic!("{to}: {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn dwarf_wins_over_the_table() {
+    // A go1.24 binary claiming to be go1.21: the table says g.labels is at 344, DWARF says 352.
+    let tc = go_toolchains()
+        .into_iter()
+        .find(|t| t.minor() == 24)
+        .expect("a go1.24 toolchain");
+    let patch = tc.version.trim_start_matches("go1.24");
+    let to = format!("go1.21{patch}");
+    let unstripped = with_version(&build_go_fixture(&tc, GoVariant::Static), &tc.version, &to);
+    let go = golang::inspect(&unstripped[..]).unwrap().unwrap();
+    assert_eq!(go.version.minor, 21);
+    assert_eq!(go.offsets_source, OffsetsSource::FromDwarf);
+    assert_eq!(
+        (go.offsets.g_m, go.offsets.g_labels, go.offsets.m_curg),
+        (48, 352, 192)
+    );
+    // Without DWARF the table is all there is.
+    let stripped = with_version(
+        &build_go_fixture(&tc, GoVariant::Stripped),
+        &tc.version,
+        &to,
+    );
+    let go = golang::inspect(&stripped[..]).unwrap().unwrap();
+    assert_eq!(go.offsets_source, OffsetsSource::FromTable);
+    assert_eq!(go.offsets.g_labels, 344);
+}
