@@ -374,15 +374,20 @@ fn truncated_and_corrupted_go_binaries_do_not_panic() {
             let _ = t.lookup(table.text_range().unwrap().0 + 100);
         }
     }
-    // Corrupt the table itself: lookups may fail, but never panic.
+    // Corrupt the ELF headers (first 4 KiB) or the table: lookups may fail, but never panic.
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    for _ in 0..50 {
+    for round in 0..100 {
         let mut bad = data.clone();
-        for _ in 0..64 {
+        let (base, span) = if round % 2 == 0 {
+            (0, 4 << 10)
+        } else {
+            (header, 64 << 10)
+        };
+        for _ in 0..16 {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            let i = header + (seed as usize) % (64 << 10);
+            let i = base + (seed as usize) % span;
             bad[i] = (seed >> 40) as u8;
         }
         let _ = golang::inspect(&bad[..]);

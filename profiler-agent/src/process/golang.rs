@@ -252,12 +252,15 @@ impl<'data, R: ReadRef<'data>> Image<'data, R> {
     }
 
     fn read(&self, vaddr: u64, len: u64) -> Option<&'data [u8]> {
+        if len == 0 {
+            return Some(&[]);
+        }
         let offset = self.segments.vaddr_to_file_offset(vaddr)?;
         // A read may not run past the segment's file bytes into the next one.
         let last = self
             .segments
             .vaddr_to_file_offset(vaddr.checked_add(len)?.checked_sub(1)?)?;
-        if last != offset + len - 1 {
+        if Some(last) != offset.checked_add(len - 1) {
             return None;
         }
         self.data.read_bytes_at(offset, len).ok()
@@ -284,13 +287,18 @@ fn read_buildinfo<'data, R: ReadRef<'data>>(
     .map(Some)
 }
 
-/// The build-info blob: the `.go.buildinfo` section, else the magic at a 16-byte boundary in
-/// writable loaded data (where Go's own `debug/buildinfo` looks when sections are gone).
+/// The build-info blob: the `.go.buildinfo` section, else, in a file without section headers,
+/// the magic at a 16-byte boundary in writable loaded data (where Go's own `debug/buildinfo`
+/// looks when sections are gone). Go's linker always names the section, so a file that has
+/// sections but not that one is not Go, and costs no scan.
 fn find_buildinfo<'data, R: ReadRef<'data>>(
     file: &object::File<'data, R>,
 ) -> Result<Option<&'data [u8]>, GoError> {
     if let Some(section) = file.section_by_name(".go.buildinfo") {
         return Ok(Some(section.data()?));
+    }
+    if file.sections().next().is_some() {
+        return Ok(None);
     }
     const PF_W: u32 = 2;
     for segment in file.segments() {
@@ -595,7 +603,7 @@ fn decode_g_load(code: &[u8], address: u64, read_u64: &dyn Fn(u64) -> Option<u64
         let at = &code[i..];
         fs_absolute(at)
             .or_else(|| immediate_then_fs(at))
-            .or_else(|| got_then_fs(at, address + i as u64, read_u64))
+            .or_else(|| got_then_fs(at, address.wrapping_add(i as u64), read_u64))
     })
 }
 

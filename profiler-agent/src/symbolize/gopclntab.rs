@@ -124,7 +124,7 @@ impl LoadSegments {
             .filter(|s| s.executable)
             .find(contains)
             .or_else(|| self.segments.iter().find(contains))?;
-        Some(offset - segment.file_offset + segment.vaddr)
+        Some((offset - segment.file_offset).wrapping_add(segment.vaddr))
     }
 
     /// The file offset of a virtual address, when the address is backed by the file.
@@ -132,7 +132,7 @@ impl LoadSegments {
         self.segments
             .iter()
             .find(|s| vaddr >= s.vaddr && vaddr - s.vaddr < s.file_size)
-            .map(|s| vaddr - s.vaddr + s.file_offset)
+            .map(|s| (vaddr - s.vaddr).wrapping_add(s.file_offset))
     }
 
     fn is_executable(&self, vaddr: u64) -> bool {
@@ -391,10 +391,10 @@ impl GoPclntab {
         // Fields after the entry: nameoff, args, deferreturn, pcsp, pcfile, pcln, npcdata,
         // cuOffset (4 bytes each).
         let after_entry = match self.version {
-            PclntabVersion::Go116 => base + self.ptr_size,
-            _ => base + 4,
+            PclntabVersion::Go116 => base.checked_add(self.ptr_size)?,
+            _ => base.checked_add(4)?,
         };
-        let u32_field = |k: usize| read_u32(&self.data, after_entry + 4 * k);
+        let u32_field = |k: usize| read_u32(&self.data, after_entry.checked_add(4 * k)?);
         Some(Func {
             entry: self.entry(i)?,
             name_off: u32_field(0)?,
@@ -497,7 +497,7 @@ fn locate<'data, R: ReadRef<'data>>(
     }
     for (base, bytes) in candidates {
         if let Some(offset) = find_header(bytes, segments) {
-            return Ok((base + offset as u64, &bytes[offset..]));
+            return Ok((base.wrapping_add(offset as u64), &bytes[offset..]));
         }
     }
     Err(PclntabError::NotFound)
@@ -543,12 +543,12 @@ fn moduledata_text<'data, R: ReadRef<'data>>(
             }
             let matches = expect(
                 MODULEDATA_FUNCNAMETAB,
-                table.vaddr + table.funcname_off as u64,
+                table.vaddr.wrapping_add(table.funcname_off as u64),
                 bytes,
                 at,
             ) && expect(
                 MODULEDATA_FTAB,
-                table.vaddr + table.functab_off as u64,
+                table.vaddr.wrapping_add(table.functab_off as u64),
                 bytes,
                 at,
             ) && expect(MODULEDATA_FTAB + 1, table.nfunc as u64 + 1, bytes, at);
