@@ -155,23 +155,25 @@ fn next_field(s: &str) -> Option<(&str, &str)> {
     Some((&s[..end], &s[end + 1..]))
 }
 
+/// `name` with what is between its first `[` and last `]` replaced by `...`, as Go prints
+/// generic and array-typed names.
+fn elide_brackets(name: &str) -> String {
+    match (name.find('['), name.rfind(']')) {
+        (Some(open), Some(close)) if open < close => {
+            format!("{}[...]{}", &name[..open], &name[close + 1..])
+        }
+        _ => name.to_owned(),
+    }
+}
+
 /// Whether the pclntab's name `got` is the ELF symbol `symbol`. The pclntab has Go's own
-/// names (what `runtime.FuncForPC` and pprof show); the ELF symbol table differs in three
-/// ways: assembly functions carry an ABI suffix, `·` is spelled `.`, and Go 1.18–1.20 elide
-/// what is between the first `[` and the last `]` in the pclntab only (type arguments, array
-/// lengths in `type..eq.*`).
+/// names; the ELF symbol table differs in three ways: assembly functions carry an ABI suffix,
+/// `·` is spelled `.`, and Go 1.18–1.20 elide what is between the first `[` and the last `]`
+/// in the pclntab only (type arguments, array lengths in `type..eq.*`).
 fn same_function(symbol: &str, got: &str) -> bool {
     let symbol = symbol.strip_suffix(".abi0").unwrap_or(symbol);
     let got = got.replace('·', ".");
-    if got == symbol {
-        return true;
-    }
-    match (symbol.find('['), symbol.rfind(']')) {
-        (Some(open), Some(close)) if open < close => {
-            got == format!("{}[...]{}", &symbol[..open], &symbol[close + 1..])
-        }
-        _ => false,
-    }
+    got == symbol || got == elide_brackets(symbol)
 }
 
 fn pclntab(path: &Path) -> GoPclntab {
@@ -498,4 +500,144 @@ fn dwarf_wins_over_the_table() {
     let go = golang::inspect(&stripped[..]).unwrap().unwrap();
     assert_eq!(go.offsets_source, OffsetsSource::FromTable);
     assert_eq!(go.offsets.g_labels, 344);
+}
+
+/// The line of the first line of the fixture's frames.go starting with `prefix` (trimmed).
+fn frames_go_line(prefix: &str) -> u32 {
+    let src = std::fs::read_to_string(go_fixture_source().join("frames.go")).unwrap();
+    src.lines()
+        .position(|l| l.trim_start().starts_with(prefix))
+        .unwrap_or_else(|| panic!("no {prefix:?} in frames.go")) as u32
+        + 1
+}
+
+#[test]
+fn gopclntab_expands_a_known_inline_chain() {
+    for tc in go_toolchains() {
+        let table = pclntab(&build_go_fixture(&tc, GoVariant::Stripped));
+        assert!(table.has_inline_trees(), "{}", tc.version);
+        let entry = table.find_function("main.inlineProbe").unwrap();
+        let expected = [
+            ("main.inlineLeaf", frames_go_line("func inlineLeaf(")),
+            ("main.inlineMiddle", frames_go_line("func inlineMiddle(")),
+            (
+                "main.inlineProbe",
+                frames_go_line("return inlineMiddle(x) + 1"),
+            ),
+        ];
+        let mut chains = 0;
+        for pc in entry..entry + 64 {
+            if table.lookup(pc).map(|f| f.function).as_deref() != Some("main.inlineProbe") {
+                break;
+            }
+            let frames = table.lookup_frames(pc);
+            assert_eq!(frames.last().unwrap().function, "main.inlineProbe");
+            if frames[0].function != "main.inlineLeaf" {
+                continue;
+            }
+            let got: Vec<(&str, u32)> = frames
+                .iter()
+                .map(|f| (f.function.as_str(), f.line))
+                .collect();
+            assert_eq!(got, expected, "{} {pc:#x}", tc.version);
+            assert!(frames.iter().all(|f| {
+                f.file
+                    .as_deref()
+                    .is_some_and(|p| p.ends_with("labels/frames.go"))
+            }));
+            chains += 1;
+        }
+        assert!(chains > 0, "{}: no pc inside inlineLeaf", tc.version);
+    }
+}
+
+/// Go's runtime answers (`labels frames`, `runtime.CallersFrames`) for `addresses`: per
+/// address, the frames as (function, file, line), innermost first.
+fn runtime_frames(binary: &Path, addresses: &[u64]) -> Vec<Vec<(String, String, u32)>> {
+    let mut child = Command::new(binary)
+        .arg("frames")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run the fixture's frames mode");
+    let mut stdin = child.stdin.take().unwrap();
+    let input: String = addresses.iter().map(|a| format!("{a:#x}\n")).collect();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("\n\n")
+        .filter(|block| !block.is_empty())
+        .map(|block| {
+            block
+                .lines()
+                .map(|l| {
+                    let (function, position) = l.split_once('\t').unwrap();
+                    let (file, line) = position.rsplit_once(':').unwrap();
+                    (
+                        function.to_owned(),
+                        file.to_owned(),
+                        line.parse().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn gopclntab_inline_frames_match_the_go_runtime() {
+    for tc in go_toolchains() {
+        let unstripped = build_go_fixture(&tc, GoVariant::Static);
+        let stripped = pclntab(&build_go_fixture(&tc, GoVariant::Stripped));
+        let nm = go_nm(&tc, &unstripped);
+        let (start, end) = stripped.text_range().unwrap();
+        let addresses: Vec<u64> = nm
+            .range(start..end)
+            .flat_map(|(&a, &(size, _))| [a, a + size / 3, a + size / 2, a + 2 * size / 3])
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let expected = runtime_frames(&unstripped, &addresses);
+        assert_eq!(expected.len(), addresses.len(), "{}", tc.version);
+        let (mut compared, mut inlined) = (0, 0);
+        for (&addr, runtime) in addresses.iter().zip(&expected) {
+            let (function, file, line) = &runtime[0];
+            if function.is_empty() {
+                continue; // a marker without a function (go:textfipsstart)
+            }
+            // The runtime says "?" where a function has no file (the tables: none).
+            let file = if file.is_empty() { "?" } else { file.as_str() };
+            let frames = stripped.lookup_frames(addr);
+            // The runtime reports one frame per pc: the innermost.
+            let ours = &frames[0];
+            // Go ≥ 1.21 prints names with type arguments elided; the tables have them whole.
+            let our_function = if function.contains("[...]") {
+                elide_brackets(&ours.function)
+            } else {
+                ours.function.clone()
+            };
+            assert_eq!(
+                (
+                    our_function.as_str(),
+                    ours.file.as_deref().unwrap_or("?"),
+                    ours.line
+                ),
+                (function.as_str(), file, *line),
+                "{} {addr:#x}: {frames:?}",
+                tc.version
+            );
+            assert_eq!(
+                Some(&frames.last().unwrap().function),
+                stripped.lookup(addr).map(|f| f.function).as_ref()
+            );
+            compared += 1;
+            inlined += usize::from(frames.len() > 1);
+        }
+        eprintln!(
+            "{}: {compared} addresses as the runtime has them, {inlined} inside inlined calls",
+            tc.version
+        );
+        assert!(inlined > 100, "{}: only {inlined} inlined", tc.version);
+    }
 }

@@ -16,10 +16,10 @@
 //! into `.data.rel.ro`, and a binary can lose its section headers: then the header is found by
 //! its magic in the non-executable loaded data.
 //!
-//! Inlined frames (`FUNCDATA_InlTree`) are not decoded: their offsets are relative to
-//! `moduledata.gofunc`, which a stripped binary only gives away through `moduledata`. An
-//! address inside inlined code therefore gets the containing function's name with the inlined
-//! callee's file:line (what the pc→line table says).
+//! Go 1.26 stopped filling the header's `textStart`: it is then read from `runtime.moduledata`
+//! (found by its pointers to the table). Inlined calls (Go ≥ 1.18, `FUNCDATA_InlTree`) are
+//! expanded when the `go:func.*` data their offsets are relative to is found: moduledata points
+//! at it, from a field that moves between releases, so it is recognised by its contents.
 //!
 //! All reads are bounds-checked: a malformed table gives errors or `None`, never a panic.
 
@@ -28,6 +28,12 @@ use object::{Object as _, ObjectSection as _, ObjectSegment as _, ReadRef};
 /// Functions found at most; beyond this the header is taken as garbage (the largest Go binaries
 /// have a few hundred thousand).
 const MAX_FUNCTIONS: u64 = 1 << 24;
+/// `PCDATA_InlTreeIndex`: the pc-value table giving the inline-tree entry at each pc.
+const PCDATA_INL_TREE_INDEX: u32 = 2;
+/// `FUNCDATA_InlTree`: the function's inline tree, in the `go:func.*` data.
+const FUNCDATA_INL_TREE: u8 = 3;
+/// Inlined calls expanded at most per address (a guard against cyclic garbage).
+const MAX_INLINE_DEPTH: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PclntabError {
@@ -162,6 +168,9 @@ pub struct GoPclntab {
     pctab_off: usize,
     functab_off: usize,
     segments: LoadSegments,
+    /// The `go:func.*` data, for inline trees; `None` when it was not found (no inlined
+    /// frames then).
+    gofunc: Option<Vec<u8>>,
 }
 
 impl GoPclntab {
@@ -181,10 +190,19 @@ impl GoPclntab {
         let segments = LoadSegments::from_object(file);
         let (vaddr, bytes) = locate(file, &segments)?;
         let mut table = Self::from_header(bytes.to_vec(), vaddr, segments)?;
-        if table.version != PclntabVersion::Go116 && table.text_start == 0 {
-            // Go 1.26 stopped filling pcHeader.textStart: moduledata.text has it.
-            table.text_start = moduledata_text(file, &table)
-                .ok_or(PclntabError::Malformed("text start not found"))?;
+        // Go 1.16's table has absolute entries and pointer funcdata: no moduledata needed, and
+        // inline trees are not read.
+        if table.version != PclntabVersion::Go116 {
+            let moduledata = find_moduledata(file, &table);
+            if table.text_start == 0 {
+                // Go 1.26 stopped filling pcHeader.textStart: moduledata.text has it.
+                table.text_start = moduledata
+                    .as_ref()
+                    .and_then(|m| m.get(MODULEDATA_TEXT).copied())
+                    .ok_or(PclntabError::Malformed("text start not found"))?;
+            }
+            table.validate()?;
+            table.gofunc = moduledata.and_then(|m| find_gofunc(file, &table, &m));
         }
         table.validate()?;
         Ok(table)
@@ -242,6 +260,7 @@ impl GoPclntab {
             functab_off: field(first + 4, "function table offset")?,
             segments,
             data,
+            gofunc: None,
         };
         Ok(table)
     }
@@ -296,17 +315,54 @@ impl GoPclntab {
         &self.segments
     }
 
-    /// The function containing a virtual address (as linked), with file and line.
+    /// The function containing a virtual address (as linked), with the file and line of the
+    /// address itself (inside inlined code: the inlined callee's), as `go tool addr2line`
+    /// answers.
     pub fn lookup(&self, virtual_address: u64) -> Option<GoFrame> {
-        let index = self.function_index(virtual_address)?;
-        let func = self.func(index)?;
-        let function = String::from_utf8_lossy(self.name_bytes(func.name_off)?).into_owned();
+        let func = self.func(self.function_index(virtual_address)?)?;
+        self.frame(&func, func.name_off, virtual_address)
+    }
+
+    /// Every frame at a virtual address: the innermost inlined call first, the containing
+    /// function last, each with its own position (a caller's is its call site), as Go's
+    /// runtime unwinds inlined calls. Without inline-tree data, just [`Self::lookup`].
+    pub fn lookup_frames(&self, virtual_address: u64) -> Vec<GoFrame> {
+        let Some(func) = self
+            .function_index(virtual_address)
+            .and_then(|i| self.func(i))
+        else {
+            return Vec::new();
+        };
+        let (inlined, outer_pc) = self.inlined_calls(&func, virtual_address);
+        inlined
+            .into_iter()
+            .chain([(outer_pc, func.name_off)])
+            .filter_map(|(pc, name_off)| self.frame(&func, name_off, pc))
+            .collect()
+    }
+
+    /// [`Self::lookup_frames`] for a file offset (what `Frame::User` carries).
+    pub fn lookup_file_offset(&self, offset: u64) -> Vec<GoFrame> {
+        self.segments
+            .file_offset_to_vaddr(offset)
+            .map(|va| self.lookup_frames(va))
+            .unwrap_or_default()
+    }
+
+    /// Whether inlined calls can be expanded (the `go:func.*` data was found).
+    pub fn has_inline_trees(&self) -> bool {
+        self.gofunc.is_some()
+    }
+
+    /// A frame of function `func`'s code: the name at `name_off`, the position of `pc`.
+    fn frame(&self, func: &Func, name_off: u32, pc: u64) -> Option<GoFrame> {
+        let function = String::from_utf8_lossy(self.name_bytes(name_off)?).into_owned();
         let file = self
-            .pc_value(func.pcfile, func.entry, virtual_address)
+            .pc_value(func.pcfile, func.entry, pc)
             .and_then(|i| self.file_name(func.cu_offset, i))
             .map(|f| String::from_utf8_lossy(f).into_owned());
         let line = self
-            .pc_value(func.pcln, func.entry, virtual_address)
+            .pc_value(func.pcln, func.entry, pc)
             .and_then(|l| u32::try_from(l).ok())
             .unwrap_or(0);
         Some(GoFrame {
@@ -316,9 +372,114 @@ impl GoPclntab {
         })
     }
 
-    /// [`Self::lookup`] for a file offset (what `Frame::User` carries).
-    pub fn lookup_file_offset(&self, offset: u64) -> Option<GoFrame> {
-        self.lookup(self.segments.file_offset_to_vaddr(offset)?)
+    /// The inlined calls at `pc`, innermost first, as (position, name offset), and the
+    /// position in the containing function: each inline-tree entry gives the callee's name
+    /// and a pc in the caller whose position is the call site.
+    fn inlined_calls(&self, func: &Func, pc: u64) -> (Vec<(u64, u32)>, u64) {
+        let mut calls = Vec::new();
+        let (Some(gofunc), Some(tree), Some(index_table)) = (
+            self.gofunc.as_deref(),
+            self.funcdata(func, FUNCDATA_INL_TREE),
+            self.pcdata(func, PCDATA_INL_TREE_INDEX),
+        ) else {
+            return (calls, pc);
+        };
+        let mut pc = pc;
+        while calls.len() < MAX_INLINE_DEPTH {
+            let Some(index) = self
+                .pc_value(index_table, func.entry, pc)
+                .and_then(|i| usize::try_from(i).ok())
+            else {
+                break;
+            };
+            let Some(call) = self.inlined_call(gofunc, tree, index) else {
+                break;
+            };
+            let Some(parent_pc) = func.entry.checked_add(call.parent_pc) else {
+                break;
+            };
+            calls.push((pc, call.name_off));
+            pc = parent_pc;
+        }
+        (calls, pc)
+    }
+
+    /// Entry `index` of the inline tree at `tree` in the `go:func.*` data.
+    fn inlined_call(&self, gofunc: &[u8], tree: u32, index: usize) -> Option<InlinedCall> {
+        // 1.18–1.19: {parent i16, funcID u8, _ u8, file i32, line i32, nameOff i32, parentPc i32}
+        // 1.20+:     {funcID u8, _ [3]u8, nameOff i32, parentPc i32, startLine i32}
+        let (size, name_at, parent_at) = match self.version {
+            PclntabVersion::Go118 => (20, 12, 16),
+            _ => (16, 4, 8),
+        };
+        let at = (tree as usize).checked_add(index.checked_mul(size)?)?;
+        let name_off = read_u32(gofunc, at.checked_add(name_at)?)?;
+        let parent_pc = read_u32(gofunc, at.checked_add(parent_at)?)? as i32;
+        Some(InlinedCall {
+            name_off,
+            parent_pc: u64::try_from(parent_pc).ok()?,
+        })
+    }
+
+    /// Offset of a pc-value table of `func` (`PCDATA_*` index), if it has one.
+    fn pcdata(&self, func: &Func, index: u32) -> Option<u32> {
+        if index >= func.npcdata {
+            return None;
+        }
+        let at = func.trailer.checked_add(4 * index as usize)?;
+        let table = read_u32(&self.data, at)?;
+        (table != 0).then_some(table)
+    }
+
+    /// Offset of a funcdata blob of `func` (`FUNCDATA_*` index) in the `go:func.*` data.
+    fn funcdata(&self, func: &Func, index: u8) -> Option<u32> {
+        if index >= func.nfuncdata {
+            return None;
+        }
+        let at = func
+            .trailer
+            .checked_add(4 * func.npcdata as usize)?
+            .checked_add(4 * usize::from(index))?;
+        let off = read_u32(&self.data, at)?;
+        (off != u32::MAX).then_some(off)
+    }
+
+    /// Whether `gofunc` is the `go:func.*` data: the first inline-tree entry of up to 64
+    /// functions names a function (an offset at the start of a name in the name table) and
+    /// points back into its function. Needs at least a few functions with inline trees.
+    fn inline_trees_plausible(&self, gofunc: &[u8]) -> bool {
+        let names = self.cu_off.saturating_sub(self.funcname_off);
+        let mut checked = 0;
+        for i in 0..self.nfunc {
+            let Some(func) = self.func(i) else { continue };
+            let Some(tree) = self.funcdata(&func, FUNCDATA_INL_TREE) else {
+                continue;
+            };
+            let size = match (self.entry(i + 1), func.entry) {
+                (Some(next), entry) => next.saturating_sub(entry),
+                _ => 0,
+            };
+            let Some(call) = self.inlined_call(gofunc, tree, 0) else {
+                return false;
+            };
+            let name_ok = (call.name_off as usize) < names
+                && (call.name_off == 0
+                    || self
+                        .data
+                        .get(self.funcname_off + call.name_off as usize - 1)
+                        == Some(&0))
+                && self
+                    .name_bytes(call.name_off)
+                    .is_some_and(|n| !n.is_empty());
+            if !name_ok || call.parent_pc >= size {
+                return false;
+            }
+            checked += 1;
+            if checked == 64 {
+                break;
+            }
+        }
+        checked >= 4
     }
 
     /// Every function: (entry address, name). Names that are not UTF-8 are skipped.
@@ -388,6 +549,13 @@ impl GoPclntab {
 
     fn func(&self, i: usize) -> Option<Func> {
         let base = self.functab_off.checked_add(self.func_off(i)?)?;
+        // Fixed size of `_func` (pcdata and funcdata offsets follow); its last byte is nfuncdata.
+        let size = match self.version {
+            PclntabVersion::Go116 => self.ptr_size + 36,
+            PclntabVersion::Go118 => 40,
+            PclntabVersion::Go120 => 44,
+        };
+        let trailer = base.checked_add(size)?;
         // Fields after the entry: nameoff, args, deferreturn, pcsp, pcfile, pcln, npcdata,
         // cuOffset (4 bytes each).
         let after_entry = match self.version {
@@ -400,7 +568,10 @@ impl GoPclntab {
             name_off: u32_field(0)?,
             pcfile: u32_field(4)?,
             pcln: u32_field(5)?,
+            npcdata: u32_field(6)?,
             cu_offset: u32_field(7)?,
+            nfuncdata: *self.data.get(trailer - 1)?,
+            trailer,
         })
     }
 
@@ -460,7 +631,18 @@ struct Func {
     name_off: u32,
     pcfile: u32,
     pcln: u32,
+    npcdata: u32,
     cu_offset: u32,
+    nfuncdata: u8,
+    /// Where the pcdata offsets (then the funcdata offsets) start.
+    trailer: usize,
+}
+
+/// An inline-tree entry: the inlined callee, and a pc (relative to the containing function's
+/// entry) whose position is the call site.
+struct InlinedCall {
+    name_off: u32,
+    parent_pc: u64,
 }
 
 /// Finds the table: by section name, else by its magic in loaded, non-executable data.
@@ -506,18 +688,22 @@ fn locate<'data, R: ReadRef<'data>>(
 /// Words of `runtime.moduledata` used to recognise it and read `text` (the same from Go 1.18 to
 /// 1.27): `pcHeader`, then slice headers `{ptr, len, cap}` for funcnametab (1), cutab (4),
 /// filetab (7), pctab (10), pclntable (13) and ftab (16), findfunctab (19), minpc, maxpc (20,
-/// 21), text (22).
+/// 21), text (22). Later fields move between releases (`gofunc` is word 38 in 1.18–1.19, 40 in
+/// 1.20–1.26, 43 in 1.27): [`find_gofunc`] recognises it by what it points to instead.
 const MODULEDATA_FUNCNAMETAB: usize = 1;
 const MODULEDATA_FTAB: usize = 16;
 const MODULEDATA_TEXT: usize = 22;
+/// Words of moduledata read: past every field a Go release has put `gofunc` at so far.
+const MODULEDATA_WORDS: usize = 64;
 
-/// `moduledata.text`, from the moduledata whose pcHeader is `table` (in `.go.module` from Go
-/// 1.26, `.noptrdata` before, else anywhere in writable loaded data): its pointers to the header, the name table and the
-/// function table, and the function table's length, must all agree with the table.
-fn moduledata_text<'data, R: ReadRef<'data>>(
+/// The first [`MODULEDATA_WORDS`] words of the moduledata whose pcHeader is `table` (in
+/// `.go.module` from Go 1.26, `.noptrdata` before, else anywhere in writable loaded data): its
+/// pointers to the header, the name table and the function table, and the function table's
+/// length, must all agree with the table.
+fn find_moduledata<'data, R: ReadRef<'data>>(
     file: &object::File<'data, R>,
     table: &GoPclntab,
-) -> Option<u64> {
+) -> Option<Vec<u64>> {
     const PF_W: u32 = 2;
     let sections = [".go.module", ".noptrdata"]
         .iter()
@@ -553,11 +739,65 @@ fn moduledata_text<'data, R: ReadRef<'data>>(
                 at,
             ) && expect(MODULEDATA_FTAB + 1, table.nfunc as u64 + 1, bytes, at);
             if matches {
-                return word(bytes, at, MODULEDATA_TEXT);
+                return Some(
+                    (0..MODULEDATA_WORDS)
+                        .map_while(|i| word(bytes, at, i))
+                        .collect(),
+                );
             }
         }
     }
     None
+}
+
+/// The `go:func.*` data (what inline-tree offsets are relative to): the moduledata word that
+/// points into read-only data where the function table's inline trees decode sensibly. The
+/// bytes run to the end of the segment, or to the pclntab when that follows in it.
+fn find_gofunc<'data, R: ReadRef<'data>>(
+    file: &object::File<'data, R>,
+    table: &GoPclntab,
+    moduledata: &[u64],
+) -> Option<Vec<u8>> {
+    let candidates = moduledata.get(MODULEDATA_TEXT + 1..)?;
+    let mut tried = Vec::new();
+    for &candidate in candidates {
+        if tried.contains(&candidate) {
+            continue;
+        }
+        tried.push(candidate);
+        let Some(bytes) = read_only_data_from(file, candidate, table.vaddr) else {
+            continue;
+        };
+        if table.inline_trees_plausible(bytes) {
+            return Some(bytes.to_vec());
+        }
+    }
+    None
+}
+
+/// The bytes of the read-only, non-executable segment holding `vaddr`, from `vaddr` on (up to
+/// `stop` when that lies after `vaddr` in the same segment).
+fn read_only_data_from<'data, R: ReadRef<'data>>(
+    file: &object::File<'data, R>,
+    vaddr: u64,
+    stop: u64,
+) -> Option<&'data [u8]> {
+    const PF_X: u32 = 1;
+    const PF_W: u32 = 2;
+    let segment = file.segments().find(|s| {
+        let read_only = matches!(
+            s.flags(),
+            object::SegmentFlags::Elf { p_flags } if p_flags & (PF_X | PF_W) == 0
+        );
+        read_only && vaddr >= s.address() && vaddr - s.address() < s.file_range().1
+    })?;
+    let data = segment.data().ok()?;
+    let start = usize::try_from(vaddr - segment.address()).ok()?;
+    let end = match stop.checked_sub(segment.address()) {
+        Some(e) if stop > vaddr => usize::try_from(e).ok()?.min(data.len()),
+        _ => data.len(),
+    };
+    data.get(start..end)
 }
 
 /// The offset of the first plausible pcHeader in `bytes`: a known magic, zero padding, a sane
@@ -736,6 +976,13 @@ mod tests {
         assert_eq!(t.lookup(0x1020), None);
         assert_eq!(t.lookup(0xfff), None);
         assert_eq!(t.find_function("main.b"), Some(0x1010));
+        // No go:func.* data here: one frame per address.
+        assert!(!t.has_inline_trees());
+        assert_eq!(
+            t.lookup_frames(0x1004),
+            vec![f("main.a", Some("/src/a.go"), 12)]
+        );
+        assert!(t.lookup_frames(0x1020).is_empty());
         assert_eq!(t.functions().count(), 2);
     }
 

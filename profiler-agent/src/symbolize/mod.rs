@@ -6,7 +6,8 @@
 //! frame is symbolized once for the agent's lifetime.
 //!
 //! Go binaries without a symbol table (`-ldflags=-s -w`) are named from Go's own table
-//! ([`gopclntab`]), parsed once per object, for the frames blazesym could not name.
+//! ([`gopclntab`], with inlined calls), parsed once per object, for the frames blazesym could
+//! not name.
 //!
 //! A frame that cannot be symbolized is data: it gets the name `[unknown] module+0xoffset`.
 
@@ -178,13 +179,19 @@ impl Symbolizer {
             if result.is_some() {
                 continue;
             }
-            if let Some(frame) = table.lookup_file_offset(offset) {
+            // Innermost inlined call first, as blazesym's levels are ordered here.
+            let levels: Vec<Level> = table
+                .lookup_file_offset(offset)
+                .into_iter()
+                .map(|f| Level {
+                    name: f.function,
+                    file: f.file,
+                    line: f.line,
+                })
+                .collect();
+            if !levels.is_empty() {
                 self.metrics.inc("frames_symbolized_gopclntab");
-                *result = Some(vec![Level {
-                    name: frame.function,
-                    file: frame.file,
-                    line: frame.line,
-                }]);
+                *result = Some(levels);
             }
         }
     }
