@@ -408,26 +408,45 @@ fn truncated_and_corrupted_go_binaries_do_not_panic() {
 
 #[test]
 fn gopclntab_parse_time() {
+    /// The fastest of five runs: the machine is shared.
+    fn fastest<T>(mut f: impl FnMut() -> T) -> (T, std::time::Duration) {
+        let mut best = None;
+        let mut out = None;
+        for _ in 0..5 {
+            let start = Instant::now();
+            out = Some(f());
+            let took = start.elapsed();
+            best = Some(best.map_or(took, |b: std::time::Duration| b.min(took)));
+        }
+        (out.unwrap(), best.unwrap())
+    }
     for tc in go_toolchains() {
         let path = build_go_fixture(&tc, GoVariant::Stripped);
-        let start = Instant::now();
-        let file = std::fs::File::open(&path).unwrap();
-        let cache = object::read::ReadCache::new(&file);
-        let table = GoPclntab::parse(&cache).unwrap();
-        let parsed = start.elapsed();
-        let start = Instant::now();
+        // From the open file, as the symbolizer does (page cache warm after the first run).
+        let (table, from_file) = fastest(|| {
+            let file = std::fs::File::open(&path).unwrap();
+            GoPclntab::parse(&object::read::ReadCache::new(&file)).unwrap()
+        });
+        let data = std::fs::read(&path).unwrap();
+        let (_, from_memory) = fastest(|| GoPclntab::parse(&data[..]).unwrap());
+        let (_, inspect) = fastest(|| golang::inspect(&data[..]).unwrap());
         let (lo, hi) = table.text_range().unwrap();
-        let lookups = (lo..hi)
-            .step_by(97)
-            .filter_map(|pc| table.lookup(pc))
-            .count();
-        let per_lookup = start.elapsed() / lookups as u32;
+        let pcs: Vec<u64> = (lo..hi).step_by(97).collect();
+        let (frames, lookups) = fastest(|| {
+            pcs.iter()
+                .map(|&pc| table.lookup_frames(pc).len())
+                .sum::<usize>()
+        });
         eprintln!(
-            "{}: {} functions, parsed in {parsed:?}; {lookups} lookups, {per_lookup:?} each",
+            "{}: {} KiB file, {} functions: parse {from_file:?} from the file, {from_memory:?} \
+             from memory; inspect {inspect:?}; {} lookups ({frames} frames) {:?} each",
             tc.version,
-            table.function_count()
+            data.len() >> 10,
+            table.function_count(),
+            pcs.len(),
+            lookups / pcs.len() as u32
         );
-        assert!(parsed.as_secs() < 2, "{parsed:?}");
+        assert!(from_file.as_secs() < 2, "{from_file:?}");
     }
 }
 
