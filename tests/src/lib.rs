@@ -1,5 +1,8 @@
 //! Harness for the root integration tests: build and start fixture programs (killed on drop),
 //! drive an in-process [`Recording`] until a condition holds, and find the agent binary.
+//! Go toolchains and Go fixture builds are in [`go`].
+
+pub mod go;
 
 use std::{
     io::{BufRead as _, BufReader},
@@ -22,7 +25,7 @@ pub fn require_root() {
     );
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")

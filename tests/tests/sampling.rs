@@ -165,3 +165,52 @@ async fn short_lived_process_is_symbolized_after_exit() {
         "frames not symbolized after exit: {ours:?}"
     );
 }
+
+/// A Go binary without symbols or DWARF (`-ldflags=-s -w`), profiled for real: its frames are
+/// named from Go's pclntab, and Go's frame pointers give whole goroutine stacks.
+#[tokio::test(flavor = "multi_thread")]
+async fn symbolizes_stripped_go_binaries() {
+    use profiler_tests::go::{GoVariant, build_go_fixture, go_toolchains};
+    require_root();
+    let toolchain = go_toolchains().pop().expect("a Go toolchain");
+    let binary = build_go_fixture(&toolchain, GoVariant::Stripped);
+    let fixture = Fixture::start(Command::new(&binary));
+    let recording =
+        profiler_agent::record::Recording::start(&sampler_config(Some(vec![fixture.pid]), 99))
+            .expect("start recording");
+    let workers = [
+        "main.burnTraceA",
+        "main.burnTraceB",
+        "main.burnInherited",
+        "main.burnManyLabels",
+        "main.burnDatadog",
+    ];
+    let burning = |s: &[profiler_agent::collector::SymbolizedSample]| -> u64 {
+        workers.iter().map(|w| leaf_count(s, w)).sum()
+    };
+    let (samples, done) = sample_until(&recording, CAP, |s| burning(s) >= MIN_LEAF_SAMPLES).await;
+    let finished = recording.finish(|_| ()).await.expect("finish");
+    let total = burning(&samples);
+    assert!(
+        done,
+        "{}: {total} worker samples within {CAP:?}: {samples:#?}",
+        toolchain.version
+    );
+    for worker in workers {
+        let count = leaf_count(&samples, worker);
+        println!("{}: {worker}: {count} samples", toolchain.version);
+        assert!(count > 0, "{worker}: no samples in {samples:#?}");
+    }
+    // The whole goroutine stack is there, down to its entry.
+    let whole: u64 = samples
+        .iter()
+        .filter(|s| s.functions.first().is_some_and(|f| workers.contains(&&**f)))
+        .filter(|s| s.functions.last().is_some_and(|f| &**f == "runtime.goexit"))
+        .map(|s| s.count)
+        .sum();
+    assert!(
+        whole as f64 >= 0.95 * total as f64,
+        "{whole} of {total} worker samples reach runtime.goexit"
+    );
+    assert!(finished.metrics.get("frames_symbolized_gopclntab") > 0);
+}

@@ -4,6 +4,7 @@
 //! address into `(object, file offset)` as soon as the sample arrives, so that the frame stays
 //! symbolizable after the process is gone.
 
+pub mod golang;
 pub mod objects;
 pub mod process_context;
 pub mod tls;

@@ -51,6 +51,11 @@ impl Object {
             .map(|f| PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd())))
     }
 
+    /// The open file, for readers other than the symbolizer's (Go's pclntab).
+    pub fn file(&self) -> Option<&File> {
+        self.file.as_deref()
+    }
+
     pub fn build_id_hex(&self) -> Option<String> {
         self.build_id
             .as_ref()

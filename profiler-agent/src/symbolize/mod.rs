@@ -5,9 +5,14 @@
 //! `Symbolizer`, and one blazesym call per object per batch. Results are cached per frame, so a
 //! frame is symbolized once for the agent's lifetime.
 //!
+//! Go binaries without a symbol table (`-ldflags=-s -w`) are named from Go's own table
+//! ([`gopclntab`], with inlined calls), parsed once per object, for the frames blazesym could
+//! not name.
+//!
 //! A frame that cannot be symbolized is data: it gets the name `[unknown] module+0xoffset`.
 
 mod demangle;
+pub mod gopclntab;
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -19,9 +24,12 @@ use blazesym::{
     },
 };
 
+use gopclntab::{GoPclntab, PclntabError};
+use object::read::ReadCache;
+
 use crate::{
     metrics::Metrics,
-    process::{ObjectId, ObjectStore},
+    process::{Object, ObjectId, ObjectStore},
     profile::Frame,
 };
 
@@ -48,6 +56,9 @@ pub struct Symbolizer {
     cache: HashMap<Frame, Arc<SymbolizedFrame>>,
     strings: HashMap<String, Arc<str>>,
     kernel: Source<'static>,
+    /// Go pclntab per object, parsed when blazesym first leaves a frame of it unnamed; `None`
+    /// when the object has none.
+    go_tables: HashMap<ObjectId, Option<GoPclntab>>,
     metrics: Metrics,
 }
 
@@ -70,6 +81,7 @@ impl Symbolizer {
             cache: HashMap::new(),
             strings: HashMap::new(),
             kernel,
+            go_tables: HashMap::new(),
             metrics,
         }
     }
@@ -117,7 +129,7 @@ impl Symbolizer {
 
     fn resolve_object(&mut self, id: ObjectId, offsets: &[u64], objects: &ObjectStore) {
         let object = objects.get(id);
-        let results = match object.symbolize_path() {
+        let mut results = match object.symbolize_path() {
             Some(path) => {
                 let source = Source::Elf(Elf::new(path));
                 match self.blazesym.symbolize(&source, Input::FileOffset(offsets)) {
@@ -131,6 +143,7 @@ impl Symbolizer {
             }
             None => Vec::new(),
         };
+        self.fill_from_gopclntab(id, object, offsets, &mut results);
         let module = object.short_name().to_owned();
         self.store(
             offsets,
@@ -141,6 +154,46 @@ impl Symbolizer {
             },
             &module,
         );
+    }
+
+    /// Names the frames blazesym left unknown from the object's Go pclntab, if it has one.
+    fn fill_from_gopclntab(
+        &mut self,
+        id: ObjectId,
+        object: &Object,
+        offsets: &[u64],
+        results: &mut Vec<Option<Vec<Level>>>,
+    ) {
+        // A failed blazesym call gives no results at all.
+        results.resize_with(offsets.len(), || None);
+        if results.iter().all(Option::is_some) {
+            return;
+        }
+        let metrics = &self.metrics;
+        let table = self
+            .go_tables
+            .entry(id)
+            .or_insert_with(|| parse_gopclntab(object, metrics));
+        let Some(table) = table else { return };
+        for (result, &offset) in results.iter_mut().zip(offsets) {
+            if result.is_some() {
+                continue;
+            }
+            // Innermost inlined call first, as blazesym's levels are ordered here.
+            let levels: Vec<Level> = table
+                .lookup_file_offset(offset)
+                .into_iter()
+                .map(|f| Level {
+                    name: f.function,
+                    file: f.file,
+                    line: f.line,
+                })
+                .collect();
+            if !levels.is_empty() {
+                self.metrics.inc("frames_symbolized_gopclntab");
+                *result = Some(levels);
+            }
+        }
     }
 
     fn resolve_kernel(&mut self, addresses: &[u64]) {
@@ -223,6 +276,19 @@ impl Symbolizer {
         let v: Arc<str> = s.clone().into();
         self.strings.insert(s, v.clone());
         v
+    }
+}
+
+fn parse_gopclntab(object: &Object, metrics: &Metrics) -> Option<GoPclntab> {
+    let cache = ReadCache::new(object.file()?);
+    match GoPclntab::parse(&cache) {
+        Ok(table) => Some(table),
+        Err(PclntabError::NotFound) => None,
+        Err(e) => {
+            metrics.inc("gopclntab_parse_errors");
+            tracing::debug!(object = %object.name, error = %e, "unreadable Go pclntab");
+            None
+        }
     }
 }
 
