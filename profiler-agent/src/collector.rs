@@ -339,15 +339,11 @@ impl Collector {
                 let keys = keys.map(|m| m.attribute_keys.clone());
                 decode_thread_context(&sample.context, keys.as_deref().unwrap_or(&[]))
             }
-            ContextKind::CustomLabels => {
+            // Go labels use the custom-labels payload layout.
+            ContextKind::CustomLabels | ContextKind::GoLabels => {
                 decode_custom_labels(&sample.context, &self.config.id_labels)
             }
             ContextKind::Obi => decode_obi(&sample.context),
-            other => {
-                self.metrics
-                    .inc(&format!("context_kind_unsupported_{}", other as u8));
-                return None;
-            }
         };
         match outcome {
             DecodeOutcome::Context {

@@ -17,12 +17,15 @@ use std::{
 
 use object::read::ReadCache;
 use procfs::process::{MMapPath, MemoryMap};
-use profiler_common::{ContextKind, ContextReader, ContextSource, GoRuntimeOffsets, TlsLocation};
+use profiler_common::{
+    ContextKind, ContextReader, ContextSource, GoLabelsFormat, GoRuntimeOffsets, TlsLocation,
+};
 
 use crate::{
     ebpf::ContextSourceMap,
     metrics::Metrics,
     process::{
+        golang::{self, GoBinary, LabelsFormat},
         process_context::{ProcessContextError, ProcessContextInfo, ProcessContextReader},
         tls::{self, LibcFlavor, TlsSymbol},
     },
@@ -40,6 +43,25 @@ const MAX_ATTEMPTS: u32 = 10;
 struct ObjectSources {
     thread_context: Option<TlsSymbol>,
     custom_labels: Option<TlsSymbol>,
+    /// A Go program (labels are read through its runtime structs).
+    go: Option<GoBinary>,
+}
+
+/// A source found in one of the process's objects, before resolution against its memory.
+enum Candidate {
+    Tls(ContextKind, TlsSymbol),
+    Go(GoBinary),
+}
+
+impl Candidate {
+    /// Lower is preferred: thread context > Go labels > custom-labels (DESIGN §4).
+    fn rank(&self) -> u8 {
+        match self {
+            Candidate::Tls(ContextKind::ThreadContext, _) => 0,
+            Candidate::Go(_) => 1,
+            Candidate::Tls(..) => 2,
+        }
+    }
 }
 
 /// Where a process stands.
@@ -163,22 +185,12 @@ impl ContextSources {
             _ => 0,
         };
         let state = match self.resolve(pid) {
-            Ok(Some((kind, location))) => {
-                let reader = match kind {
-                    ContextKind::CustomLabels => ContextReader::CustomLabels,
-                    _ => ContextReader::ThreadContext,
-                };
-                let source = ContextSource {
-                    kind: kind as u8,
-                    reader: reader as u8,
-                    _pad: [0; 6],
-                    tls: location,
-                    go: GoRuntimeOffsets::default(),
-                };
+            Ok(Some(source)) => {
+                let kind = ContextKind::from_u8(source.kind);
                 match self.map.set(pid, &source) {
                     Ok(()) => {
                         self.metrics.inc("context_sources_resolved");
-                        tracing::debug!(pid, ?kind, ?location, "trace-context source");
+                        tracing::debug!(pid, ?kind, tls = ?source.tls, "trace-context source");
                         ProcessState::Resolved
                     }
                     Err(e) => {
@@ -207,8 +219,8 @@ impl ContextSources {
         }
     }
 
-    /// The best source among the process's mapped objects.
-    fn resolve(&mut self, pid: u32) -> Result<Option<(ContextKind, TlsLocation)>, tls::TlsError> {
+    /// The best source among the process's mapped objects, resolved against its memory.
+    fn resolve(&mut self, pid: u32) -> Result<Option<ContextSource>, tls::TlsError> {
         let proc_dir = self.proc_root.join(pid.to_string());
         let Ok(maps) =
             procfs::process::Process::new_with_root(proc_dir.clone()).and_then(|p| p.maps())
@@ -216,44 +228,59 @@ impl ContextSources {
             return Ok(None);
         };
         let maps = maps.0;
-        let libc = LibcFlavor::detect(&maps);
-        let mut best: Option<(ContextKind, TlsSymbol, Vec<MemoryMap>, PathBuf)> = None;
+        let mut best: Option<(Candidate, Vec<MemoryMap>, PathBuf)> = None;
         for (key, entries) in group_by_file(&maps) {
-            let Some(open_path) = entries.first().map(|m| map_files_path(&proc_dir, m)) else {
+            let open_path = map_files_path(&proc_dir, &entries[0]);
+            let Some(sources) = self.object_sources(key, &open_path, &proc_dir, &entries[0]) else {
                 continue;
             };
-            let sources = self.object_sources(key, &open_path, &proc_dir, &entries[0]);
-            let Some(sources) = sources else { continue };
-            let candidate = match (&sources.thread_context, &sources.custom_labels) {
-                (Some(symbol), _) => Some((ContextKind::ThreadContext, symbol.clone())),
-                (None, Some(symbol)) => Some((ContextKind::CustomLabels, symbol.clone())),
-                (None, None) => None,
+            let candidate = match sources {
+                ObjectSources {
+                    thread_context: Some(s),
+                    ..
+                } => Candidate::Tls(ContextKind::ThreadContext, s),
+                ObjectSources { go: Some(go), .. } => Candidate::Go(go),
+                ObjectSources {
+                    custom_labels: Some(s),
+                    ..
+                } => Candidate::Tls(ContextKind::CustomLabels, s),
+                _ => continue,
             };
-            if let Some((kind, symbol)) = candidate {
-                let better = match &best {
-                    None => true,
-                    Some((best_kind, ..)) => {
-                        *best_kind == ContextKind::CustomLabels
-                            && kind == ContextKind::ThreadContext
-                    }
-                };
-                if better {
-                    best = Some((kind, symbol, entries, open_path));
-                }
+            if best
+                .as_ref()
+                .is_none_or(|(b, ..)| candidate.rank() < b.rank())
+            {
+                best = Some((candidate, entries, open_path));
             }
         }
-        let Some((kind, symbol, entries, open_path)) = best else {
+        let Some((candidate, entries, open_path)) = best else {
             return Ok(None);
         };
-        let file = File::open(&open_path).map_err(|e| tls::TlsError::Read {
-            pid,
-            addr: 0,
-            len: 0,
-            source: e,
-        })?;
-        let bias = tls::load_bias(&ReadCache::new(&file), &entries)?;
-        let location = tls::resolve(pid, &symbol, bias, libc)?;
-        Ok(Some((kind, location)))
+        let source = match candidate {
+            Candidate::Go(go) => go_source(&go),
+            Candidate::Tls(kind, symbol) => {
+                let file = File::open(&open_path).map_err(|e| tls::TlsError::Read {
+                    pid,
+                    addr: 0,
+                    len: 0,
+                    source: e,
+                })?;
+                let bias = tls::load_bias(&ReadCache::new(&file), &entries)?;
+                let location = tls::resolve(pid, &symbol, bias, LibcFlavor::detect(&maps))?;
+                let reader = match kind {
+                    ContextKind::CustomLabels => ContextReader::CustomLabels,
+                    _ => ContextReader::ThreadContext,
+                };
+                ContextSource {
+                    kind: kind as u8,
+                    reader: reader as u8,
+                    _pad: [0; 6],
+                    tls: location,
+                    go: GoRuntimeOffsets::default(),
+                }
+            }
+        };
+        Ok(Some(source))
     }
 
     /// Parses an object once (per device and inode) for the symbols writers publish.
@@ -288,11 +315,26 @@ impl ContextSources {
                 None
             }
         };
+        let go = match golang::inspect(&data) {
+            Ok(go) => go,
+            Err(e) => {
+                // Once per binary: the object's answer is cached.
+                self.metrics.inc(match e {
+                    golang::GoError::UnsupportedVersion(_) => "go_binaries_unsupported_version",
+                    _ => "go_binaries_unreadable",
+                });
+                tracing::warn!(object = %open_path.display(), error = %e, "Go binary: no trace context from its labels");
+                None
+            }
+        };
         let sources = ObjectSources {
             thread_context: find(THREAD_CONTEXT_SYMBOL),
             custom_labels: find(CUSTOM_LABELS_SYMBOL),
+            go,
         };
-        let useful = sources.thread_context.is_some() || sources.custom_labels.is_some();
+        let useful = sources.thread_context.is_some()
+            || sources.custom_labels.is_some()
+            || sources.go.is_some();
         let value = useful.then_some(sources);
         self.objects.insert(key, value.clone());
         value
@@ -313,6 +355,32 @@ impl ContextSources {
                 tracing::debug!(pid, error = %e, "cannot read the process context");
             }
         }
+    }
+}
+
+/// Go labels: `g` sits at a fixed offset from the thread pointer (static TLS), and the runtime
+/// offsets come from the binary's DWARF or the table for its version.
+fn go_source(go: &GoBinary) -> ContextSource {
+    let (reader, format) = match go.offsets.labels_format {
+        LabelsFormat::Map => (ContextReader::GoLabelsMap, GoLabelsFormat::Map),
+        LabelsFormat::Slice => (ContextReader::GoLabelsSlice, GoLabelsFormat::Slice),
+    };
+    let narrow = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+    ContextSource {
+        kind: ContextKind::GoLabels as u8,
+        reader: reader as u8,
+        _pad: [0; 6],
+        tls: TlsLocation {
+            offset: go.tls_g_offset,
+            ..TlsLocation::default()
+        },
+        go: GoRuntimeOffsets {
+            g_m: narrow(go.offsets.g_m),
+            g_labels: narrow(go.offsets.g_labels),
+            m_curg: narrow(go.offsets.m_curg),
+            labels_format: format as u8,
+            _pad: 0,
+        },
     }
 }
 
