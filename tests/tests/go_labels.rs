@@ -159,11 +159,6 @@ async fn go_1_24_slice_labels() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn go_1_27_static() {
-    check(&toolchain("1.27"), GoVariant::Static).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn go_1_27_cgo() {
     check(&toolchain("1.27"), GoVariant::Cgo).await;
 }
@@ -176,11 +171,4 @@ async fn go_1_27_pie() {
 #[tokio::test(flavor = "multi_thread")]
 async fn go_1_27_stripped() {
     check(&toolchain("1.27"), GoVariant::Stripped).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn go_1_19_stripped_cgo_pie() {
-    check(&toolchain("1.19"), GoVariant::Stripped).await;
-    check(&toolchain("1.19"), GoVariant::Cgo).await;
-    check(&toolchain("1.19"), GoVariant::Pie).await;
 }
