@@ -1,0 +1,3 @@
+//! Workloads: which container and pod a process belongs to (`cgroup`).
+
+pub mod cgroup;
