@@ -8,6 +8,7 @@ use profiler_agent::{
     context::IdLabels,
     ebpf::SamplerConfig,
     export::Format,
+    k8s::CgroupSelection,
     profile::traces::TraceTableConfig,
     record::{RecordOptions, record},
     run::{RunOptions, run},
@@ -60,6 +61,11 @@ struct SamplingArgs {
         value_delimiter = ','
     )]
     pids: Vec<u32>,
+    /// Only sample tasks in this cgroup or below it (repeatable): a directory of the cgroup v2
+    /// hierarchy, checked in the kernel by cgroup id before any stack is walked. A cgroup v1
+    /// directory falls back to an allow-list of the pids in it when the agent starts.
+    #[arg(long = "cgroup", env = "PROFILER_CGROUPS", value_delimiter = ',')]
+    cgroups: Vec<PathBuf>,
     /// Ring-buffer size in bytes (power of two).
     #[arg(long, env = "PROFILER_RING_BUFFER_BYTES", default_value_t = 8 << 20)]
     ring_buffer_bytes: u32,
@@ -73,10 +79,24 @@ struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn config(&self, traces: &TraceArgs) -> SamplerConfig {
-        SamplerConfig {
+    fn config(&self, traces: &TraceArgs) -> anyhow::Result<SamplerConfig> {
+        let mut pids = (!self.pids.is_empty()).then(|| self.pids.clone());
+        let mut cgroups = None;
+        if !self.cgroups.is_empty() {
+            let selection = CgroupSelection::resolve(&self.cgroups)?;
+            if let Some(v1_pids) = selection.v1_pids {
+                anyhow::ensure!(
+                    pids.is_none(),
+                    "--pid cannot be combined with a cgroup v1 --cgroup (both become pid lists)"
+                );
+                pids = Some(v1_pids);
+            }
+            cgroups = selection.v2_ids;
+        }
+        Ok(SamplerConfig {
             frequency_hz: self.frequency,
-            pids: (!self.pids.is_empty()).then(|| self.pids.clone()),
+            pids,
+            cgroups,
             ring_buffer_bytes: self.ring_buffer_bytes,
             obi_bpffs_root: self.obi.then(|| self.bpffs_root.clone()),
             wanted_label_keys: traces
@@ -85,7 +105,7 @@ impl SamplingArgs {
                 .chain(&traces.span_id_labels)
                 .cloned()
                 .collect(),
-        }
+        })
     }
 }
 
@@ -195,7 +215,7 @@ fn main() -> ExitCode {
                     duration: args.duration,
                     output: args.output.clone(),
                     format: args.format,
-                    sampler: args.sampling.config(&args.traces),
+                    sampler: args.sampling.config(&args.traces)?,
                     per_trace_dir: args.per_trace_dir.clone(),
                     traces: args.traces.config(),
                     id_labels: args.traces.id_labels(),
@@ -206,7 +226,7 @@ fn main() -> ExitCode {
             }
             Command::Run(args) => {
                 run(RunOptions {
-                    sampler: args.sampling.config(&args.traces),
+                    sampler: args.sampling.config(&args.traces)?,
                     interval: args.interval,
                     output_dir: args.output_dir,
                     per_trace_dir: args.per_trace_dir,
@@ -236,11 +256,12 @@ fn print_summary(output: &std::path::Path, summary: &profiler_agent::record::Rec
         summary.processes
     );
     eprintln!(
-        "kernel: {} ticks, {} samples emitted, {} lost (ring buffer full), {} filtered, {} idle",
+        "kernel: {} ticks, {} samples emitted, {} lost (ring buffer full), {} filtered by pid, {} by cgroup, {} idle",
         k.get(Counter::Invocations),
         k.get(Counter::SamplesEmitted),
         k.get(Counter::RingBufferFull),
         k.get(Counter::SkippedFiltered),
+        k.get(Counter::SkippedCgroup),
         k.get(Counter::SkippedIdle),
     );
     let dropped: u64 = summary

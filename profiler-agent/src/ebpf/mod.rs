@@ -9,7 +9,7 @@ mod privileges;
 mod reader;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
@@ -38,6 +38,10 @@ pub struct SamplerConfig {
     pub frequency_hz: u64,
     /// `Some`: sample only these processes (more can be added while running).
     pub pids: Option<Vec<u32>>,
+    /// `Some`: sample only tasks in these cgroup v2 ids (the workload filter; the set can be
+    /// replaced while running with [`Sampler::set_cgroup_filter`]). Checked in the kernel
+    /// before anything else is done for the sample.
+    pub cgroups: Option<BTreeSet<u64>>,
     /// Ring-buffer size in bytes (a power of two, multiple of the page size).
     pub ring_buffer_bytes: u32,
     /// `Some(bpffs root)`: read OBI's `traces_ctx_v1` map pinned at `<root>/otel/`.
@@ -51,6 +55,7 @@ impl Default for SamplerConfig {
         Self {
             frequency_hz: 19,
             pids: None,
+            cgroups: None,
             ring_buffer_bytes: 8 << 20,
             obi_bpffs_root: None,
             wanted_label_keys: vec!["trace_id".into(), "span_id".into()],
@@ -136,7 +141,7 @@ impl Sampler {
                 }
             },
             obi_enabled: u32::from(config.obi_bpffs_root.is_some()),
-            _pad: 0,
+            filter_by_cgroup: u32::from(config.cgroups.is_some()),
         };
         let obi_pin = config
             .obi_bpffs_root
@@ -174,6 +179,10 @@ impl Sampler {
                     .insert(pid, 1, 0)
                     .with_context(|| format!("allow pid {pid}"))?;
             }
+        }
+
+        if let Some(ids) = &config.cgroups {
+            sync_cgroup_filter(&mut ebpf, ids)?;
         }
 
         for (program, event) in [
@@ -262,6 +271,24 @@ impl Sampler {
         Ok(())
     }
 
+    /// Removes a process from the allow-list (an exited process, or one that left the selected
+    /// workloads). Absent is fine.
+    pub fn disallow_pid(&mut self, pid: u32) -> anyhow::Result<()> {
+        let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::PID_FILTER)
+                .context("PID_FILTER map missing")?,
+        )?;
+        let _ = filter.remove(&pid);
+        Ok(())
+    }
+
+    /// Makes `ids` the cgroup allow-list (only meaningful when started with `cgroups`): adds
+    /// what is new, removes what is gone. Returns how many entries changed.
+    pub fn set_cgroup_filter(&mut self, ids: &BTreeSet<u64>) -> anyhow::Result<usize> {
+        sync_cgroup_filter(&mut self.ebpf, ids)
+    }
+
     /// Detaches every program, then reads the final counters.
     pub fn stop(self) -> KernelCounters {
         let Self { ebpf, counters } = self;
@@ -273,6 +300,33 @@ impl Sampler {
     pub fn counters(&self) -> KernelCounters {
         read_counters(&self.counters)
     }
+}
+
+fn sync_cgroup_filter(ebpf: &mut Ebpf, ids: &BTreeSet<u64>) -> anyhow::Result<usize> {
+    if ids.len() > profiler_common::MAX_FILTERED_CGROUPS as usize {
+        bail!(
+            "{} cgroups selected; the kernel filter holds at most {}",
+            ids.len(),
+            profiler_common::MAX_FILTERED_CGROUPS
+        );
+    }
+    let mut filter: HashMap<_, u64, u8> = HashMap::try_from(
+        ebpf.map_mut(names::CGROUP_FILTER)
+            .context("CGROUP_FILTER map missing")?,
+    )?;
+    let present: BTreeSet<u64> = filter.keys().filter_map(Result::ok).collect();
+    let mut changed = 0;
+    for gone in present.difference(ids) {
+        let _ = filter.remove(gone);
+        changed += 1;
+    }
+    for new in ids.difference(&present) {
+        filter
+            .insert(new, 1, 0)
+            .with_context(|| format!("allow cgroup {new}"))?;
+        changed += 1;
+    }
+    Ok(changed)
 }
 
 fn read_counters(map: &PerCpuArray<MapData, u64>) -> KernelCounters {
