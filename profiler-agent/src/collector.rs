@@ -85,11 +85,22 @@ pub struct SymbolizedSample {
     pub context: Option<TraceContext>,
 }
 
+/// A process started a new program or exited: for components that follow processes (the
+/// workload filter keeps its pid allow-list current with these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessNote {
+    Exec(u32),
+    Exit(u32),
+}
+
 #[derive(Clone)]
 pub struct CollectorConfig {
     pub frequency_hz: u64,
     pub traces: TraceTableConfig,
     pub id_labels: IdLabels,
+    /// Where to tell about process exec and exit (bounded; a full queue drops and counts
+    /// `process_notes_dropped`).
+    pub process_notes: Option<mpsc::Sender<ProcessNote>>,
 }
 
 pub struct Collector {
@@ -153,12 +164,14 @@ impl Collector {
         match message {
             Message::Record(Record::Sample(sample)) => self.add_sample(sample),
             Message::Record(Record::Exec { tgid, .. }) => {
+                self.notify(ProcessNote::Exec(tgid));
                 self.processes.on_exec(tgid);
                 if let Some(sources) = &mut self.sources {
                     sources.on_exec(tgid);
                 }
             }
             Message::Record(Record::Exit { tgid, .. }) => {
+                self.notify(ProcessNote::Exit(tgid));
                 self.processes.on_exit(tgid);
                 if let Some(sources) = &mut self.sources {
                     sources.on_exit(tgid);
@@ -223,6 +236,14 @@ impl Collector {
                 });
                 self.report_trace_stats();
             }
+        }
+    }
+
+    fn notify(&self, note: ProcessNote) {
+        if let Some(tx) = &self.config.process_notes
+            && tx.try_send(note).is_err()
+        {
+            self.metrics.inc("process_notes_dropped");
         }
     }
 

@@ -9,6 +9,7 @@ pub mod collector;
 pub mod context;
 pub mod ebpf;
 pub mod export;
+pub mod health;
 pub mod k8s;
 pub mod metrics;
 pub mod process;

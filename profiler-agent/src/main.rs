@@ -8,7 +8,7 @@ use profiler_agent::{
     context::IdLabels,
     ebpf::SamplerConfig,
     export::Format,
-    k8s::CgroupSelection,
+    k8s::{CgroupSelection, KubernetesOptions, WorkloadSelector},
     profile::traces::TraceTableConfig,
     record::{RecordOptions, record},
     run::{RunOptions, run},
@@ -188,10 +188,63 @@ struct RunArgs {
     /// Write one pprof per trace: <DIR>/<trace_id>.pb.gz.
     #[arg(long, env = "PROFILER_PER_TRACE_DIR")]
     per_trace_dir: Option<PathBuf>,
+    /// Serve health probes (`/healthz`, `/readyz`) on this address, e.g. the pod IP (the API,
+    /// if any, stays on loopback).
+    #[arg(long, env = "PROFILER_HEALTH_LISTEN")]
+    health_listen: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    kubernetes: KubernetesArgs,
     #[command(flatten)]
     sampling: SamplingArgs,
     #[command(flatten)]
     traces: TraceArgs,
+}
+
+#[derive(Args)]
+struct KubernetesArgs {
+    /// This node's name: pod metadata is watched for its pods only (downward API
+    /// `spec.nodeName`).
+    #[arg(long, env = "PROFILER_NODE_NAME")]
+    node_name: Option<String>,
+    /// The Kubernetes API server, e.g. `http://127.0.0.1:8001` from `kubectl proxy`.
+    /// Default: the in-cluster service account. Not in a pod and not given: no pod metadata.
+    #[arg(long, env = "PROFILER_K8S_API_URL")]
+    k8s_api_url: Option<String>,
+    /// Profile only pods in these namespaces (repeatable, or comma-separated). The workload
+    /// filter is applied in the kernel, by cgroup id.
+    #[arg(
+        long = "k8s-namespace",
+        env = "PROFILER_K8S_NAMESPACES",
+        value_delimiter = ','
+    )]
+    k8s_namespaces: Vec<String>,
+    /// Profile only pods whose labels match this selector (kubectl syntax: `app=web,tier!=test`,
+    /// `env in (prod,staging)`, `!legacy`).
+    #[arg(long, env = "PROFILER_K8S_SELECTOR", default_value = "")]
+    k8s_selector: String,
+    /// Where the host's cgroup hierarchy is mounted (a hostPath mount in a container).
+    #[arg(long, env = "PROFILER_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    cgroup_root: PathBuf,
+    /// How often the workload filter re-reads the cgroup tree (besides pod and process events).
+    #[arg(long, env = "PROFILER_K8S_REFRESH", default_value = "10s", value_parser = humantime::parse_duration)]
+    k8s_refresh: Duration,
+}
+
+impl KubernetesArgs {
+    fn selector(&self) -> anyhow::Result<WorkloadSelector> {
+        Ok(WorkloadSelector {
+            namespaces: self
+                .k8s_namespaces
+                .iter()
+                .map(|n| n.trim().to_owned())
+                .filter(|n| !n.is_empty())
+                .collect(),
+            labels: self
+                .k8s_selector
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--k8s-selector: {e:#}"))?,
+        })
+    }
 }
 
 fn main() -> ExitCode {
@@ -232,6 +285,14 @@ fn main() -> ExitCode {
                     per_trace_dir: args.per_trace_dir,
                     traces: args.traces.config(),
                     id_labels: args.traces.id_labels(),
+                    health_listen: args.health_listen,
+                    workloads: args.kubernetes.selector()?,
+                    kubernetes: KubernetesOptions {
+                        api_url: args.kubernetes.k8s_api_url,
+                        node_name: args.kubernetes.node_name,
+                    },
+                    cgroup_root: args.kubernetes.cgroup_root,
+                    workload_refresh: args.kubernetes.k8s_refresh,
                 })
                 .await
             }

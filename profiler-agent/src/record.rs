@@ -7,7 +7,9 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
-    collector::{Collector, CollectorConfig, Flushed, Message, Sink, SymbolizedSample},
+    collector::{
+        Collector, CollectorConfig, Flushed, Message, ProcessNote, Sink, SymbolizedSample,
+    },
     context::IdLabels,
     ebpf::{KernelCounters, Sampler, SamplerConfig, spawn_reader},
     export::{self, Format},
@@ -28,6 +30,8 @@ pub struct CollectOptions {
     /// Labels that carry trace and span ids (label-based sources).
     pub id_labels: IdLabels,
     pub sinks: Vec<Box<dyn Sink>>,
+    /// Told about every process exec and exit (the workload filter's pid allow-list).
+    pub process_notes: Option<mpsc::Sender<ProcessNote>>,
 }
 
 /// A running capture.
@@ -56,7 +60,16 @@ impl Recording {
     }
 
     pub fn start_with(config: &SamplerConfig, outputs: CollectOptions) -> anyhow::Result<Self> {
-        let metrics = Metrics::default();
+        Self::start_with_metrics(config, outputs, Metrics::default())
+    }
+
+    /// As [`Recording::start_with`], counting into `metrics` (shared with components started
+    /// before the recording, such as the pod metadata watcher).
+    pub fn start_with_metrics(
+        config: &SamplerConfig,
+        outputs: CollectOptions,
+        metrics: Metrics,
+    ) -> anyhow::Result<Self> {
         let (sampler, channels) = Sampler::start(config)?;
         let (inbox, rx) = mpsc::channel(COLLECTOR_QUEUE);
         let collector = Collector::spawn(
@@ -64,6 +77,7 @@ impl Recording {
                 frequency_hz: config.frequency_hz,
                 traces: outputs.traces,
                 id_labels: outputs.id_labels,
+                process_notes: outputs.process_notes,
             },
             outputs.sinks,
             Some(channels.context_sources),
@@ -209,6 +223,7 @@ pub async fn record(options: RecordOptions) -> anyhow::Result<RecordSummary> {
             traces: options.traces.clone(),
             id_labels: options.id_labels.clone(),
             sinks,
+            process_notes: None,
         },
     )?;
     tracing::info!(

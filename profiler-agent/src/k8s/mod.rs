@@ -6,7 +6,8 @@
 //! - [`watcher`]: pod metadata (name, namespace, labels, owning workload, containers) for the
 //!   pods of this node, from the API server's list/watch, published as [`PodIndex`] snapshots.
 //! - [`client`]: the API client (HTTP/1.1 over rustls), [`api`]: the fields it decodes.
-//! - [`selector`]: namespaces + label selector.
+//! - [`selector`] and [`filter`]: namespaces + label selector → cgroup ids (or pids on cgroup
+//!   v1 hosts) for the kernel; [`Workloads`] keeps them current while sampling.
 //! - [`process`]: `service.name` precedence, `OTEL_SERVICE_NAME` from the environment, pids as
 //!   the container sees them.
 //!
@@ -31,20 +32,24 @@
 pub mod api;
 pub mod cgroup;
 pub mod client;
+pub mod filter;
 pub mod process;
 pub mod selector;
 pub mod watcher;
 
 use std::{
     collections::BTreeSet,
-    path::PathBuf,
+    path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::Context as _;
+pub use filter::{FilterMode, Selection, WorkloadFilter};
 pub use selector::{LabelSelector, WorkloadSelector};
+use tokio::sync::mpsc;
 pub use watcher::{PodIndex, PodMetadata, PodMetadataHandle, ProcessPod, Workload};
 
-use crate::metrics::Metrics;
+use crate::{collector::ProcessNote, ebpf::Sampler, metrics::Metrics};
 
 /// What `--cgroup PATH` selects: cgroup v2 ids for the kernel filter, or on cgroup v1 (where
 /// the kernel cannot match a task's cgroup) the pids in those cgroups when the agent starts.
@@ -135,4 +140,137 @@ pub fn start_pod_metadata(
             None
         }
     }
+}
+
+/// The workload filter while sampling: re-selects when pods change, on a timer (cgroups of
+/// new containers, forked processes on cgroup v1), and on process events; applies the result
+/// to the sampler's allow-list.
+pub struct Workloads {
+    filter: WorkloadFilter,
+    pods: PodMetadataHandle,
+    notes: mpsc::Receiver<ProcessNote>,
+    refresh: tokio::time::Interval,
+    proc_root: PathBuf,
+    /// Pid mode: what the kernel's allow-list holds.
+    allowed_pids: BTreeSet<u32>,
+    /// Cgroup mode: a selected process started: re-select (its container may be new).
+    dirty: bool,
+    pods_gone: bool,
+}
+
+/// What woke [`Workloads::next`].
+pub enum WorkloadEvent {
+    Reselect,
+    Process(ProcessNote),
+}
+
+impl Workloads {
+    /// Depth of the process-note queue from the collector.
+    pub const NOTE_QUEUE: usize = 4096;
+
+    pub fn new(
+        filter: WorkloadFilter,
+        pods: PodMetadataHandle,
+        notes: mpsc::Receiver<ProcessNote>,
+        refresh_every: Duration,
+    ) -> Self {
+        let mut refresh = tokio::time::interval(refresh_every);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            filter,
+            pods,
+            notes,
+            refresh,
+            proc_root: PathBuf::from("/proc"),
+            allowed_pids: BTreeSet::new(),
+            dirty: true,
+            pods_gone: false,
+        }
+    }
+
+    pub fn mode(&self) -> FilterMode {
+        self.filter.mode()
+    }
+
+    /// Waits for something that may change the selection.
+    pub async fn next(&mut self) -> WorkloadEvent {
+        if self.dirty {
+            self.dirty = false;
+            return WorkloadEvent::Reselect;
+        }
+        tokio::select! {
+            changed = self.pods.changed(), if !self.pods_gone => {
+                self.pods_gone = !changed;
+                WorkloadEvent::Reselect
+            }
+            _ = self.refresh.tick() => WorkloadEvent::Reselect,
+            Some(note) = self.notes.recv() => WorkloadEvent::Process(note),
+        }
+    }
+
+    /// Applies an event to the sampler's allow-list.
+    pub fn handle(&mut self, event: WorkloadEvent, sampler: &mut Sampler) -> anyhow::Result<()> {
+        match event {
+            WorkloadEvent::Reselect => self.reselect(sampler),
+            WorkloadEvent::Process(ProcessNote::Exec(pid)) => {
+                if !self.filter.selects_process(&self.proc_root, pid) {
+                    return Ok(());
+                }
+                match self.filter.mode() {
+                    // A new program in a selected pod: its container's cgroup may be new.
+                    FilterMode::CgroupIds => self.dirty = true,
+                    FilterMode::Pids => {
+                        if self.allowed_pids.insert(pid) {
+                            sampler.allow_pid(pid)?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            WorkloadEvent::Process(ProcessNote::Exit(pid)) => {
+                if self.allowed_pids.remove(&pid) {
+                    sampler.disallow_pid(pid)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn reselect(&mut self, sampler: &mut Sampler) -> anyhow::Result<()> {
+        let index = self.pods.current();
+        match self.filter.select(&index) {
+            Selection::CgroupIds(ids) => {
+                let changed = sampler.set_cgroup_filter(&ids)?;
+                if changed > 0 {
+                    tracing::info!(
+                        pods = self.filter.selected_pods(),
+                        cgroups = ids.len(),
+                        "workload filter updated"
+                    );
+                }
+            }
+            Selection::Pids(pids) => {
+                for gone in self.allowed_pids.difference(&pids) {
+                    sampler.disallow_pid(*gone)?;
+                }
+                for new in pids.difference(&self.allowed_pids) {
+                    sampler.allow_pid(*new)?;
+                }
+                if pids != self.allowed_pids {
+                    tracing::info!(
+                        pods = self.filter.selected_pods(),
+                        pids = pids.len(),
+                        "workload filter updated (pid allow-list)"
+                    );
+                }
+                self.allowed_pids = pids;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The cgroup root to use by default: `/sys/fs/cgroup`.
+pub fn default_cgroup_root() -> &'static Path {
+    Path::new("/sys/fs/cgroup")
 }
