@@ -129,6 +129,7 @@ impl Sampler {
             bail!("sampling frequency must be between 1 and 10000 Hz");
         }
         ensure_tracefs()?;
+        raise_memlock_limit();
         let settings = EbpfConfig {
             agent_tgid: std::process::id(),
             filter_by_pid: u32::from(config.pids.is_some()),
@@ -353,21 +354,56 @@ impl KernelCounters {
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
-/// Tracepoints need tracefs; mount it where a minimal system (or a container) lacks it.
+/// Tracepoints need tracefs; mount it where a minimal system lacks it. A tracefs the agent may
+/// not read (mode 0700, a non-root user without CAP_DAC_READ_SEARCH) is named as such; in a
+/// container, mount the host's tracefs instead of relying on the agent mounting it (that would
+/// take CAP_SYS_ADMIN).
 fn ensure_tracefs() -> anyhow::Result<()> {
-    if Path::new(TRACEFS).join("events").exists()
-        || Path::new("/sys/kernel/debug/tracing/events").exists()
-    {
-        return Ok(());
+    let mut denied = None;
+    for events in [
+        Path::new(TRACEFS).join("events"),
+        Path::new("/sys/kernel/debug/tracing/events").to_path_buf(),
+    ] {
+        match std::fs::metadata(&events) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                denied.get_or_insert(events);
+            }
+            Err(_) => {}
+        }
+    }
+    if let Some(path) = denied {
+        bail!(
+            "{} is not readable: run as root or grant CAP_DAC_READ_SEARCH (tracefs is root-only)",
+            path.display()
+        );
     }
     let status = std::process::Command::new("mount")
         .args(["-t", "tracefs", "nodev", TRACEFS])
+        .stderr(std::process::Stdio::null())
         .status();
     match status {
         Ok(s) if s.success() => Ok(()),
         _ => bail!(
-            "tracefs is not mounted at {TRACEFS} and mounting it failed: mount it (mount -t tracefs nodev {TRACEFS})"
+            "tracefs is not mounted at {TRACEFS} and mounting it failed: mount it (mount -t tracefs nodev {TRACEFS}; in a container, a hostPath volume)"
         ),
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory cgroup).
+/// Raise it when allowed (root, or CAP_SYS_RESOURCE); elsewhere the limit does not matter or
+/// loading reports the failure.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct; setrlimit has no other preconditions.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "RLIMIT_MEMLOCK not raised (only kernels before 5.11 need it)"
+        );
     }
 }
 
