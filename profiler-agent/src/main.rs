@@ -189,8 +189,8 @@ struct RunArgs {
     #[arg(long, env = "PROFILER_PER_TRACE_DIR")]
     per_trace_dir: Option<PathBuf>,
     /// Serve health probes (`/healthz`, `/readyz`) on this address, e.g. the pod IP (the API,
-    /// if any, stays on loopback).
-    #[arg(long, env = "PROFILER_HEALTH_LISTEN")]
+    /// if any, stays on loopback). IPv6 with or without brackets (`fd00::5:8081`).
+    #[arg(long, env = "PROFILER_HEALTH_LISTEN", value_parser = parse_listen_addr)]
     health_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     kubernetes: KubernetesArgs,
@@ -245,6 +245,20 @@ impl KubernetesArgs {
                 .map_err(|e| anyhow::anyhow!("--k8s-selector: {e:#}"))?,
         })
     }
+}
+
+/// `ip:port`, also for an IPv6 address without brackets: `$(POD_IP):8081` in a manifest works
+/// for IPv4 and IPv6 pods alike.
+fn parse_listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let (ip, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s}: expected ip:port"))?;
+    let ip: std::net::IpAddr = ip.parse().map_err(|e| format!("{s}: {e}"))?;
+    let port: u16 = port.parse().map_err(|e| format!("{s}: port: {e}"))?;
+    Ok((ip, port).into())
 }
 
 fn main() -> ExitCode {
@@ -351,5 +365,25 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn listen_addresses() {
+        for (input, expected) in [
+            ("10.1.2.3:8081", "10.1.2.3:8081"),
+            ("[fd00::5]:8081", "[fd00::5]:8081"),
+            ("fd00::5:8081", "[fd00::5]:8081"),
+        ] {
+            assert_eq!(
+                super::parse_listen_addr(input).unwrap().to_string(),
+                expected
+            );
+        }
+        for bad in ["10.1.2.3", "host:80", "10.1.2.3:99999", ""] {
+            assert!(super::parse_listen_addr(bad).is_err(), "{bad}");
+        }
     }
 }
