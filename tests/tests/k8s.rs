@@ -22,9 +22,15 @@ struct TestCgroup {
 impl TestCgroup {
     fn create(name: &str) -> Self {
         let root = cgroup::host_cgroup2_mount().expect("a cgroup v2 hierarchy is mounted");
+        let cgroup = Self::create_under(root, name);
+        assert!(cgroup::is_cgroup2(&cgroup.path));
+        cgroup
+    }
+
+    /// A cgroup under the root of any hierarchy (v1 or v2).
+    fn create_under(root: PathBuf, name: &str) -> Self {
         let path = root.join(format!("profiler-test-{}-{name}", std::process::id()));
         std::fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        assert!(cgroup::is_cgroup2(&path));
         Self { path, root }
     }
 
@@ -574,5 +580,160 @@ fn daemon_profiles_only_pods_the_selector_picks() {
         "only the selected pod's process is profiled"
     );
     assert!(skipped > 100, "skipped_cgroup {skipped}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// The cgroup v1 fallback of the daemon's workload filter (this machine is a hybrid host: its
+/// v1 hierarchies are under /sys/fs/cgroup, which is not a cgroup2 mount): the selected pod's
+/// processes become the pid allow-list, and a process that starts later in that pod is added
+/// from its exec event alone (the periodic rescan is an hour away).
+#[test]
+fn cgroup_v1_hosts_fall_back_to_pids_kept_current_from_exec_events() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    require_root();
+    const GO: &str = "/usr/lib/go-1.19/bin/go";
+    let v1_root = PathBuf::from("/sys/fs/cgroup");
+    let pids_hierarchy = v1_root.join("pids");
+    if cgroup::is_cgroup2(&v1_root) || !pids_hierarchy.join("cgroup.procs").exists() {
+        panic!("this test needs a host with cgroup v1 hierarchies under /sys/fs/cgroup");
+    }
+    let web_uid = "8c3d4e5f-6a7b-4c8d-9e0f-1a2b3c4d5e6f";
+    let batch_uid = "9d4e5f6a-7b8c-4d9e-8f1a-2b3c4d5e6f70";
+    let kubepods = TestCgroup::create_under(pids_hierarchy, "kubepods");
+    let container = |uid: &str, cid: &str| {
+        // The cgroupfs driver's layout: kubepods/besteffort/pod<uid>/<container id>.
+        let dir = kubepods.path.join(format!("besteffort/pod{uid}/{cid}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    };
+    let web_dir = container(web_uid, &"ef".repeat(32));
+    let batch_dir = container(batch_uid, &"12".repeat(32));
+    let web = Fixture::start(Command::new(burn_c()));
+    let batch = Fixture::start(Command::new(burn_c()));
+    std::fs::write(web_dir.join("cgroup.procs"), web.pid.to_string()).unwrap();
+    std::fs::write(batch_dir.join("cgroup.procs"), batch.pid.to_string()).unwrap();
+    // A shell in the web pod that starts a second process when told to.
+    let mut launcher = Command::new("sh")
+        .args(["-c", &format!("read go; {}", burn_c().display())])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::fs::write(web_dir.join("cgroup.procs"), launcher.id().to_string()).unwrap();
+
+    let api = fake_api(vec![
+        pod_json(web_uid, "web-0", "web", &"ef".repeat(32)),
+        pod_json(batch_uid, "batch-0", "batch", &"12".repeat(32)),
+    ]);
+    let out = std::env::temp_dir().join(format!("profiler-k8s-v1-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let mut agent = Command::new(agent_bin())
+        .args([
+            "run",
+            "--interval",
+            "2s",
+            "-F",
+            "99",
+            "--k8s-selector",
+            "app=web",
+        ])
+        .args(["--node-name", "node-a", "--k8s-refresh", "1h"])
+        .arg(format!("--k8s-api-url=http://{api}"))
+        .arg("--cgroup-root")
+        .arg(&v1_root)
+        .arg("--output-dir")
+        .arg(&out)
+        .env("PROFILER_LOG_FORMAT", "json")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the agent");
+    // Wait until the first selection is in place, then start the late process.
+    let mut log = BufReader::new(agent.stderr.take().unwrap());
+    let mut lines = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("workload filter updated (pid allow-list)"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no selection: {lines:#?}"
+        );
+        let mut line = String::new();
+        if log.read_line(&mut line).unwrap() == 0 {
+            panic!("agent exited: {lines:#?}");
+        }
+        lines.push(line);
+    }
+    let collect = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut log, &mut rest);
+        rest
+    });
+    launcher.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut ready = String::new();
+    BufReader::new(launcher.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    let late: u32 = ready
+        .trim()
+        .strip_prefix("ready ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("late process: {ready:?}"));
+    std::thread::sleep(Duration::from_secs(6));
+    // SAFETY: kill has no memory preconditions; these are our own children.
+    unsafe {
+        libc::kill(agent.id() as i32, libc::SIGTERM);
+    }
+    assert!(agent.wait().unwrap().success());
+    let log = collect.join().unwrap();
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(late as i32, libc::SIGKILL);
+        libc::kill(launcher.id() as i32, libc::SIGKILL);
+    }
+    let _ = launcher.wait();
+
+    let mut pids = BTreeSet::new();
+    for entry in std::fs::read_dir(&out).expect("interval profiles") {
+        let tags = Command::new(GO)
+            .args(["tool", "pprof", "-tags", "-symbolize=none"])
+            .arg(entry.unwrap().path())
+            .output()
+            .unwrap();
+        let mut in_pid = false;
+        for line in String::from_utf8_lossy(&tags.stdout).lines() {
+            if line.contains(": Total") {
+                in_pid = line.trim_start().starts_with("pid:");
+            } else if in_pid
+                && let Some(pid) = line.rsplit(": ").next()
+                && let Ok(pid) = pid.trim().parse::<u32>()
+            {
+                pids.insert(pid);
+            }
+        }
+    }
+    let filtered: u64 = log
+        .lines()
+        .find(|l| l.contains("\"stopped\""))
+        .and_then(|l| l.split("skipped_filtered\\\": ").nth(1))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no final counters:\n{log}"));
+    println!(
+        "profiled pids {pids:?}: web {}, late {late}, batch {}; skipped_filtered {filtered}",
+        web.pid, batch.pid
+    );
+    assert!(pids.contains(&web.pid), "the selected pod's process");
+    assert!(
+        pids.contains(&late),
+        "the process started later in the selected pod (exec event)"
+    );
+    assert!(!pids.contains(&batch.pid), "the other pod's process");
+    assert!(
+        pids.iter()
+            .all(|p| [web.pid, late, launcher.id()].contains(p)),
+        "{pids:?}"
+    );
+    assert!(filtered > 100, "skipped_filtered {filtered}");
     let _ = std::fs::remove_dir_all(&out);
 }
