@@ -115,10 +115,12 @@ async fn cgroup_filter_skips_unselected_workloads_in_the_kernel() {
         from_anything_else, 0,
         "a process outside the cgroup was sampled"
     );
-    assert_eq!(
-        phase1.get(Counter::SamplesEmitted),
-        from_inside,
-        "every sample the kernel emitted is the selected fixture's"
+    // Every sample the kernel emitted is the selected fixture's: the counter (read after the
+    // snapshot) may be ahead by the samples still in the ring buffer (drained every 50 ms).
+    let emitted = phase1.get(Counter::SamplesEmitted);
+    assert!(
+        (from_inside..=from_inside + 20).contains(&emitted),
+        "kernel emitted {emitted}, the selected fixture has {from_inside}"
     );
     // The excluded fixture burns as much CPU as the selected one: its ticks are skipped
     // (and counted) at least about as often as the selected one's are sampled.
@@ -134,6 +136,9 @@ async fn cgroup_filter_skips_unselected_workloads_in_the_kernel() {
         .set_cgroup_filter(&BTreeSet::from([excluded.id()]))
         .expect("replace the filter");
     assert_eq!(changed, 2, "one removed, one added");
+    // Let samples taken before the switch drain (the reader runs every 50 ms) into the
+    // aggregate that is dropped here.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = recording.flush(|_| ()).await;
     let (samples, done) =
         sample_until(&recording, CAP, |s| samples_of(s, outside.pid) >= 100).await;
@@ -146,7 +151,7 @@ async fn cgroup_filter_skips_unselected_workloads_in_the_kernel() {
         finished.kernel.get(Counter::SkippedCgroup)
     );
     assert!(done, "the newly selected fixture was not sampled");
-    // A sample taken just before the switch may still be in flight.
+    // A sample taken at the switch itself may still arrive.
     assert!(late_inside <= 2, "{late_inside} samples after deselection");
     assert!(finished.kernel.get(Counter::SkippedCgroup) > phase1.get(Counter::SkippedCgroup));
 }
