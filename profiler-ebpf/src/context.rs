@@ -163,6 +163,10 @@ fn go_map_labels(
             break;
         }
         let tophash = buffer[0].to_ne_bytes();
+        #[expect(
+            clippy::needless_range_loop,
+            reason = "an iterator compiles to code the verifier rejects"
+        )]
         for slot in 0..8usize {
             if tophash[slot] < go::MIN_TOP_HASH {
                 continue;
