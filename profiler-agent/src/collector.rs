@@ -85,6 +85,12 @@ pub struct SymbolizedSample {
     pub context: Option<TraceContext>,
 }
 
+#[derive(Clone, Copy)]
+enum FlushTraces {
+    Idle,
+    All,
+}
+
 #[derive(Clone)]
 pub struct CollectorConfig {
     pub frequency_hz: u64,
@@ -170,7 +176,7 @@ impl Collector {
                 }
             }
             Message::Tick => {
-                self.flush_idle_traces();
+                self.flush_traces(FlushTraces::Idle);
                 self.processes.collect_garbage();
                 if let Some(sources) = &mut self.sources {
                     for pid in self.stale_key_maps.drain() {
@@ -202,27 +208,7 @@ impl Collector {
                     window,
                 });
             }
-            Message::FlushTraces => {
-                let Self {
-                    traces,
-                    sinks,
-                    symbolizer,
-                    processes,
-                    config,
-                    ..
-                } = self;
-                let mut cx = SinkContext {
-                    symbolizer,
-                    objects: processes.objects(),
-                    frequency_hz: config.frequency_hz,
-                };
-                traces.flush_all(|trace| {
-                    for sink in sinks.iter_mut() {
-                        sink.trace(trace, &mut cx);
-                    }
-                });
-                self.report_trace_stats();
-            }
+            Message::FlushTraces => self.flush_traces(FlushTraces::All),
         }
     }
 
@@ -233,7 +219,8 @@ impl Collector {
         (std::mem::take(&mut self.aggregate), window)
     }
 
-    fn flush_idle_traces(&mut self) {
+    /// Hands idle (or all) traces to every sink.
+    fn flush_traces(&mut self, which: FlushTraces) {
         let now = self.clock.unix_now();
         let Self {
             traces,
@@ -248,11 +235,15 @@ impl Collector {
             objects: processes.objects(),
             frequency_hz: config.frequency_hz,
         };
-        traces.flush_idle(now, |trace| {
+        let emit = |trace: &TraceProfile| {
             for sink in sinks.iter_mut() {
                 sink.trace(trace, &mut cx);
             }
-        });
+        };
+        match which {
+            FlushTraces::Idle => traces.flush_idle(now, emit),
+            FlushTraces::All => traces.flush_all(emit),
+        }
         self.report_trace_stats();
     }
 

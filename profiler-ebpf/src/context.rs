@@ -326,23 +326,8 @@ pub fn read_custom_labels(
     dest: *mut u8,
     cursor: Cursor,
 ) -> (ContextKind, usize) {
-    let Some(thread_pointer) = thread_pointer(fsbase_offset) else {
-        count(Counter::ContextThreadPointerFault);
+    let Some(set) = thread_local_pointer(tls, fsbase_offset) else {
         return (ContextKind::None, 0);
-    };
-    let Some(variable) = tls_address(thread_pointer, tls) else {
-        return (ContextKind::None, 0);
-    };
-    let set = match unsafe { bpf_probe_read_user(variable as *const u64) } {
-        Ok(0) => {
-            count(Counter::ContextNoneActive);
-            return (ContextKind::None, 0);
-        }
-        Ok(p) => p,
-        Err(_) => {
-            count(Counter::ContextReadFault);
-            return (ContextKind::None, 0);
-        }
     };
     let Ok(header) = (unsafe { bpf_probe_read_user(set as *const [u64; 2]) }) else {
         count(Counter::ContextReadFault);
@@ -411,23 +396,8 @@ pub fn read_thread_context(
     fsbase_offset: u32,
     dest: *mut u8,
 ) -> (ContextKind, usize) {
-    let Some(thread_pointer) = thread_pointer(fsbase_offset) else {
-        count(Counter::ContextThreadPointerFault);
+    let Some(record) = thread_local_pointer(tls, fsbase_offset) else {
         return (ContextKind::None, 0);
-    };
-    let Some(variable) = tls_address(thread_pointer, tls) else {
-        return (ContextKind::None, 0);
-    };
-    let record = match unsafe { bpf_probe_read_user(variable as *const u64) } {
-        Ok(0) => {
-            count(Counter::ContextNoneActive);
-            return (ContextKind::None, 0);
-        }
-        Ok(p) => p,
-        Err(_) => {
-            count(Counter::ContextReadFault);
-            return (ContextKind::None, 0);
-        }
     };
     let header_len = core::mem::size_of::<ThreadContextHeader>();
     let ret = unsafe { probe_read_user_raw(dest.cast(), header_len as u32, record as *const _) };
@@ -461,6 +431,28 @@ pub fn read_thread_context(
     }
     count(Counter::ContextRead);
     (ContextKind::ThreadContext, header_len + attrs)
+}
+
+/// The pointer a writer stores in its thread-local variable (the active record or label set);
+/// `None` when there is none (counted by outcome).
+#[inline(always)]
+fn thread_local_pointer(tls: &TlsLocation, fsbase_offset: u32) -> Option<u64> {
+    let Some(thread_pointer) = thread_pointer(fsbase_offset) else {
+        count(Counter::ContextThreadPointerFault);
+        return None;
+    };
+    let variable = tls_address(thread_pointer, tls)?;
+    match unsafe { bpf_probe_read_user(variable as *const u64) } {
+        Ok(0) => {
+            count(Counter::ContextNoneActive);
+            None
+        }
+        Ok(p) => Some(p),
+        Err(_) => {
+            count(Counter::ContextReadFault);
+            None
+        }
+    }
 }
 
 /// `task_struct->thread.fsbase` of the current task (x86_64 thread pointer).

@@ -75,6 +75,23 @@ pub struct SampleValue {
     pub last_unix_ns: u64,
 }
 
+impl SampleValue {
+    pub fn first(unix_ns: u64) -> Self {
+        Self {
+            count: 1,
+            first_unix_ns: unix_ns,
+            last_unix_ns: unix_ns,
+        }
+    }
+
+    /// One more sample at `unix_ns`.
+    pub fn record(&mut self, unix_ns: u64) {
+        self.count += 1;
+        self.first_unix_ns = self.first_unix_ns.min(unix_ns);
+        self.last_unix_ns = self.last_unix_ns.max(unix_ns);
+    }
+}
+
 /// Samples aggregated by key, with the names seen for processes and threads.
 #[derive(Default)]
 pub struct Aggregate {
@@ -109,16 +126,8 @@ impl Aggregate {
                 stack,
                 context,
             })
-            .and_modify(|v| {
-                v.count += 1;
-                v.first_unix_ns = v.first_unix_ns.min(unix_ns);
-                v.last_unix_ns = v.last_unix_ns.max(unix_ns);
-            })
-            .or_insert(SampleValue {
-                count: 1,
-                first_unix_ns: unix_ns,
-                last_unix_ns: unix_ns,
-            });
+            .and_modify(|v| v.record(unix_ns))
+            .or_insert(SampleValue::first(unix_ns));
         stack
     }
 

@@ -175,16 +175,8 @@ impl TraceTable {
         profile
             .samples
             .entry(key)
-            .and_modify(|v| {
-                v.count += 1;
-                v.first_unix_ns = v.first_unix_ns.min(t);
-                v.last_unix_ns = v.last_unix_ns.max(t);
-            })
-            .or_insert(SampleValue {
-                count: 1,
-                first_unix_ns: t,
-                last_unix_ns: t,
-            });
+            .and_modify(|v| v.record(t))
+            .or_insert(SampleValue::first(t));
         profile.total_samples += 1;
         profile.first_unix_ns = profile.first_unix_ns.min(t);
         profile.last_unix_ns = profile.last_unix_ns.max(t);
