@@ -12,7 +12,9 @@ CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
 BPF_LINKER_ROOT=${BPF_LINKER_ROOT:-$CARGO_HOME}
 # A local copy of the rust-src component, used when rustup cannot download it.
 RUST_SRC_TARBALL=${PROFILER_RUST_SRC_TARBALL:-}
-APT_PACKAGES=${PROFILER_APT_PACKAGES:-"golang-1.19-go bpftrace linux-perf bpftool"}
+# g++ and libclang1-14: the crates.io custom-labels fixture compiles its C++ core (cc) and runs
+# bindgen, which loads libclang at build time.
+APT_PACKAGES=${PROFILER_APT_PACKAGES:-"golang-1.19-go bpftrace linux-perf bpftool g++ libclang1-14"}
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
