@@ -13,7 +13,9 @@ CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
 BPF_LINKER_ROOT=${BPF_LINKER_ROOT:-$CARGO_HOME}
 # A local copy of the rust-src component, used when rustup cannot download it.
 RUST_SRC_TARBALL=${PROFILER_RUST_SRC_TARBALL:-}
-APT_PACKAGES=${PROFILER_APT_PACKAGES:-"golang-1.19-go bpftrace linux-perf bpftool"}
+# g++ and libclang1-14: the crates.io custom-labels fixture compiles its C++ core (cc) and runs
+# bindgen, which loads libclang at build time.
+APT_PACKAGES=${PROFILER_APT_PACKAGES:-"golang-1.19-go bpftrace linux-perf bpftool g++ libclang1-14"}
 # Go release series the Go fixture tests build with besides Debian's 1.19 (keep in step with
 # DEFAULT_GO_SERIES in tests/src/go.rs).
 GO_SERIES=${PROFILER_GO_SERIES:-"1.24,1.27"}
