@@ -259,6 +259,19 @@ fn print_summary(output: &std::path::Path, summary: &profiler_agent::record::Rec
             .copied()
             .unwrap_or(0),
     );
+    let attempts = k.get(Counter::ContextReadAttempts);
+    if attempts > 0 {
+        // The kernel times each read of a process's own context source (OBI lookups aside).
+        eprintln!(
+            "context: {attempts} read attempts, {} read, {} none active, {} invalid, {} faults, {} ns per attempt, {} samples traced",
+            k.get(Counter::ContextRead),
+            k.get(Counter::ContextNoneActive),
+            k.get(Counter::ContextInvalid),
+            k.get(Counter::ContextReadFault),
+            k.get(Counter::ContextReadNs) / attempts,
+            summary.agent.get("samples_traced").copied().unwrap_or(0),
+        );
+    }
 }
 
 fn init_logging(format: LogFormat) {

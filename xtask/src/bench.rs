@@ -63,6 +63,9 @@ struct Settings {
     rounds: u32,
     warmup: Duration,
     frequency: u64,
+    /// Windows per target for the trace-context read cost (at least 5: budgets are medians).
+    context_windows: u32,
+    context_window: Duration,
 }
 
 impl Settings {
@@ -73,6 +76,8 @@ impl Settings {
             rounds: args.rounds.unwrap_or(rounds),
             warmup: Duration::from_secs(warmup),
             frequency: args.frequency,
+            context_windows: if args.quick { 2 } else { 5 },
+            context_window: Duration::from_secs(if args.quick { 2 } else { 5 }),
         };
         if settings.window.is_zero() || settings.rounds == 0 || settings.frequency == 0 {
             bail!("--window-secs, --rounds and --frequency must be positive");
@@ -160,9 +165,19 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     drop(fixtures);
+
+    let costs = crate::bench_context::measure(
+        root,
+        &root.join("target/release/profiler-agent"),
+        &bench_dir,
+        settings.context_windows,
+        settings.context_window,
+        settings.frequency as u32,
+    )?;
     context.load_after = load_average();
 
-    let report = render_report(&context, &measurements);
+    let mut report = render_report(&context, &measurements);
+    report.push_str(&crate::bench_context::render(&costs));
     print!("{report}");
     let output = if args.output.is_absolute() {
         args.output.clone()
@@ -181,7 +196,7 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn progress(message: &str) {
+pub(crate) fn progress(message: &str) {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let elapsed = START.get_or_init(Instant::now).elapsed().as_secs();
     eprintln!("[bench {elapsed:>3}s] {message}");

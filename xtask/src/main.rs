@@ -16,6 +16,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_context;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
