@@ -3,6 +3,7 @@
 #  - rust-src for the nightly toolchain (eBPF is built with -Z build-std=core)
 #  - bpf-linker, built against the nightly toolchain's own libLLVM
 #  - the Debian packages the tests use
+#  - the Python venv of the OTLP test receiver (target/otlp-venv)
 # Fast when everything is present already (a few hundred ms).
 set -euo pipefail
 
@@ -12,7 +13,12 @@ CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
 BPF_LINKER_ROOT=${BPF_LINKER_ROOT:-$CARGO_HOME}
 # A local copy of the rust-src component, used when rustup cannot download it.
 RUST_SRC_TARBALL=${PROFILER_RUST_SRC_TARBALL:-}
-APT_PACKAGES=${PROFILER_APT_PACKAGES:-"golang-1.19-go bpftrace linux-perf bpftool"}
+APT_PACKAGES=${PROFILER_APT_PACKAGES:-"golang-1.19-go bpftrace linux-perf bpftool python3-venv"}
+# The OTLP receiver of the integration tests decodes with opentelemetry-proto 1.45.2: proto
+# v1.10 profiles (1.40–1.42 decode v1.10 samples wrongly, without any error). Keep these pins in
+# step with tests/src/otlp.rs.
+OTLP_VENV=${PROFILER_OTLP_VENV:-$(cd "$(dirname "$0")/.." && pwd)/target/otlp-venv}
+OTLP_PIP_PACKAGES="opentelemetry-proto==1.45.2 grpcio==1.85.3"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -66,5 +72,16 @@ if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fi
+fi
+# 4. The OTLP test receiver's venv (after the Debian packages: it needs python3-venv).
+otlp_probe="import grpc; from importlib.metadata import version; \
+from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2_grpc; \
+assert version('opentelemetry-proto') == '1.45.2'"
+if ! "$OTLP_VENV/bin/python" -c "$otlp_probe" 2>/dev/null; then
+  log "creating the OTLP test receiver's venv in $OTLP_VENV ($OTLP_PIP_PACKAGES)"
+  python3 -m venv "$OTLP_VENV"
+  # shellcheck disable=SC2086 # one package per word
+  "$OTLP_VENV/bin/pip" install --quiet --disable-pip-version-check $OTLP_PIP_PACKAGES
+  "$OTLP_VENV/bin/python" -c "$otlp_probe"
 fi
 log "ready"

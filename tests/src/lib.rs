@@ -10,6 +10,7 @@ use std::{
 };
 
 pub mod otel_ctx;
+pub mod otlp;
 
 use profiler_agent::{collector::SymbolizedSample, ebpf::SamplerConfig, record::Recording};
 
@@ -22,7 +23,7 @@ pub fn require_root() {
     );
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")

@@ -383,7 +383,7 @@ fn record_delivery(m: &Metrics, batch: &Batch, delivered: &Delivered) {
         );
         tracing::warn!(
             rejected_profiles = delivered.rejected_profiles,
-            message = %delivered.message,
+            error_message = %delivered.message,
             "OTLP receiver accepted the request partially"
         );
     }
