@@ -16,6 +16,7 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod otlp_sink;
 
 #[derive(Parser)]
 #[command(name = "xtask")]
