@@ -406,3 +406,67 @@ async fn receiver_down_drops_the_oldest_and_shutdown_keeps_its_deadline() {
         assert_eq!(metrics.get("otlp_requests_exported"), 0);
     }
 }
+
+/// A CA, and a certificate for 127.0.0.1 it signed: (CA PEM, certificate PEM, key PEM).
+fn test_pki() -> (String, String, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, rcgen::KeyPair::generate().unwrap())
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn grpc_over_tls_trusts_the_custom_ca() {
+    let (ca, cert, key) = test_pki();
+    let receiver = GrpcReceiver::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(cert, key));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tls)
+            .unwrap()
+            .add_service(
+                ProfilesServiceServer::new(receiver.clone())
+                    .accept_compressed(CompressionEncoding::Gzip),
+            )
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let ca_path = std::env::temp_dir().join(format!("otlp-test-ca-{}.pem", std::process::id()));
+    std::fs::write(&ca_path, ca).unwrap();
+    for trusted in [false, true] {
+        let metrics = Metrics::default();
+        let mut c = config(format!("https://{addr}"), Protocol::Grpc);
+        c.ca_cert = trusted.then(|| ca_path.clone());
+        let (exporter, queue) = Exporter::spawn(
+            Transport::new(&c).unwrap(),
+            c.retry,
+            c.queue_bytes,
+            metrics.clone(),
+        );
+        queue.push(request().1, 1);
+        if trusted {
+            until("the export over TLS", || {
+                metrics.get("otlp_requests_exported") == 1
+            })
+            .await;
+        } else {
+            // Only the system's roots: the handshake fails, and that is worth retrying.
+            until("a failed handshake", || {
+                metrics.get("otlp_export_attempts_failed") >= 1
+            })
+            .await;
+            assert_eq!(metrics.get("otlp_requests_exported"), 0);
+        }
+        exporter.shutdown(Duration::from_millis(100)).await;
+    }
+    let _ = std::fs::remove_file(&ca_path);
+    assert_eq!(receiver.seen.lock().unwrap().requests.len(), 1);
+}
