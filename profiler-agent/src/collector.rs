@@ -20,7 +20,7 @@ use crate::{
     metrics::Metrics,
     process::{ObjectStore, ProcessTable},
     profile::{
-        Aggregate,
+        Aggregate, ProcessDetails,
         traces::{TraceProfile, TraceTable, TraceTableConfig, TracedSample},
     },
     symbolize::Symbolizer,
@@ -280,6 +280,12 @@ impl Collector {
                 .unwrap_or_else(|| sample.thread_name.clone());
             self.aggregate.process_names.insert(sample.tgid, name);
         }
+        if !self.aggregate.process_details.contains_key(&sample.tgid) {
+            let details = self.process_details(sample.tgid, &sample.thread_name);
+            self.aggregate
+                .process_details
+                .insert(sample.tgid, Arc::new(details));
+        }
         let service = self
             .sources
             .as_ref()
@@ -319,6 +325,25 @@ impl Collector {
             if kept {
                 self.metrics.inc("samples_traced");
             }
+        }
+    }
+
+    /// What the process table and the process context say about `pid`, once per interval.
+    fn process_details(&self, pid: u32, thread_name: &str) -> ProcessDetails {
+        let info = self.processes.info(pid).unwrap_or_default();
+        let meta = self.sources.as_ref().and_then(|s| s.meta(pid));
+        let exe_name = Some(info.name)
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| thread_name.to_owned());
+        ProcessDetails {
+            exe_name,
+            exe_path: info.exe_path,
+            context_service_name: meta.and_then(|m| m.service_name.clone()),
+            env_service_name: info.env_service_name,
+            container_id: info.container_id,
+            resource_attributes: meta
+                .map(|m| m.resource_attributes.clone())
+                .unwrap_or_default(),
         }
     }
 

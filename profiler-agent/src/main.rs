@@ -7,7 +7,10 @@ use clap::{Args, Parser, Subcommand};
 use profiler_agent::{
     context::IdLabels,
     ebpf::SamplerConfig,
-    export::Format,
+    export::{
+        Format,
+        otlp::{self, Compression, OtlpArgs, OtlpConfig, Protocol, RetryPolicy},
+    },
     profile::traces::TraceTableConfig,
     record::{RecordOptions, record},
     run::{RunOptions, run},
@@ -172,6 +175,83 @@ struct RunArgs {
     sampling: SamplingArgs,
     #[command(flatten)]
     traces: TraceArgs,
+    #[command(flatten)]
+    otlp: OtlpFlags,
+}
+
+/// OTLP export. Unset flags fall back to the standard `OTEL_EXPORTER_OTLP_PROFILES_*` and
+/// `OTEL_EXPORTER_OTLP_*` variables.
+#[derive(Args)]
+#[command(next_help_heading = "OTLP export")]
+struct OtlpFlags {
+    /// Export every interval to this OTLP receiver (http:// or https://). For HTTP, a URL without
+    /// a path gets /v1development/profiles. Falls back to OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT,
+    /// then OTEL_EXPORTER_OTLP_ENDPOINT (a base URL).
+    #[arg(long = "otlp-endpoint", env = "PROFILER_OTLP_ENDPOINT")]
+    endpoint: Option<String>,
+    /// Transport [default: grpc, or OTEL_EXPORTER_OTLP_(PROFILES_)PROTOCOL].
+    #[arg(long = "otlp-protocol", env = "PROFILER_OTLP_PROTOCOL")]
+    protocol: Option<Protocol>,
+    /// A header sent with every request, key=value (repeatable; e.g. an auth token). Added to
+    /// OTEL_EXPORTER_OTLP_(PROFILES_)HEADERS, replacing the same key.
+    #[arg(
+        long = "otlp-header",
+        env = "PROFILER_OTLP_HEADERS",
+        value_delimiter = ','
+    )]
+    headers: Vec<String>,
+    /// PEM file of a CA to trust for https:// endpoints, besides the system's roots.
+    #[arg(long = "otlp-ca-cert", env = "PROFILER_OTLP_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Per-request timeout [default: 10s, or OTEL_EXPORTER_OTLP_(PROFILES_)TIMEOUT in ms].
+    #[arg(long = "otlp-timeout", env = "PROFILER_OTLP_TIMEOUT", value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// Request compression [default: gzip, or OTEL_EXPORTER_OTLP_(PROFILES_)COMPRESSION].
+    #[arg(long = "otlp-compression", env = "PROFILER_OTLP_COMPRESSION")]
+    compression: Option<Compression>,
+    /// Encoded requests held while the receiver is slow or down; past it the oldest are
+    /// dropped (and counted).
+    #[arg(long = "otlp-queue-bytes", env = "PROFILER_OTLP_QUEUE_BYTES", default_value_t = otlp::DEFAULT_QUEUE_BYTES)]
+    queue_bytes: usize,
+    /// Largest request; an interval that encodes larger is split, each part with its own
+    /// dictionary.
+    #[arg(long = "otlp-max-request-bytes", env = "PROFILER_OTLP_MAX_REQUEST_BYTES", default_value_t = otlp::DEFAULT_MAX_REQUEST_BYTES)]
+    max_request_bytes: usize,
+    /// At shutdown, how long to keep delivering what is queued.
+    #[arg(long = "otlp-shutdown-timeout", env = "PROFILER_OTLP_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    shutdown_timeout: Duration,
+    /// First retry delay; doubled on each retry (with jitter) up to --otlp-retry-max-backoff.
+    #[arg(long = "otlp-retry-initial-backoff", env = "PROFILER_OTLP_RETRY_INITIAL_BACKOFF", default_value = "1s", value_parser = humantime::parse_duration)]
+    retry_initial_backoff: Duration,
+    #[arg(long = "otlp-retry-max-backoff", env = "PROFILER_OTLP_RETRY_MAX_BACKOFF", default_value = "30s", value_parser = humantime::parse_duration)]
+    retry_max_backoff: Duration,
+    /// A request still failing this long after its first attempt is dropped.
+    #[arg(long = "otlp-retry-max-elapsed", env = "PROFILER_OTLP_RETRY_MAX_ELAPSED", default_value = "5m", value_parser = humantime::parse_duration)]
+    retry_max_elapsed: Duration,
+}
+
+impl OtlpFlags {
+    /// The exporter's settings (flags, then the OTEL_* environment), or None when no endpoint
+    /// is configured.
+    fn config(&self) -> anyhow::Result<Option<OtlpConfig>> {
+        let args = OtlpArgs {
+            endpoint: self.endpoint.clone(),
+            protocol: self.protocol,
+            headers: self.headers.clone(),
+            ca_cert: self.ca_cert.clone(),
+            timeout: self.timeout,
+            compression: self.compression,
+            queue_bytes: self.queue_bytes,
+            max_request_bytes: self.max_request_bytes,
+            shutdown_timeout: self.shutdown_timeout,
+            retry: RetryPolicy {
+                initial_backoff: self.retry_initial_backoff,
+                max_backoff: self.retry_max_backoff,
+                max_elapsed: self.retry_max_elapsed,
+            },
+        };
+        OtlpConfig::resolve(&args, &|name| std::env::var(name).ok())
+    }
 }
 
 fn main() -> ExitCode {
@@ -205,6 +285,7 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Run(args) => {
+                let otlp = args.otlp.config()?;
                 run(RunOptions {
                     sampler: args.sampling.config(&args.traces),
                     interval: args.interval,
@@ -212,6 +293,7 @@ fn main() -> ExitCode {
                     per_trace_dir: args.per_trace_dir,
                     traces: args.traces.config(),
                     id_labels: args.traces.id_labels(),
+                    otlp,
                 })
                 .await
             }

@@ -28,6 +28,8 @@ pub struct CollectOptions {
     /// Labels that carry trace and span ids (label-based sources).
     pub id_labels: IdLabels,
     pub sinks: Vec<Box<dyn Sink>>,
+    /// The recording's counters: shared with sinks that count on their own tasks (OTLP).
+    pub metrics: Metrics,
 }
 
 /// A running capture.
@@ -56,7 +58,7 @@ impl Recording {
     }
 
     pub fn start_with(config: &SamplerConfig, outputs: CollectOptions) -> anyhow::Result<Self> {
-        let metrics = Metrics::default();
+        let metrics = outputs.metrics;
         let (sampler, channels) = Sampler::start(config)?;
         let (inbox, rx) = mpsc::channel(COLLECTOR_QUEUE);
         let collector = Collector::spawn(
@@ -209,6 +211,7 @@ pub async fn record(options: RecordOptions) -> anyhow::Result<RecordSummary> {
             traces: options.traces.clone(),
             id_labels: options.id_labels.clone(),
             sinks,
+            metrics: Metrics::default(),
         },
     )?;
     tracing::info!(

@@ -1,5 +1,6 @@
 //! The long-running agent: samples until SIGINT/SIGTERM, hands each interval's aggregate to the
-//! configured sinks, logs its counters, and flushes once more on shutdown.
+//! configured sinks, logs its counters, and flushes once more on shutdown (the OTLP exporter
+//! then delivers what it still holds, within its deadline).
 
 use std::{path::PathBuf, time::Duration};
 
@@ -7,7 +8,8 @@ use crate::{
     collector::Sink,
     context::IdLabels,
     ebpf::SamplerConfig,
-    export,
+    export::{self, otlp},
+    metrics::Metrics,
     profile::traces::TraceTableConfig,
     record::{CollectOptions, Recording},
 };
@@ -22,6 +24,8 @@ pub struct RunOptions {
     pub per_trace_dir: Option<PathBuf>,
     pub traces: TraceTableConfig,
     pub id_labels: IdLabels,
+    /// Export every interval over OTLP.
+    pub otlp: Option<otlp::OtlpConfig>,
 }
 
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
@@ -32,12 +36,23 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     if let Some(dir) = &options.per_trace_dir {
         sinks.push(Box::new(export::PerTraceDir::create(dir)?));
     }
+    let metrics = Metrics::default();
+    let exporter = match &options.otlp {
+        Some(config) => {
+            let (sink, exporter) = otlp::start(config, metrics.clone())?;
+            sinks.push(Box::new(sink));
+            tracing::info!(endpoint = %config.endpoint, protocol = ?config.protocol, "exporting OTLP profiles");
+            Some((exporter, config.shutdown_timeout))
+        }
+        None => None,
+    };
     let recording = Recording::start_with(
         &options.sampler,
         CollectOptions {
             traces: options.traces.clone(),
             id_labels: options.id_labels.clone(),
             sinks,
+            metrics,
         },
     )?;
     tracing::info!(
@@ -61,6 +76,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     tracing::info!("shutting down: flushing the last interval and every open trace");
     recording.flush_interval().await?;
     let finished = recording.finish(|_| ()).await?;
+    if let Some((exporter, deadline)) = exporter {
+        exporter.shutdown(deadline).await;
+    }
     tracing::info!(kernel = ?finished.kernel.0, agent = ?finished.metrics.snapshot(), "stopped");
     Ok(())
 }

@@ -13,6 +13,7 @@ use std::{
 };
 
 pub mod otel_ctx;
+pub mod otlp;
 
 use profiler_agent::{collector::SymbolizedSample, ebpf::SamplerConfig, record::Recording};
 

@@ -29,6 +29,8 @@ use anyhow::{Context as _, anyhow, bail};
 use profiler_common::{Counter, names};
 use serde_json::Value;
 
+use crate::otlp_sink::{OtlpSink, OtlpTally};
+
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -52,6 +54,7 @@ pub struct BenchArgs {
 /// Budgets from the issue, checked against this run's numbers.
 const BUDGET_AGENT_CPU_PCT: f64 = 2.0;
 const BUDGET_RSS_ANON_MIB: f64 = 80.0;
+const BUDGET_OTLP_BYTES_PER_SAMPLE: f64 = 40.0;
 
 const STATUS_POLL: Duration = Duration::from_millis(200);
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
@@ -281,10 +284,20 @@ impl Run<'_> {
                 self.window(profiler, round, None)
             }
             Profiler::Ours => {
+                // The agent as deployed: exporting every interval over OTLP/HTTP (gzip) to a
+                // local sink that counts what arrives.
+                let sink = OtlpSink::start()?;
                 let mut command = Command::new(&self.tools.agent);
                 command
                     .args(["run", "--frequency", &frequency.to_string()])
                     .args(["--interval", "10s"])
+                    .args(["--otlp-endpoint", &sink.endpoint()])
+                    .args([
+                        "--otlp-protocol",
+                        "http/protobuf",
+                        "--otlp-compression",
+                        "gzip",
+                    ])
                     .env("NO_COLOR", "1");
                 let (mut agent, lines) = Guarded::spawn("profiler-agent", &mut command, &log)?;
                 wait_for_line(&lines, &mut agent, READY_TIMEOUT, |l| {
@@ -303,8 +316,10 @@ impl Run<'_> {
                     prog: Some(prog),
                     counters: Some(counters),
                 };
-                let measurement = self.window(profiler, round, Some(target))?;
+                let mut measurement = self.window(profiler, round, Some(target))?;
                 agent.stop(STOP_TIMEOUT)?;
+                // The whole run, the last interval flushed at SIGINT included.
+                measurement.otlp = Some(sink.tally());
                 Ok(measurement)
             }
             Profiler::Bpftrace => {
@@ -458,6 +473,7 @@ impl Run<'_> {
             rss_file_kib: rss.map(|r| r.1),
             samples,
             expected_samples: self.settings.frequency as f64 * f64::from(self.cpus) * secs,
+            otlp: None,
         })
     }
 }
@@ -1204,6 +1220,8 @@ pub(crate) struct Measurement {
     pub rss_file_kib: Option<u64>,
     pub samples: Option<u64>,
     pub expected_samples: f64,
+    /// What our agent exported over OTLP during its whole run (warm-up and final flush too).
+    pub otlp: Option<OtlpTally>,
 }
 
 impl Measurement {
@@ -1237,6 +1255,17 @@ impl Measurement {
 
     fn capture_ratio(&self) -> Option<f64> {
         Some(self.samples? as f64 / self.expected_samples)
+    }
+
+    /// OTLP bytes on the wire (gzip) per sample exported, amortized over every request.
+    fn otlp_bytes_per_sample(&self) -> Option<f64> {
+        let t = self.otlp.filter(|t| t.samples > 0)?;
+        Some(t.wire_bytes as f64 / t.samples as f64)
+    }
+
+    fn otlp_raw_bytes_per_sample(&self) -> Option<f64> {
+        let t = self.otlp.filter(|t| t.samples > 0)?;
+        Some(t.raw_bytes as f64 / t.samples as f64)
     }
 }
 
@@ -1344,6 +1373,18 @@ const ROWS: &[(&str, usize, bool, RowValue)] = &[
     ("samples captured per window", 0, false, |m, _| {
         m.samples.map(|s| s as f64)
     }),
+    (
+        "OTLP export, bytes per sample (gzip, amortized)",
+        1,
+        false,
+        |m, _| m.otlp_bytes_per_sample(),
+    ),
+    (
+        "OTLP export, bytes per sample (uncompressed)",
+        1,
+        false,
+        |m, _| m.otlp_raw_bytes_per_sample(),
+    ),
     ("fixture throughput (iterations/s)", 1, false, |m, _| {
         Some(m.iterations_per_s())
     }),
@@ -1450,6 +1491,7 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
         m.rss_anon_kib.map(|k| k as f64 / 1024.0)
     }))
     .map(|s| s.max);
+    let ours_otlp = median(Profiler::Ours, Measurement::otlp_bytes_per_sample);
     let show = |x: Option<f64>, unit: &str, decimals: usize| {
         x.map_or("n/a".into(), |x| format!("{x:.decimals$}{unit}"))
     };
@@ -1482,10 +1524,18 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
     );
     let _ = writeln!(
         out,
+        "- OTLP export ≤ {BUDGET_OTLP_BYTES_PER_SAMPLE} B per sample (gzip, amortized): {} → {}",
+        show(ours_otlp, " B", 1),
+        verdict(ours_otlp.map(|b| b <= BUDGET_OTLP_BYTES_PER_SAMPLE))
+    );
+    let _ = writeln!(
+        out,
         "\nCells: median [min–max] over rounds. eBPF time excludes the timer interrupt and perf \
          overhead around each program run (≈12 µs per sample on this VM class, paid by the \
          sampled thread; see the fixture rows). bpftrace and perf symbolize only at \
-         exit, outside the window; ours symbolizes continuously, inside it. Process CPU is \
+         exit, outside the window; ours symbolizes continuously, inside it, and exports every \
+         10 s interval over OTLP/HTTP to a local sink (the OTLP rows count its whole run). \
+         Process CPU is \
          counted in {} ms clock ticks ({:.2}% of one CPU per {} s window). See BENCHMARKS.md.",
         ctx.clock_tick_ms,
         ctx.clock_tick_ms / (ctx.window_secs * 1000.0) * 100.0,
@@ -1679,6 +1729,7 @@ mod tests {
             rss_file_kib: None,
             samples: None,
             expected_samples: 1980.0,
+            otlp: None,
         }
     }
 
@@ -1696,6 +1747,12 @@ mod tests {
                 rss_anon_kib: Some(20 * 1024 + u64::from(round) * 1024),
                 rss_file_kib: Some(10 * 1024),
                 samples: Some(1970),
+                otlp: Some(OtlpTally {
+                    requests: 3,
+                    wire_bytes: 60_000 + u64::from(round) * 6_000,
+                    raw_bytes: 300_000,
+                    samples: 3_000,
+                }),
                 ..measurement(Profiler::Ours, round)
             });
             ms.push(Measurement {
@@ -1755,6 +1812,12 @@ mod tests {
         ));
         assert!(report.contains("≤ 2% of one CPU: 1.00% → **PASS**"));
         assert!(report.contains("RssAnon ≤ 80 MiB: 21.0 MiB → **PASS**"));
+        assert!(
+            row("OTLP export, bytes per sample (gzip")
+                .ends_with("| n/a | 21.0 [20.0–22.0] | n/a | n/a |")
+        );
+        assert!(row("OTLP export, bytes per sample (uncompressed)").contains("| 100.0 |"));
+        assert!(report.contains("≤ 40 B per sample (gzip, amortized): 21.0 B → **PASS**"));
         assert!(report.contains("`cargo xtask bench --quick`"));
     }
 }

@@ -17,6 +17,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_context;
+mod otlp_sink;
 
 #[derive(Parser)]
 #[command(name = "xtask")]

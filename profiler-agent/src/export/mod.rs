@@ -1,6 +1,8 @@
-//! Output formats. The only modules that know wire formats (pprof protobuf, folded text).
+//! Output formats. The only modules that know wire formats (pprof protobuf, folded text, OTLP
+//! profiles).
 
 pub mod folded;
+pub mod otlp;
 pub mod pprof;
 pub mod pprof_proto;
 

@@ -4,6 +4,7 @@
 //! address into `(object, file offset)` as soon as the sample arrives, so that the frame stays
 //! symbolizable after the process is gone.
 
+pub mod details;
 pub mod golang;
 pub mod objects;
 pub mod process_context;
@@ -45,6 +46,9 @@ struct Process {
     /// Executable name from `/proc/<pid>/exe` (falls back to the command name).
     name: String,
     exe_path: Option<String>,
+    /// `OTEL_SERVICE_NAME` from its environment.
+    env_service_name: Option<String>,
+    container_id: Option<String>,
 }
 
 /// What a user can learn about a process.
@@ -52,6 +56,8 @@ struct Process {
 pub struct ProcessInfo {
     pub name: String,
     pub exe_path: Option<String>,
+    pub env_service_name: Option<String>,
+    pub container_id: Option<String>,
 }
 
 pub struct ProcessTable {
@@ -87,6 +93,8 @@ impl ProcessTable {
         self.processes.get(&pid).map(|p| ProcessInfo {
             name: p.name.clone(),
             exe_path: p.exe_path.clone(),
+            env_service_name: p.env_service_name.clone(),
+            container_id: p.container_id.clone(),
         })
     }
 
@@ -208,6 +216,14 @@ impl ProcessTable {
             }
         };
         self.metrics.inc("process_maps_read");
+        // The environment and cgroup of a process image do not change: read them once.
+        let (env_service_name, container_id) = match &previous {
+            Some(p) => (p.env_service_name.clone(), p.container_id.clone()),
+            None => (
+                details::read_env_var(&proc_dir, "OTEL_SERVICE_NAME"),
+                details::read_container_id(&proc_dir),
+            ),
+        };
         self.processes.insert(
             pid,
             Process {
@@ -216,6 +232,8 @@ impl ProcessTable {
                 exited_at: previous.and_then(|p| p.exited_at),
                 name,
                 exe_path,
+                env_service_name,
+                container_id,
             },
         );
     }

@@ -92,17 +92,48 @@ impl SampleValue {
     }
 }
 
+/// What the agent learned about a sampled process, for outputs that describe processes
+/// (OTLP resource attributes). Gathered by the collector; no I/O here.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessDetails {
+    /// Executable file name (or the command name when the executable is unknown).
+    pub exe_name: String,
+    pub exe_path: Option<String>,
+    /// `service.name` from the process's OTEP 4719 context.
+    pub context_service_name: Option<String>,
+    /// `OTEL_SERVICE_NAME` from the process's environment at its start.
+    pub env_service_name: Option<String>,
+    pub container_id: Option<String>,
+    /// Resource attributes the process published in its context, as published.
+    pub resource_attributes: Vec<(String, String)>,
+}
+
+impl ProcessDetails {
+    /// `service.name` by precedence: the process context, then `OTEL_SERVICE_NAME`, then the
+    /// executable name.
+    pub fn service_name(&self) -> &str {
+        self.context_service_name
+            .as_deref()
+            .or(self.env_service_name.as_deref())
+            .unwrap_or(&self.exe_name)
+    }
+}
+
 /// Samples aggregated by key, with the names seen for processes and threads.
 #[derive(Default)]
 pub struct Aggregate {
     pub stacks: StackInterner,
     pub samples: HashMap<SampleKey, SampleValue>,
+    /// Every sample's Unix time per key, in arrival order (OTLP carries per-sample timestamps).
+    pub timestamps: HashMap<SampleKey, Vec<u64>>,
     context_ids: HashMap<TraceContext, ContextId>,
     contexts: Vec<TraceContext>,
     pub thread_names: HashMap<u32, String>,
     pub process_names: HashMap<u32, String>,
     /// `service.name` of processes that published one (OTEP 4719 process context).
     pub service_names: HashMap<u32, String>,
+    /// Per-process details, first seen in this interval.
+    pub process_details: HashMap<u32, Arc<ProcessDetails>>,
     pub total_samples: u64,
 }
 
@@ -119,13 +150,15 @@ impl Aggregate {
         let stack = self.stacks.intern(frames);
         let context = context.map(|c| self.context_id(c));
         self.total_samples += 1;
+        let key = SampleKey {
+            pid,
+            tid,
+            stack,
+            context,
+        };
+        self.timestamps.entry(key).or_default().push(unix_ns);
         self.samples
-            .entry(SampleKey {
-                pid,
-                tid,
-                stack,
-                context,
-            })
+            .entry(key)
             .and_modify(|v| v.record(unix_ns))
             .or_insert(SampleValue::first(unix_ns));
         stack
@@ -215,5 +248,20 @@ mod tests {
         assert_eq!((v.count, v.first_unix_ns, v.last_unix_ns), (2, 50, 100));
         assert_eq!(agg.frames().count(), 3);
         assert_eq!(agg.time_range(), Some((50, 100)));
+        assert_eq!(agg.timestamps[&key(None)], vec![100, 50]);
+        assert_eq!(agg.timestamps[&key(Some(ContextId(0)))], vec![90, 95]);
+    }
+
+    #[test]
+    fn service_name_precedence() {
+        let mut d = ProcessDetails {
+            exe_name: "server".into(),
+            ..Default::default()
+        };
+        assert_eq!(d.service_name(), "server");
+        d.env_service_name = Some("from-env".into());
+        assert_eq!(d.service_name(), "from-env");
+        d.context_service_name = Some("from-context".into());
+        assert_eq!(d.service_name(), "from-context");
     }
 }
