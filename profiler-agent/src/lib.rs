@@ -12,8 +12,10 @@ pub mod export;
 pub mod metrics;
 pub mod process;
 pub mod profile;
+pub mod query;
 pub mod record;
 pub mod run;
+pub mod store;
 pub mod symbolize;
 
 /// Resolves on SIGINT or SIGTERM.

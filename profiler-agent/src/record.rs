@@ -28,6 +28,9 @@ pub struct CollectOptions {
     /// Labels that carry trace and span ids (label-based sources).
     pub id_labels: IdLabels,
     pub sinks: Vec<Box<dyn Sink>>,
+    /// The agent's counters; shared with whatever else reports them (the daemon's sinks and
+    /// its `/metrics` endpoint).
+    pub metrics: Metrics,
 }
 
 /// A running capture.
@@ -56,7 +59,7 @@ impl Recording {
     }
 
     pub fn start_with(config: &SamplerConfig, outputs: CollectOptions) -> anyhow::Result<Self> {
-        let metrics = Metrics::default();
+        let metrics = outputs.metrics;
         let (sampler, channels) = Sampler::start(config)?;
         let (inbox, rx) = mpsc::channel(COLLECTOR_QUEUE);
         let collector = Collector::spawn(
@@ -209,6 +212,7 @@ pub async fn record(options: RecordOptions) -> anyhow::Result<RecordSummary> {
             traces: options.traces.clone(),
             id_labels: options.id_labels.clone(),
             sinks,
+            metrics: Metrics::default(),
         },
     )?;
     tracing::info!(

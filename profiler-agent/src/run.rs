@@ -38,6 +38,7 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
             traces: options.traces.clone(),
             id_labels: options.id_labels.clone(),
             sinks,
+            metrics: Default::default(),
         },
     )?;
     tracing::info!(
