@@ -332,29 +332,52 @@ impl Collector {
     }
 
     fn decode_context(&mut self, sample: &RawSample) -> Option<TraceContext> {
-        let outcome = match sample.context_kind {
+        let (source, outcome) = match sample.context_kind {
             ContextKind::None => return None,
             ContextKind::ThreadContext => {
                 let keys = self.sources.as_ref().and_then(|s| s.meta(sample.tgid));
                 let keys = keys.map(|m| m.attribute_keys.clone());
-                decode_thread_context(&sample.context, keys.as_deref().unwrap_or(&[]))
+                (
+                    0,
+                    decode_thread_context(&sample.context, keys.as_deref().unwrap_or(&[])),
+                )
             }
-            ContextKind::CustomLabels => {
-                decode_custom_labels(&sample.context, &self.config.id_labels)
-            }
-            ContextKind::Obi => decode_obi(&sample.context),
+            ContextKind::CustomLabels => (
+                1,
+                decode_custom_labels(&sample.context, &self.config.id_labels),
+            ),
+            ContextKind::Obi => (2, decode_obi(&sample.context)),
             other => {
                 self.metrics
                     .inc(&format!("context_kind_unsupported_{}", other as u8));
                 return None;
             }
         };
+        // Per-source outcomes, for /metrics: which reader works on this host, which does not.
+        const OUTCOMES: [[&str; 3]; 3] = [
+            [
+                "context_decoded_thread_context",
+                "context_empty_thread_context",
+                "context_invalid_thread_context",
+            ],
+            [
+                "context_decoded_custom_labels",
+                "context_empty_custom_labels",
+                "context_invalid_custom_labels",
+            ],
+            [
+                "context_decoded_obi",
+                "context_empty_obi",
+                "context_invalid_obi",
+            ],
+        ];
         match outcome {
             DecodeOutcome::Context {
                 context,
                 dropped_attributes,
                 unknown_keys,
             } => {
+                self.metrics.inc(OUTCOMES[source][0]);
                 self.metrics
                     .add("context_attributes_dropped", u64::from(dropped_attributes));
                 self.metrics
@@ -364,8 +387,12 @@ impl Collector {
                 }
                 Some(context)
             }
-            DecodeOutcome::Empty => None,
+            DecodeOutcome::Empty => {
+                self.metrics.inc(OUTCOMES[source][1]);
+                None
+            }
             DecodeOutcome::Invalid(reason) => {
+                self.metrics.inc(OUTCOMES[source][2]);
                 self.metrics.inc(reason);
                 None
             }

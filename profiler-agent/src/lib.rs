@@ -4,6 +4,7 @@
 //! Data flow (see ARCHITECTURE.md): `ebpf` (kernel programs, ring buffer) → `collector`
 //! (owns `process` table, `profile` aggregate and `symbolize`r) → `export` (pprof, folded).
 
+pub mod api;
 pub mod clock;
 pub mod collector;
 pub mod context;
