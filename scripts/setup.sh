@@ -2,7 +2,7 @@
 # Idempotent setup for a fresh machine: what building and testing the profiler needs.
 #  - rust-src for the nightly toolchain (eBPF is built with -Z build-std=core)
 #  - bpf-linker, built against the nightly toolchain's own libLLVM
-#  - the Debian packages the tests use
+#  - the Debian packages the tests use (chromium: the headless browser test of the HTML page)
 # Fast when everything is present already (a few hundred ms).
 set -euo pipefail
 
@@ -12,7 +12,7 @@ CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
 BPF_LINKER_ROOT=${BPF_LINKER_ROOT:-$CARGO_HOME}
 # A local copy of the rust-src component, used when rustup cannot download it.
 RUST_SRC_TARBALL=${PROFILER_RUST_SRC_TARBALL:-}
-APT_PACKAGES=${PROFILER_APT_PACKAGES:-"golang-1.19-go bpftrace linux-perf bpftool"}
+APT_PACKAGES=${PROFILER_APT_PACKAGES:-"golang-1.19-go bpftrace linux-perf bpftool chromium"}
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
