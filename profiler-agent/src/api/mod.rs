@@ -497,3 +497,150 @@ pub fn describe(addr: SocketAddr) -> String {
 fn now_text() -> String {
     format_time(unix_ns(SystemTime::now()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+
+    use super::*;
+    use crate::{
+        export::synthetic,
+        store::{Store, TraceProcess, TraceRecord},
+    };
+
+    /// A store with one synthetic trace (`ab..ab`), served on an ephemeral port.
+    async fn serve_store(dir: &std::path::Path, token: Option<&str>) -> SocketAddr {
+        let db = dir.join("api.db");
+        let mut store = Store::open(&db).unwrap();
+        let id = [0xab; 16];
+        let profile = synthetic::trace_profile(id, 1_000, 1);
+        store
+            .write(
+                &[TraceRecord {
+                    trace_id: id,
+                    part: 1,
+                    first_ns: 1_000,
+                    last_ns: 2_000,
+                    samples: u64::from(synthetic::SAMPLES),
+                    cpu_ns: 1,
+                    processes: vec![TraceProcess {
+                        pid: 1,
+                        process_name: "checkout".into(),
+                        service: "checkout".into(),
+                    }],
+                    spans: vec![[1; 8]],
+                    profile: pprof::encode_gzip(&profile),
+                }],
+                &[],
+            )
+            .unwrap();
+        drop(store);
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = ApiState {
+            store: Some(db),
+            token: token.map(str::to_owned),
+            metrics: Metrics::default(),
+            kernel: watch::channel(KernelCounters::default()).1,
+        };
+        tokio::spawn(serve(listener, state, std::future::pending()));
+        addr
+    }
+
+    /// A plain HTTP/1.1 GET on a blocking thread: (status, whole response text).
+    async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{}\r\n",
+            token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"))
+        );
+        tokio::task::spawn_blocking(move || {
+            let mut stream = std::net::TcpStream::connect(addr).unwrap();
+            stream.write_all(request.as_bytes()).unwrap();
+            let mut response = String::new();
+            stream.read_to_string(&mut response).unwrap();
+            let status = response[9..12].parse().unwrap();
+            (status, response)
+        })
+        .await
+        .unwrap()
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("profiler-api-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn status_codes_and_messages() {
+        let dir = temp_dir("status");
+        let addr = serve_store(&dir, None).await;
+        let known = "ab".repeat(16);
+        let (status, body) = get(addr, &format!("/api/traces/{known}/top"), None).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("process_step_"), "{body}");
+        let (status, body) = get(addr, "/api/traces/xyz/flamegraph.svg", None).await;
+        assert_eq!(status, 400);
+        assert!(
+            body.contains("a trace id is 32 hex digits; got 3 characters"),
+            "{body}"
+        );
+        let (status, body) = get(addr, &format!("/api/traces/{}/top", "0".repeat(32)), None).await;
+        assert_eq!(status, 400);
+        assert!(body.contains("all-zero"), "{body}");
+        let (status, body) = get(addr, &format!("/api/traces/{}/top", "g".repeat(32)), None).await;
+        assert_eq!(status, 400);
+        assert!(body.contains("not hex"), "{body}");
+        let (status, body) = get(addr, &format!("/trace?id={}", "1".repeat(31)), None).await;
+        assert_eq!(status, 400, "{body}");
+        let (status, body) = get(addr, &format!("/api/traces/{}/top", "cd".repeat(16)), None).await;
+        assert_eq!(status, 404);
+        assert!(body.contains("is not in the store"), "{body}");
+        let (status, _) = get(addr, &format!("/api/traces/{known}/nonsense"), None).await;
+        assert_eq!(status, 404);
+        let (status, body) = get(addr, "/api/traces?since=soon", None).await;
+        assert_eq!(status, 400, "{body}");
+        let (status, body) = get(addr, "/api/window/top?from=25:00", None).await;
+        assert_eq!(status, 400, "{body}");
+        let (status, body) = get(addr, "/api/window/top?since=10m", None).await;
+        assert_eq!(status, 404, "an empty window: {body}");
+        let (status, body) = get(addr, "/api/traces?service=checkout", None).await;
+        assert_eq!(status, 200);
+        assert!(body.contains(&known), "{body}");
+        let (status, body) = get(addr, &format!("/trace?id={}", known.to_uppercase()), None).await;
+        assert_eq!(status, 303, "{body}");
+        assert!(
+            body.contains(&format!("location: /traces/{known}")),
+            "{body}"
+        );
+        let (status, body) = get(addr, "/", None).await;
+        assert_eq!(status, 200);
+        assert!(body.contains(&known) && body.contains("checkout"), "{body}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bearer_token() {
+        let dir = temp_dir("token");
+        let addr = serve_store(&dir, Some("t0k3n")).await;
+        let (status, body) = get(addr, "/api/traces", None).await;
+        assert_eq!(status, 401);
+        assert!(
+            body.to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
+            "{body}"
+        );
+        assert_eq!(get(addr, "/api/traces", Some("t0k3N")).await.0, 401);
+        assert_eq!(get(addr, "/api/traces", Some("t0k3n")).await.0, 200);
+        assert_eq!(get(addr, "/metrics?access_token=t0k3n", None).await.0, 200);
+        assert_eq!(get(addr, "/healthz", None).await.0, 200);
+        let (status, body) = get(addr, "/?access_token=t0k3n", None).await;
+        assert_eq!(status, 200);
+        assert!(
+            body.contains("?access_token=t0k3n"),
+            "links keep the token: {body}"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
