@@ -81,6 +81,9 @@ pub struct SymbolizedSample {
     pub tid: u32,
     pub thread_name: String,
     pub functions: Vec<Arc<str>>,
+    /// The function containing the sampled instruction (the leaf frame without its inlined
+    /// calls): what "the sample's leaf" means to a person reading a profile.
+    pub leaf: Arc<str>,
     pub count: u64,
     pub context: Option<TraceContext>,
 }
@@ -348,25 +351,57 @@ impl Collector {
     }
 
     fn decode_context(&mut self, sample: &RawSample) -> Option<TraceContext> {
-        let outcome = match sample.context_kind {
+        let (source, outcome) = match sample.context_kind {
             ContextKind::None => return None,
             ContextKind::ThreadContext => {
                 let keys = self.sources.as_ref().and_then(|s| s.meta(sample.tgid));
                 let keys = keys.map(|m| m.attribute_keys.clone());
-                decode_thread_context(&sample.context, keys.as_deref().unwrap_or(&[]))
+                (
+                    0,
+                    decode_thread_context(&sample.context, keys.as_deref().unwrap_or(&[])),
+                )
             }
             // Go labels use the custom-labels payload layout.
-            ContextKind::CustomLabels | ContextKind::GoLabels => {
-                decode_custom_labels(&sample.context, &self.config.id_labels)
-            }
-            ContextKind::Obi => decode_obi(&sample.context),
+            ContextKind::CustomLabels => (
+                1,
+                decode_custom_labels(&sample.context, &self.config.id_labels),
+            ),
+            ContextKind::GoLabels => (
+                3,
+                decode_custom_labels(&sample.context, &self.config.id_labels),
+            ),
+            ContextKind::Obi => (2, decode_obi(&sample.context)),
         };
+        // Per-source outcomes, for /metrics: which reader works on this host, which does not.
+        const OUTCOMES: [[&str; 3]; 4] = [
+            [
+                "context_decoded_thread_context",
+                "context_empty_thread_context",
+                "context_invalid_thread_context",
+            ],
+            [
+                "context_decoded_custom_labels",
+                "context_empty_custom_labels",
+                "context_invalid_custom_labels",
+            ],
+            [
+                "context_decoded_obi",
+                "context_empty_obi",
+                "context_invalid_obi",
+            ],
+            [
+                "context_decoded_go_labels",
+                "context_empty_go_labels",
+                "context_invalid_go_labels",
+            ],
+        ];
         match outcome {
             DecodeOutcome::Context {
                 context,
                 dropped_attributes,
                 unknown_keys,
             } => {
+                self.metrics.inc(OUTCOMES[source][0]);
                 self.metrics
                     .add("context_attributes_dropped", u64::from(dropped_attributes));
                 self.metrics
@@ -376,8 +411,12 @@ impl Collector {
                 }
                 Some(context)
             }
-            DecodeOutcome::Empty => None,
+            DecodeOutcome::Empty => {
+                self.metrics.inc(OUTCOMES[source][1]);
+                None
+            }
             DecodeOutcome::Invalid(reason) => {
+                self.metrics.inc(OUTCOMES[source][2]);
                 self.metrics.inc(reason);
                 None
             }
@@ -414,6 +453,19 @@ impl Collector {
                             .collect::<Vec<_>>()
                     })
                     .collect(),
+                leaf: self
+                    .aggregate
+                    .stacks
+                    .get(key.stack)
+                    .first()
+                    .and_then(|f| {
+                        self.symbolizer
+                            .get(*f, objects)
+                            .lines
+                            .last()
+                            .map(|l| l.function.clone())
+                    })
+                    .unwrap_or_else(|| Arc::from("")),
                 count: value.count,
                 context: key.context.map(|c| self.aggregate.context(c).clone()),
             })

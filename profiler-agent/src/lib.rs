@@ -4,6 +4,7 @@
 //! Data flow (see ARCHITECTURE.md): `ebpf` (kernel programs, ring buffer) → `collector`
 //! (owns `process` table, `profile` aggregate and `symbolize`r) → `export` (pprof, folded).
 
+pub mod api;
 pub mod clock;
 pub mod collector;
 pub mod context;
@@ -12,8 +13,10 @@ pub mod export;
 pub mod metrics;
 pub mod process;
 pub mod profile;
+pub mod query;
 pub mod record;
 pub mod run;
+pub mod store;
 pub mod symbolize;
 
 /// Resolves on SIGINT or SIGTERM.

@@ -1,7 +1,7 @@
 //! `profiler-agent`: command-line entry point. Parses flags (each with a `PROFILER_*`
 //! environment twin), sets up logging, and runs the chosen command.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use profiler_agent::{
@@ -12,8 +12,10 @@ use profiler_agent::{
         otlp::{self, Compression, OtlpArgs, OtlpConfig, Protocol, RetryPolicy},
     },
     profile::traces::TraceTableConfig,
+    query::{DEFAULT_STORE, QueryOptions, TracesOptions, View},
     record::{RecordOptions, record},
-    run::{RunOptions, run},
+    run::{ApiOptions, RunOptions, StoreOptions, run},
+    store::Retention,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -46,8 +48,15 @@ enum LogFormat {
 enum Command {
     /// Sample for a fixed time and write one profile.
     Record(RecordArgs),
-    /// Run as a daemon until SIGINT/SIGTERM.
+    /// Run as a daemon until SIGINT/SIGTERM: per-trace profiles into the store, query API.
     Run(RunArgs),
+    /// Show a stored trace's profile (or a service's time window): top, pprof, folded, svg.
+    Query(QueryArgs),
+    /// List recent traces in the store with their samples and durations.
+    Traces(TracesArgs),
+    /// Store benchmark (used by `cargo xtask bench`): query latency among N stored traces.
+    #[command(hide = true)]
+    BenchStore(BenchStoreArgs),
 }
 
 #[derive(Args)]
@@ -171,6 +180,27 @@ struct RunArgs {
     /// Write one pprof per trace: <DIR>/<trace_id>.pb.gz.
     #[arg(long, env = "PROFILER_PER_TRACE_DIR")]
     per_trace_dir: Option<PathBuf>,
+    /// The embedded store (SQLite): per-trace profiles and per-process time buckets.
+    #[arg(long, env = "PROFILER_STORE", default_value = DEFAULT_STORE)]
+    store: PathBuf,
+    /// Do not store profiles (and serve no store routes).
+    #[arg(long, env = "PROFILER_NO_STORE")]
+    no_store: bool,
+    /// Delete stored traces and buckets older than this.
+    #[arg(long, env = "PROFILER_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    retention: Duration,
+    /// Cap on the bytes the store uses (e.g. 2GiB, 500MB); the oldest data goes first.
+    #[arg(long, env = "PROFILER_STORE_MAX_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    store_max_bytes: u64,
+    /// Address of the query API and HTML page.
+    #[arg(long, env = "PROFILER_API_LISTEN", default_value = "127.0.0.1:8740")]
+    api_listen: SocketAddr,
+    /// Serve no API.
+    #[arg(long, env = "PROFILER_NO_API")]
+    no_api: bool,
+    /// Require this bearer token on every API route but /healthz.
+    #[arg(long, env = "PROFILER_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
     #[command(flatten)]
@@ -254,6 +284,114 @@ impl OtlpFlags {
     }
 }
 
+#[derive(Args)]
+struct StoreArg {
+    /// The store the agent writes (read-only here; works while the agent runs).
+    #[arg(long, env = "PROFILER_STORE", default_value = DEFAULT_STORE)]
+    store: PathBuf,
+}
+
+#[derive(Args)]
+struct QueryArgs {
+    /// The trace (32 hex digits). Without it: a time window (--service/--pid, --from/--since).
+    #[arg(long, short = 't')]
+    trace_id: Option<String>,
+    /// Time window: this service's samples (its service.name, or its process name).
+    #[arg(long, conflicts_with = "trace_id")]
+    service: Option<String>,
+    /// Time window: this process's samples.
+    #[arg(long, conflicts_with = "trace_id")]
+    pid: Option<u32>,
+    /// Time window start: RFC 3339 (2026-05-01T14:05:00Z), HH:MM[:SS] (UTC) or Unix seconds.
+    #[arg(long, conflicts_with_all = ["trace_id", "since"])]
+    from: Option<String>,
+    /// Time window end [default: --from + --duration].
+    #[arg(long, requires = "from")]
+    to: Option<String>,
+    /// Time window length after --from [default: 1m].
+    #[arg(long, requires = "from", conflicts_with = "to", value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Time window: the last so long [default: 10m].
+    #[arg(long, conflicts_with = "trace_id", value_parser = humantime::parse_duration)]
+    since: Option<Duration>,
+    /// Output format.
+    #[arg(long, short = 'f', value_enum, default_value = "top")]
+    format: View,
+    /// Write here instead of standard output.
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
+    /// Rows of the top table.
+    #[arg(long, default_value_t = 20)]
+    top: usize,
+    #[command(flatten)]
+    store: StoreArg,
+}
+
+#[derive(Args)]
+struct TracesArgs {
+    /// Only traces that ran in this service (its service.name, or its process name).
+    #[arg(long)]
+    service: Option<String>,
+    /// Only traces that ran in this process.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Only the trace with this span (16 hex digits).
+    #[arg(long)]
+    span_id: Option<String>,
+    /// Only traces with samples in the last so long (e.g. 10m, 2h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    since: Option<Duration>,
+    /// At most this many, most recent first.
+    #[arg(long, short = 'n', default_value_t = 20)]
+    limit: usize,
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    store: StoreArg,
+}
+
+#[derive(Args)]
+struct BenchStoreArgs {
+    /// Where to create the benchmark's store (removed first).
+    #[arg(long)]
+    path: PathBuf,
+    /// Traces to store.
+    #[arg(long, default_value_t = 10_000)]
+    traces: u32,
+    /// Queries to time.
+    #[arg(long, default_value_t = 500)]
+    queries: u32,
+}
+
+/// A byte size: a number with an optional unit (B, KB, MB, GB: powers of 1000; KiB, MiB, GiB:
+/// powers of 1024).
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 512MiB, 2GB, 1000000)"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (B, KB, MB, GB, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    Ok((number * scale as f64) as u64)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -286,16 +424,56 @@ fn main() -> ExitCode {
             }
             Command::Run(args) => {
                 let otlp = args.otlp.config()?;
+                let store = (!args.no_store).then(|| StoreOptions {
+                    path: args.store.clone(),
+                    retention: Retention {
+                        max_age: args.retention,
+                        max_bytes: args.store_max_bytes,
+                    },
+                });
+                let api = (!args.no_api).then(|| ApiOptions {
+                    listen: args.api_listen,
+                    token: args.api_token.clone().filter(|t| !t.is_empty()),
+                });
                 run(RunOptions {
                     sampler: args.sampling.config(&args.traces),
                     interval: args.interval,
                     output_dir: args.output_dir,
                     per_trace_dir: args.per_trace_dir,
+                    store,
+                    api,
                     traces: args.traces.config(),
                     id_labels: args.traces.id_labels(),
                     otlp,
                 })
                 .await
+            }
+            Command::Query(args) => profiler_agent::query::query(&QueryOptions {
+                store: args.store.store,
+                trace_id: args.trace_id,
+                service: args.service,
+                pid: args.pid,
+                duration: args.duration,
+                from: args.from,
+                to: args.to,
+                since: args.since,
+                view: args.format,
+                output: args.output,
+                top_rows: args.top,
+            }),
+            Command::Traces(args) => profiler_agent::query::traces(&TracesOptions {
+                store: args.store.store,
+                service: args.service,
+                pid: args.pid,
+                span_id: args.span_id,
+                since: args.since,
+                limit: args.limit,
+                json: args.json,
+            }),
+            Command::BenchStore(args) => {
+                let report = profiler_agent::store::bench(&args.path, args.traces, args.queries)?;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
             }
         }
     });
@@ -364,5 +542,18 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(super::parse_bytes("1000"), Ok(1000));
+        assert_eq!(super::parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(super::parse_bytes("2 GB"), Ok(2_000_000_000));
+        assert_eq!(super::parse_bytes("1.5KiB"), Ok(1536));
+        assert!(super::parse_bytes("lots").is_err());
+        assert!(super::parse_bytes("5 parsecs").is_err());
     }
 }

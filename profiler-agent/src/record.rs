@@ -28,7 +28,8 @@ pub struct CollectOptions {
     /// Labels that carry trace and span ids (label-based sources).
     pub id_labels: IdLabels,
     pub sinks: Vec<Box<dyn Sink>>,
-    /// The recording's counters: shared with sinks that count on their own tasks (OTLP).
+    /// The agent's counters; shared with whatever else reports them (the daemon's sinks and
+    /// its `/metrics` endpoint).
     pub metrics: Metrics,
 }
 

@@ -1,18 +1,41 @@
-//! The long-running agent: samples until SIGINT/SIGTERM, hands each interval's aggregate to the
-//! configured sinks, logs its counters, and flushes once more on shutdown (the OTLP exporter
-//! then delivers what it still holds, within its deadline).
+//! The long-running agent: samples until SIGINT/SIGTERM, hands each interval's aggregate and
+//! each finished trace to the configured sinks (by default the embedded store; OTLP export when
+//! an endpoint is set), serves the query API, logs its counters, and flushes once more on
+//! shutdown (the OTLP exporter then delivers what it still holds, within its deadline).
 
-use std::{path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use tokio::sync::{oneshot, watch};
 
 use crate::{
+    api,
     collector::Sink,
     context::IdLabels,
     ebpf::SamplerConfig,
     export::{self, otlp},
     metrics::Metrics,
     profile::traces::TraceTableConfig,
+    query::query_command,
     record::{CollectOptions, Recording},
+    store::{Retention, Store, StoreSink},
 };
+
+/// How often the kernel counters are published to `/metrics`.
+const COUNTERS_EVERY: Duration = Duration::from_secs(1);
+/// How long in-flight API requests get at shutdown.
+const API_DRAIN: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub path: PathBuf,
+    pub retention: Retention,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiOptions {
+    pub listen: SocketAddr,
+    pub token: Option<String>,
+}
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -22,6 +45,10 @@ pub struct RunOptions {
     pub output_dir: Option<PathBuf>,
     /// Write one pprof per trace here.
     pub per_trace_dir: Option<PathBuf>,
+    /// The embedded store (the default output).
+    pub store: Option<StoreOptions>,
+    /// The query API.
+    pub api: Option<ApiOptions>,
     pub traces: TraceTableConfig,
     pub id_labels: IdLabels,
     /// Export every interval over OTLP.
@@ -29,6 +56,76 @@ pub struct RunOptions {
 }
 
 pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+    let metrics = Metrics::default();
+    // Everything that can refuse to start (a corrupt store, a taken port) does so before the
+    // eBPF programs load.
+    let (sinks, exporter) = sinks(&options, &metrics)?;
+    let listener = match &options.api {
+        Some(api) => Some(api::bind(api.listen).await?),
+        None => None,
+    };
+    let recording = Recording::start_with(
+        &options.sampler,
+        CollectOptions {
+            traces: options.traces.clone(),
+            id_labels: options.id_labels.clone(),
+            sinks,
+            metrics: metrics.clone(),
+        },
+    )?;
+    let (kernel_tx, kernel_rx) = watch::channel(recording.kernel_counters());
+    let api = match (listener, &options.api) {
+        (Some(listener), Some(api)) => {
+            Some(start_api(listener, api, &options, metrics, kernel_rx)?)
+        }
+        _ => None,
+    };
+    tracing::info!(
+        frequency_hz = options.sampler.frequency_hz,
+        interval = ?options.interval,
+        output_dir = ?options.output_dir,
+        per_trace_dir = ?options.per_trace_dir,
+        store = ?options.store.as_ref().map(|s| &s.path),
+        "profiling every process on this machine"
+    );
+    announce(&options, api.as_ref().map(|a| a.addr));
+    let mut tick = tokio::time::interval(options.interval);
+    tick.tick().await;
+    let mut counters = tokio::time::interval(COUNTERS_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                recording.flush_interval().await?;
+                log_counters(&recording);
+            }
+            _ = counters.tick() => {
+                kernel_tx.send_replace(recording.kernel_counters());
+            }
+            _ = crate::shutdown_signal() => break,
+        }
+    }
+    tracing::info!("shutting down: flushing the last interval and every open trace");
+    recording.flush_interval().await?;
+    // Finishing drops the sinks on the collector thread: the store writes what is queued.
+    let finished = recording.finish(|_| ()).await?;
+    if let Some((exporter, deadline)) = exporter {
+        exporter.shutdown(deadline).await;
+    }
+    kernel_tx.send_replace(finished.kernel.clone());
+    if let Some(api) = api {
+        api.stop().await;
+    }
+    tracing::info!(kernel = ?finished.kernel.0, agent = ?finished.metrics.snapshot(), "stopped");
+    Ok(())
+}
+
+/// The OTLP delivery task and how long it may take to drain at shutdown.
+type Exporter = (otlp::Exporter, Duration);
+
+fn sinks(
+    options: &RunOptions,
+    metrics: &Metrics,
+) -> anyhow::Result<(Vec<Box<dyn Sink>>, Option<Exporter>)> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(dir) = &options.output_dir {
         sinks.push(Box::new(export::IntervalDir::create(dir)?));
@@ -36,7 +133,14 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     if let Some(dir) = &options.per_trace_dir {
         sinks.push(Box::new(export::PerTraceDir::create(dir)?));
     }
-    let metrics = Metrics::default();
+    if let Some(store) = &options.store {
+        let opened = Store::open(&store.path)?;
+        sinks.push(Box::new(StoreSink::start(
+            opened,
+            store.retention,
+            metrics.clone(),
+        )?));
+    }
     let exporter = match &options.otlp {
         Some(config) => {
             let (sink, exporter) = otlp::start(config, metrics.clone())?;
@@ -46,41 +150,65 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let recording = Recording::start_with(
-        &options.sampler,
-        CollectOptions {
-            traces: options.traces.clone(),
-            id_labels: options.id_labels.clone(),
-            sinks,
-            metrics,
-        },
-    )?;
-    tracing::info!(
-        frequency_hz = options.sampler.frequency_hz,
-        interval = ?options.interval,
-        output_dir = ?options.output_dir,
-        per_trace_dir = ?options.per_trace_dir,
-        "profiling every process on this machine"
-    );
-    let mut tick = tokio::time::interval(options.interval);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                recording.flush_interval().await?;
-                log_counters(&recording);
-            }
-            _ = crate::shutdown_signal() => break,
+    Ok((sinks, exporter))
+}
+
+/// The API task and how to stop it.
+struct RunningApi {
+    addr: SocketAddr,
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl RunningApi {
+    /// Stops accepting, lets in-flight requests finish for [`API_DRAIN`], then aborts.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let mut task = self.task;
+        match tokio::time::timeout(API_DRAIN, &mut task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the API server failed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "the API task failed"),
+            Err(_) => task.abort(),
         }
     }
-    tracing::info!("shutting down: flushing the last interval and every open trace");
-    recording.flush_interval().await?;
-    let finished = recording.finish(|_| ()).await?;
-    if let Some((exporter, deadline)) = exporter {
-        exporter.shutdown(deadline).await;
+}
+
+fn start_api(
+    listener: tokio::net::TcpListener,
+    options: &ApiOptions,
+    run: &RunOptions,
+    metrics: Metrics,
+    kernel: watch::Receiver<crate::ebpf::KernelCounters>,
+) -> anyhow::Result<RunningApi> {
+    let addr = listener.local_addr()?;
+    let state = api::ApiState {
+        store: run.store.as_ref().map(|s| s.path.clone()),
+        token: options.token.clone(),
+        metrics,
+        kernel,
+    };
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(api::serve(listener, state, async {
+        let _ = stopped.await;
+    }));
+    Ok(RunningApi { addr, stop, task })
+}
+
+/// Tells the user where to look: the page and the query command.
+fn announce(options: &RunOptions, api: Option<SocketAddr>) {
+    if let Some(addr) = api {
+        tracing::info!(url = %api::describe(addr), "query API listening");
     }
-    tracing::info!(kernel = ?finished.kernel.0, agent = ?finished.metrics.snapshot(), "stopped");
-    Ok(())
+    if let Some(store) = &options.store {
+        tracing::info!(
+            path = %store.path.display(),
+            retention = %humantime::format_duration(store.retention.max_age),
+            max_bytes = store.retention.max_bytes,
+            query = %query_command(&store.path, None),
+            "storing per-trace profiles"
+        );
+    }
 }
 
 fn log_counters(recording: &Recording) {

@@ -74,8 +74,15 @@ async fn pid_filter_excludes_other_processes() {
     let recording =
         profiler_agent::record::Recording::start(&sampler_config(Some(vec![profiled.pid]), 99))
             .expect("start recording");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let samples = recording.snapshot().await.unwrap();
+    // Until the profiled process has enough samples (a loaded machine is slower), 30 s at most.
+    let (samples, _) = sample_until(&recording, CAP, |s| {
+        s.iter()
+            .filter(|x| x.pid == profiled.pid)
+            .map(|x| x.count)
+            .sum::<u64>()
+            > 100
+    })
+    .await;
     let finished = recording.finish(|_| ()).await.unwrap();
     let from_profiled: u64 = samples
         .iter()
@@ -204,7 +211,7 @@ async fn symbolizes_stripped_go_binaries() {
     // The whole goroutine stack is there, down to its entry.
     let whole: u64 = samples
         .iter()
-        .filter(|s| s.functions.first().is_some_and(|f| workers.contains(&&**f)))
+        .filter(|s| workers.contains(&&*s.leaf))
         .filter(|s| s.functions.last().is_some_and(|f| &**f == "runtime.goexit"))
         .map(|s| s.count)
         .sum();

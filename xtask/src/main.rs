@@ -1,7 +1,8 @@
 //! Developer tasks. `cargo xtask <task>`:
 //!
 //! - `setup`: install what a fresh machine lacks (idempotent; scripts/setup.sh).
-//! - `run`:   setup, build, and run the agent's main job.
+//! - `run`:   setup, build, and run the agent as a daemon with the embedded store and the
+//!   query API (or the agent command given after `run`); prints where to look.
 //! - `test`:  setup, formatting, clippy (host crates and the eBPF crate), unit tests, then the
 //!   root integration tests that load the real eBPF programs.
 //! - `lint`:  formatting and clippy only.
@@ -30,7 +31,9 @@ struct Cli {
 enum Task {
     /// Install rust-src, bpf-linker and the Debian packages the tests use.
     Setup,
-    /// Set up, build (release) and run the agent. Extra arguments go to the agent.
+    /// Set up, build (release) and run the agent: by default the daemon with the store in
+    /// target/profiler/ and the API on 127.0.0.1:8740. Extra arguments replace the default
+    /// agent command line.
     Run {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -58,12 +61,10 @@ fn main() -> anyhow::Result<()> {
         Task::Run { args } => {
             setup(&root)?;
             cargo(&["build", "--release", "-p", "profiler-agent"])?;
-            let args = if args.is_empty() {
-                default_run_args()
-            } else {
-                args
-            };
             let agent = root.join("target/release/profiler-agent");
+            if args.is_empty() {
+                return run_daemon(&agent);
+            }
             eprintln!("+ {} {}", agent.display(), args.join(" "));
             run(Command::new(agent).args(&args))?;
             if args.first().map(String::as_str) == Some("record") {
@@ -112,10 +113,46 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn default_run_args() -> Vec<String> {
-    ["record", "--duration", "10s", "--output", "profile.pb.gz"]
-        .map(String::from)
-        .to_vec()
+/// Where `cargo xtask run` keeps its store, and where its API listens.
+const RUN_STORE: &str = "target/profiler/profiles.db";
+const RUN_API: &str = "127.0.0.1:8740";
+
+/// Runs the daemon with the store and the API, says where to look, and stops it cleanly on
+/// Ctrl-C (the agent gets the terminal's SIGINT; a SIGTERM to xtask is passed on as SIGINT).
+fn run_daemon(agent: &Path) -> anyhow::Result<()> {
+    let args = ["run", "--store", RUN_STORE, "--api-listen", RUN_API];
+    eprintln!("+ {} {}", agent.display(), args.join(" "));
+    let agent_rel = "target/release/profiler-agent";
+    eprintln!(
+        "\nProfiling every process on this machine; per-trace profiles go to {RUN_STORE}.\n\
+         \x20 Browse:  http://{RUN_API}/   (recent traces, flame graphs, a box for a trace id)\n\
+         \x20 Query:   {agent_rel} query --store {RUN_STORE} --trace-id <trace id> [--format top|pprof|folded|svg]\n\
+         \x20 List:    {agent_rel} traces --store {RUN_STORE} --since 10m\n\
+         \x20 Metrics: curl http://{RUN_API}/metrics\n\
+         Ctrl-C stops it (the last traces are flushed to the store first).\n"
+    );
+    bench::install_signal_handlers();
+    let mut child = Command::new(agent)
+        .args(args)
+        .spawn()
+        .with_context(|| format!("start {}", agent.display()))?;
+    let mut forwarded = false;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if bench::interrupted() && !forwarded {
+            // Harmless when the terminal already sent it: the agent handles every SIGINT.
+            let _ = bench::signal(child.id(), libc::SIGINT);
+            forwarded = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    if !status.success() {
+        bail!("the agent failed: {status}");
+    }
+    eprintln!("\nStopped. The store keeps the traces: {agent_rel} traces --store {RUN_STORE}");
+    Ok(())
 }
 
 fn setup(root: &Path) -> anyhow::Result<()> {

@@ -5,6 +5,8 @@ pub mod folded;
 pub mod otlp;
 pub mod pprof;
 pub mod pprof_proto;
+pub mod render;
+pub mod synthetic;
 
 use std::path::{Path, PathBuf};
 
@@ -78,6 +80,88 @@ pub fn aggregate_to_pprof(
         builder.add_sample(aggregate.stacks.get(key.stack), value.count, &labels);
     }
     builder.finish()
+}
+
+/// The samples of one process during an interval, as one pprof (the store's time buckets).
+pub struct ProcessProfile {
+    pub pid: u32,
+    pub process_name: String,
+    pub service_name: Option<String>,
+    pub samples: u64,
+    pub profile: pprof_proto::Profile,
+}
+
+/// One profile per process of the aggregate, every sample included: traced ones are labelled
+/// `traced=true` and aggregated without their ids (per-trace profiles keep those), so a
+/// time-window flame graph shows all the CPU at the cost of one entry per distinct stack.
+/// Labels: `pid`, `thread_name`, `process_name`, `service_name`, `traced`.
+pub fn process_profiles(
+    aggregate: &Aggregate,
+    frequency_hz: u64,
+    window: (u64, u64),
+    symbolizer: &mut Symbolizer,
+    objects: &ObjectStore,
+) -> Vec<ProcessProfile> {
+    use std::collections::BTreeMap;
+    // Symbolize every frame in one batch (one blazesym call per object) before building.
+    symbolizer.resolve(aggregate.frames().collect::<Vec<_>>(), objects);
+    let mut by_pid: BTreeMap<u32, BTreeMap<(&str, crate::profile::StackId, bool), u64>> =
+        BTreeMap::new();
+    for (key, value) in &aggregate.samples {
+        let thread = aggregate
+            .thread_names
+            .get(&key.tid)
+            .map(String::as_str)
+            .unwrap_or("");
+        *by_pid
+            .entry(key.pid)
+            .or_default()
+            .entry((thread, key.stack, key.context.is_some()))
+            .or_default() += value.count;
+    }
+    let (start, end) = window;
+    by_pid
+        .into_iter()
+        .map(|(pid, samples)| {
+            let process_name = aggregate
+                .process_names
+                .get(&pid)
+                .cloned()
+                .unwrap_or_else(|| format!("pid {pid}"));
+            let service_name = aggregate.service_names.get(&pid).cloned();
+            let mut builder = PprofBuilder::new(
+                frequency_hz,
+                start,
+                end.saturating_sub(start),
+                symbolizer,
+                objects,
+            );
+            let mut total = 0;
+            for ((thread, stack, traced), count) in samples {
+                let mut labels = vec![
+                    ("pid", LabelValue::Num(i64::from(pid))),
+                    ("thread_name", LabelValue::Str(thread)),
+                    ("process_name", LabelValue::Str(&process_name)),
+                    (
+                        "traced",
+                        LabelValue::Str(if traced { "true" } else { "false" }),
+                    ),
+                ];
+                if let Some(service) = &service_name {
+                    labels.push(("service_name", LabelValue::Str(service)));
+                }
+                builder.add_sample(aggregate.stacks.get(stack), count, &labels);
+                total += count;
+            }
+            ProcessProfile {
+                pid,
+                samples: total,
+                profile: builder.finish(),
+                process_name,
+                service_name,
+            }
+        })
+        .collect()
 }
 
 /// One trace's profile: every sample labelled with `trace_id` and `span_id` (lowercase hex, as

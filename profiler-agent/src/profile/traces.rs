@@ -38,6 +38,11 @@ pub struct TraceProfile {
     pub service_names: HashMap<u32, String>,
     /// How many times this trace was handed to sinks before (0: first time).
     pub previous_flushes: u32,
+    /// Time of the sample that created this in-memory profile; never changes. With the trace
+    /// id it names this incarnation: a trace re-created after its retained copy expired (or
+    /// after an agent restart) is a new incarnation whose samples a persistent sink must add to
+    /// what it stored, whereas a re-flush of the same incarnation replaces it.
+    pub created_unix_ns: u64,
 }
 
 impl TraceProfile {
@@ -52,6 +57,7 @@ impl TraceProfile {
             process_names: HashMap::new(),
             service_names: HashMap::new(),
             previous_flushes: 0,
+            created_unix_ns: unix_ns,
         }
     }
 
