@@ -121,11 +121,9 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
 
 /// The OTLP delivery task and how long it may take to drain at shutdown.
 type Exporter = (otlp::Exporter, Duration);
+type Sinks = Vec<Box<dyn Sink>>;
 
-fn sinks(
-    options: &RunOptions,
-    metrics: &Metrics,
-) -> anyhow::Result<(Vec<Box<dyn Sink>>, Option<Exporter>)> {
+fn sinks(options: &RunOptions, metrics: &Metrics) -> anyhow::Result<(Sinks, Option<Exporter>)> {
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if let Some(dir) = &options.output_dir {
         sinks.push(Box::new(export::IntervalDir::create(dir)?));
