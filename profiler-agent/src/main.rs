@@ -49,7 +49,7 @@ enum Command {
     /// Sample for a fixed time and write one profile.
     Record(RecordArgs),
     /// Run as a daemon until SIGINT/SIGTERM: per-trace profiles into the store, query API.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show a stored trace's profile (or a service's time window): top, pprof, folded, svg.
     Query(QueryArgs),
     /// List recent traces in the store with their samples and durations.
@@ -520,7 +520,7 @@ fn print_summary(output: &std::path::Path, summary: &profiler_agent::record::Rec
             .unwrap_or(0),
     );
     let attempts = k.get(Counter::ContextReadAttempts);
-    if attempts > 0 {
+    if let Some(ns_per_attempt) = k.get(Counter::ContextReadNs).checked_div(attempts) {
         // The kernel times each read of a process's own context source (OBI lookups aside).
         eprintln!(
             "context: {attempts} read attempts, {} read, {} none active, {} invalid, {} faults, {} ns per attempt, {} samples traced",
@@ -528,7 +528,7 @@ fn print_summary(output: &std::path::Path, summary: &profiler_agent::record::Rec
             k.get(Counter::ContextNoneActive),
             k.get(Counter::ContextInvalid),
             k.get(Counter::ContextReadFault),
-            k.get(Counter::ContextReadNs) / attempts,
+            ns_per_attempt,
             summary.agent.get("samples_traced").copied().unwrap_or(0),
         );
     }
