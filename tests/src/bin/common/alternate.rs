@@ -89,15 +89,23 @@ pub fn hex(bytes: &[u8]) -> String {
 /// About 5 ms of dependent multiplies (and stack round trips) on a current x86_64 core.
 const BURN_ITERATIONS: u32 = 5 << 19;
 
+/// One LCG step in assembly, as a macro: a function (even inlined), `black_box` or
+/// `wrapping_mul` would show up as an inlined frame (DWARF) above the burn functions.
+macro_rules! lcg {
+    ($x:expr, $mul:expr, $add:expr) => {
+        // SAFETY: register-only arithmetic.
+        unsafe {
+            core::arch::asm!("imul {x}, {m}", "add {x}, {a}", x = inout(reg) $x, m = in(reg) $mul as u64, a = in(reg) $add as u64)
+        }
+    };
+}
+
 #[unsafe(no_mangle)]
 #[inline(never)]
 pub extern "C" fn burn_for_trace_a() {
     let mut x = black_box(0x9e37_79b9_7f4a_7c15u64);
     for _ in 0..BURN_ITERATIONS {
-        x = black_box(
-            x.wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407),
-        );
+        lcg!(x, 6364136223846793005u64, 1442695040888963407u64);
     }
     black_box(x);
 }
@@ -107,7 +115,7 @@ pub extern "C" fn burn_for_trace_a() {
 pub extern "C" fn burn_for_trace_b() {
     let mut x = black_box(0x7f4a_7c15_9e37_79b9u64);
     for _ in 0..BURN_ITERATIONS {
-        x = black_box(x.wrapping_mul(2862933555777941757).wrapping_add(3037000493));
+        lcg!(x, 2862933555777941757u64, 3037000493u64);
     }
     black_box(x);
 }
