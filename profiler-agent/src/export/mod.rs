@@ -210,11 +210,27 @@ pub fn trace_to_pprof(
     builder.finish()
 }
 
-/// Writes `bytes` to `path` atomically (temporary file, then rename).
+/// Writes `bytes` to `path` atomically (temporary file beside it, then rename), so a reader
+/// never sees half a profile. A path that exists and is not a regular file (`/dev/null`,
+/// `/dev/stdout`, a FIFO) is written through instead: renaming over it would replace the
+/// device node with a plain file. A symlink is followed, so the link itself survives.
 fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let tmp = path.with_extension("tmp");
+    let target = match std::fs::canonicalize(path) {
+        Ok(resolved) if !resolved.is_file() => {
+            return std::fs::write(&resolved, bytes)
+                .with_context(|| format!("write {}", path.display()));
+        }
+        Ok(resolved) => resolved,
+        Err(_) => path.to_owned(),
+    };
+    let mut tmp_name = target.file_name().unwrap_or_default().to_owned();
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = target.with_file_name(tmp_name);
     std::fs::write(&tmp, bytes).with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))?;
+    if let Err(e) = std::fs::rename(&tmp, &target) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("rename to {}", target.display()));
+    }
     Ok(())
 }
 
@@ -305,4 +321,73 @@ pub fn write_file(
         Format::Folded => folded::render(aggregate, symbolizer, objects).into_bytes(),
     };
     write_atomically(path, &bytes)
+}
+
+#[cfg(test)]
+mod write_tests {
+    use std::os::unix::fs::FileTypeExt as _;
+
+    use super::write_atomically;
+
+    fn scratch_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("write-test-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn replaces_a_regular_file_and_leaves_no_temporary_behind() {
+        let dir = scratch_dir("regular");
+        let path = dir.join("profile.pb.gz");
+        std::fs::write(&path, b"old").unwrap();
+        write_atomically(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn writes_through_a_fifo_instead_of_replacing_it() {
+        let dir = scratch_dir("fifo");
+        let fifo = dir.join("pipe");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(fifo).unwrap())
+        };
+        write_atomically(&fifo, b"through the pipe").unwrap();
+        assert_eq!(reader.join().unwrap(), b"through the pipe");
+        assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn dev_null_stays_a_device() {
+        write_atomically(std::path::Path::new("/dev/null"), b"discarded").unwrap();
+        let file_type = std::fs::metadata("/dev/null").unwrap().file_type();
+        assert!(
+            file_type.is_char_device(),
+            "/dev/null replaced: {file_type:?}"
+        );
+    }
+
+    #[test]
+    fn follows_a_symlink_and_keeps_it() {
+        let dir = scratch_dir("symlink");
+        let real = dir.join("real.folded");
+        let link = dir.join("link.folded");
+        std::fs::write(&real, b"old").unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        write_atomically(&link, b"new").unwrap();
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(std::fs::read(&real).unwrap(), b"new");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
