@@ -56,10 +56,16 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let root = workspace_root();
     std::env::set_current_dir(&root)?;
+    if !matches!(cli.task, Task::Setup) {
+        // Setup first: the eBPF build needs rust-src and bpf-linker.
+        setup(&root)?;
+        let object = build_ebpf_object(&root)?;
+        // SAFETY: single-threaded here; nothing else reads the environment concurrently.
+        unsafe { std::env::set_var(EBPF_OBJECT_ENV, object) };
+    }
     match cli.task {
         Task::Setup => setup(&root),
         Task::Run { args } => {
-            setup(&root)?;
             cargo(&["build", "--release", "-p", "profiler-agent"])?;
             let agent = root.join("target/release/profiler-agent");
             if args.is_empty() {
@@ -75,36 +81,22 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Task::Test { no_lint, filter } => {
-            setup(&root)?;
             if !no_lint {
                 lint()?;
             }
-            // Tier 1: no privileges needed.
-            let mut unit = vec![
-                "test",
-                "--workspace",
-                "--exclude",
-                "profiler-ebpf",
-                "--exclude",
-                "profiler-tests",
-            ];
-            if let Some(f) = &filter {
-                unit.push(f);
-            }
+            // One package selection and one build for everything, so every later step reuses
+            // it: the agent binary the integration tests run, the fixtures, the test harnesses
+            // (another selection would resolve other features and rebuild half the tree).
+            const SELECTION: [&str; 3] = ["--workspace", "--exclude", "profiler-ebpf"];
+            cargo(&[&["build", "--all-targets"][..], &SELECTION].concat())?;
+            // Tier 1: unit tests, no privileges needed.
+            let mut unit = [&["test"][..], &SELECTION, &["--lib", "--bins"]].concat();
+            unit.extend(filter.as_deref());
             cargo(&unit)?;
             // Tier 2: real eBPF programs against real processes, as root, one at a time so the
             // fixtures do not compete for the two CPUs.
-            cargo(&[
-                "build",
-                "--workspace",
-                "--exclude",
-                "profiler-ebpf",
-                "--bins",
-            ])?;
-            let mut integration = vec!["test", "-p", "profiler-tests"];
-            if let Some(f) = &filter {
-                integration.push(f);
-            }
+            let mut integration = [&["test"][..], &SELECTION, &["--test", "*"]].concat();
+            integration.extend(filter.as_deref());
             integration.extend(["--", "--test-threads=1"]);
             cargo(&integration)
         }
@@ -171,19 +163,48 @@ fn lint() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ])?;
-    // The eBPF crate in its own pass, for its real target.
-    run(Command::new("cargo").current_dir("profiler-ebpf").args([
-        "+nightly",
-        "clippy",
-        "--release",
-        "--target",
-        "bpfel-unknown-none",
-        "-Z",
-        "build-std=core",
-        "--",
-        "-D",
-        "warnings",
-    ]))
+    // The eBPF crate in its own pass, for its real target (sharing the object build's `core`).
+    run(nightly_ebpf_cargo("clippy").args(["--package", "profiler-ebpf", "--", "-D", "warnings"]))
+}
+
+/// The variable through which the agent's build script takes a prebuilt eBPF object.
+const EBPF_OBJECT_ENV: &str = "PROFILER_EBPF_OBJECT";
+
+/// Builds the eBPF object once, as the agent's build script (aya-build) would, and returns its
+/// path. Every later cargo run gets it through `PROFILER_EBPF_OBJECT`, so the build script
+/// copies it instead of building it again for each profile and feature set (four times in a
+/// `test` run).
+fn build_ebpf_object(root: &Path) -> anyhow::Result<PathBuf> {
+    run(nightly_ebpf_cargo("build").args(["--package", "profiler-ebpf", "--bins"]))?;
+    Ok(root.join("target/ebpf/bpfel-unknown-none/release/profiler"))
+}
+
+/// `cargo` of the nightly toolchain for the eBPF target, with aya-build's flags (BTF, debug
+/// info, the architecture cfg) and its own target directory.
+fn nightly_ebpf_cargo(subcommand: &str) -> Command {
+    let mut command = Command::new("rustup");
+    command
+        .args(["run", "nightly", "cargo", subcommand])
+        .args([
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            [
+                "--cfg=bpf_target_arch=\"x86_64\"",
+                "-Cdebuginfo=2",
+                "-Clink-arg=--btf",
+            ]
+            .join("\x1f"),
+        )
+        .env("CARGO_TARGET_DIR", "target/ebpf");
+    command
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
