@@ -17,10 +17,11 @@ use crate::{
         ContextSourceMap,
         decode::{RawSample, Record},
     },
+    k8s::{PodMetadataHandle, ProcessPod},
     metrics::Metrics,
     process::{ObjectStore, ProcessTable},
     profile::{
-        Aggregate,
+        Aggregate, PodDetails, ProcessDetails,
         traces::{TraceProfile, TraceTable, TraceTableConfig, TracedSample},
     },
     symbolize::Symbolizer,
@@ -81,6 +82,9 @@ pub struct SymbolizedSample {
     pub tid: u32,
     pub thread_name: String,
     pub functions: Vec<Arc<str>>,
+    /// The function containing the sampled instruction (the leaf frame without its inlined
+    /// calls): what "the sample's leaf" means to a person reading a profile.
+    pub leaf: Arc<str>,
     pub count: u64,
     pub context: Option<TraceContext>,
 }
@@ -93,6 +97,12 @@ pub enum ProcessNote {
     Exit(u32),
 }
 
+#[derive(Clone, Copy)]
+enum FlushTraces {
+    Idle,
+    All,
+}
+
 #[derive(Clone)]
 pub struct CollectorConfig {
     pub frequency_hz: u64,
@@ -101,6 +111,8 @@ pub struct CollectorConfig {
     /// Where to tell about process exec and exit (bounded; a full queue drops and counts
     /// `process_notes_dropped`).
     pub process_notes: Option<mpsc::Sender<ProcessNote>>,
+    /// This node's pods (Kubernetes), for the pod of each sampled process.
+    pub pods: Option<PodMetadataHandle>,
 }
 
 pub struct Collector {
@@ -183,7 +195,7 @@ impl Collector {
                 }
             }
             Message::Tick => {
-                self.flush_idle_traces();
+                self.flush_traces(FlushTraces::Idle);
                 self.processes.collect_garbage();
                 if let Some(sources) = &mut self.sources {
                     for pid in self.stale_key_maps.drain() {
@@ -215,27 +227,7 @@ impl Collector {
                     window,
                 });
             }
-            Message::FlushTraces => {
-                let Self {
-                    traces,
-                    sinks,
-                    symbolizer,
-                    processes,
-                    config,
-                    ..
-                } = self;
-                let mut cx = SinkContext {
-                    symbolizer,
-                    objects: processes.objects(),
-                    frequency_hz: config.frequency_hz,
-                };
-                traces.flush_all(|trace| {
-                    for sink in sinks.iter_mut() {
-                        sink.trace(trace, &mut cx);
-                    }
-                });
-                self.report_trace_stats();
-            }
+            Message::FlushTraces => self.flush_traces(FlushTraces::All),
         }
     }
 
@@ -254,7 +246,8 @@ impl Collector {
         (std::mem::take(&mut self.aggregate), window)
     }
 
-    fn flush_idle_traces(&mut self) {
+    /// Hands idle (or all) traces to every sink.
+    fn flush_traces(&mut self, which: FlushTraces) {
         let now = self.clock.unix_now();
         let Self {
             traces,
@@ -269,11 +262,15 @@ impl Collector {
             objects: processes.objects(),
             frequency_hz: config.frequency_hz,
         };
-        traces.flush_idle(now, |trace| {
+        let emit = |trace: &TraceProfile| {
             for sink in sinks.iter_mut() {
                 sink.trace(trace, &mut cx);
             }
-        });
+        };
+        match which {
+            FlushTraces::Idle => traces.flush_idle(now, emit),
+            FlushTraces::All => traces.flush_all(emit),
+        }
         self.report_trace_stats();
     }
 
@@ -310,17 +307,21 @@ impl Collector {
                 .unwrap_or_else(|| sample.thread_name.clone());
             self.aggregate.process_names.insert(sample.tgid, name);
         }
-        let service = self
-            .sources
-            .as_ref()
-            .and_then(|s| s.meta(sample.tgid)?.service_name.clone());
-        if let Some(service) = &service
-            && !self.aggregate.service_names.contains_key(&sample.tgid)
-        {
-            self.aggregate
-                .service_names
-                .insert(sample.tgid, service.clone());
-        }
+        let details = match self.aggregate.process_details.get(&sample.tgid) {
+            Some(details) => details.clone(),
+            None => {
+                let details = Arc::new(self.process_details(sample.tgid, &sample.thread_name));
+                self.aggregate
+                    .process_details
+                    .insert(sample.tgid, details.clone());
+                details
+            }
+        };
+        let service = details.service_name();
+        self.aggregate
+            .service_names
+            .entry(sample.tgid)
+            .or_insert_with(|| service.to_owned());
         self.aggregate
             .set_thread_name(sample.tid, &sample.thread_name);
         let unix_ns = self.clock.to_unix(sample.ktime_ns);
@@ -342,7 +343,7 @@ impl Collector {
                 tid: sample.tid,
                 thread_name: &sample.thread_name,
                 process_name,
-                service_name: service.as_deref(),
+                details: &details,
                 stack: self.aggregate.stacks.shared(stack),
                 unix_ns,
             });
@@ -352,26 +353,89 @@ impl Collector {
         }
     }
 
+    /// What the process table, the process context and the pod metadata say about `pid`, once
+    /// per interval (so a pod that was not known yet is found at the next one).
+    fn process_details(&self, pid: u32, thread_name: &str) -> ProcessDetails {
+        let info = self.processes.info(pid).unwrap_or_default();
+        let meta = self.sources.as_ref().and_then(|s| s.meta(pid));
+        let exe_name = Some(info.name)
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| thread_name.to_owned());
+        let pod = self
+            .config
+            .pods
+            .as_ref()
+            .filter(|_| !info.cgroup.is_empty())
+            .and_then(|pods| pods.lookup(&info.cgroup));
+        if pod.is_none() && info.cgroup.pod_uid.is_some() {
+            self.metrics.inc("pod_metadata_missing");
+        }
+        ProcessDetails {
+            exe_name,
+            exe_path: info.exe_path,
+            context_service_name: meta.and_then(|m| m.service_name.clone()),
+            env_service_name: info.env_service_name,
+            container_id: info.cgroup.container_id,
+            container_pid: info.container_pid,
+            pod: pod.map(pod_details),
+            resource_attributes: meta
+                .map(|m| m.resource_attributes.clone())
+                .unwrap_or_default(),
+        }
+    }
+
     fn decode_context(&mut self, sample: &RawSample) -> Option<TraceContext> {
-        let outcome = match sample.context_kind {
+        let (source, outcome) = match sample.context_kind {
             ContextKind::None => return None,
             ContextKind::ThreadContext => {
                 let keys = self.sources.as_ref().and_then(|s| s.meta(sample.tgid));
                 let keys = keys.map(|m| m.attribute_keys.clone());
-                decode_thread_context(&sample.context, keys.as_deref().unwrap_or(&[]))
+                (
+                    0,
+                    decode_thread_context(&sample.context, keys.as_deref().unwrap_or(&[])),
+                )
             }
             // Go labels use the custom-labels payload layout.
-            ContextKind::CustomLabels | ContextKind::GoLabels => {
-                decode_custom_labels(&sample.context, &self.config.id_labels)
-            }
-            ContextKind::Obi => decode_obi(&sample.context),
+            ContextKind::CustomLabels => (
+                1,
+                decode_custom_labels(&sample.context, &self.config.id_labels),
+            ),
+            ContextKind::GoLabels => (
+                3,
+                decode_custom_labels(&sample.context, &self.config.id_labels),
+            ),
+            ContextKind::Obi => (2, decode_obi(&sample.context)),
         };
+        // Per-source outcomes, for /metrics: which reader works on this host, which does not.
+        const OUTCOMES: [[&str; 3]; 4] = [
+            [
+                "context_decoded_thread_context",
+                "context_empty_thread_context",
+                "context_invalid_thread_context",
+            ],
+            [
+                "context_decoded_custom_labels",
+                "context_empty_custom_labels",
+                "context_invalid_custom_labels",
+            ],
+            [
+                "context_decoded_obi",
+                "context_empty_obi",
+                "context_invalid_obi",
+            ],
+            [
+                "context_decoded_go_labels",
+                "context_empty_go_labels",
+                "context_invalid_go_labels",
+            ],
+        ];
         match outcome {
             DecodeOutcome::Context {
                 context,
                 dropped_attributes,
                 unknown_keys,
             } => {
+                self.metrics.inc(OUTCOMES[source][0]);
                 self.metrics
                     .add("context_attributes_dropped", u64::from(dropped_attributes));
                 self.metrics
@@ -381,8 +445,12 @@ impl Collector {
                 }
                 Some(context)
             }
-            DecodeOutcome::Empty => None,
+            DecodeOutcome::Empty => {
+                self.metrics.inc(OUTCOMES[source][1]);
+                None
+            }
             DecodeOutcome::Invalid(reason) => {
+                self.metrics.inc(OUTCOMES[source][2]);
                 self.metrics.inc(reason);
                 None
             }
@@ -419,9 +487,32 @@ impl Collector {
                             .collect::<Vec<_>>()
                     })
                     .collect(),
+                leaf: self
+                    .aggregate
+                    .stacks
+                    .get(key.stack)
+                    .first()
+                    .and_then(|f| {
+                        self.symbolizer
+                            .get(*f, objects)
+                            .lines
+                            .last()
+                            .map(|l| l.function.clone())
+                    })
+                    .unwrap_or_else(|| Arc::from("")),
                 count: value.count,
                 context: key.context.map(|c| self.aggregate.context(c).clone()),
             })
             .collect()
+    }
+}
+
+fn pod_details(found: ProcessPod) -> PodDetails {
+    PodDetails {
+        namespace: found.pod.namespace.clone(),
+        name: found.pod.name.clone(),
+        container: found.container.as_ref().map(|c| c.name.clone()),
+        app_name: found.pod.app_name().map(str::to_owned),
+        attributes: found.pod.resource_attributes(found.container.as_ref()),
     }
 }

@@ -4,6 +4,7 @@
 //! Data flow (see ARCHITECTURE.md): `ebpf` (kernel programs, ring buffer) → `collector`
 //! (owns `process` table, `profile` aggregate and `symbolize`r) → `export` (pprof, folded).
 
+pub mod api;
 pub mod clock;
 pub mod collector;
 pub mod context;
@@ -14,8 +15,10 @@ pub mod k8s;
 pub mod metrics;
 pub mod process;
 pub mod profile;
+pub mod query;
 pub mod record;
 pub mod run;
+pub mod store;
 pub mod symbolize;
 
 /// Resolves on SIGINT or SIGTERM.

@@ -1,17 +1,22 @@
 //! `profiler-agent`: command-line entry point. Parses flags (each with a `PROFILER_*`
 //! environment twin), sets up logging, and runs the chosen command.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use profiler_agent::{
     context::IdLabels,
     ebpf::SamplerConfig,
-    export::Format,
+    export::{
+        Format,
+        otlp::{self, Compression, OtlpArgs, OtlpConfig, Protocol, RetryPolicy},
+    },
     k8s::{CgroupSelection, KubernetesOptions, WorkloadSelector},
     profile::traces::TraceTableConfig,
+    query::{DEFAULT_STORE, QueryOptions, TracesOptions, View},
     record::{RecordOptions, record},
-    run::{RunOptions, run},
+    run::{ApiOptions, RunOptions, StoreOptions, run},
+    store::Retention,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -44,8 +49,15 @@ enum LogFormat {
 enum Command {
     /// Sample for a fixed time and write one profile.
     Record(RecordArgs),
-    /// Run as a daemon until SIGINT/SIGTERM.
-    Run(RunArgs),
+    /// Run as a daemon until SIGINT/SIGTERM: per-trace profiles into the store, query API.
+    Run(Box<RunArgs>),
+    /// Show a stored trace's profile (or a service's time window): top, pprof, folded, svg.
+    Query(QueryArgs),
+    /// List recent traces in the store with their samples and durations.
+    Traces(TracesArgs),
+    /// Store benchmark (used by `cargo xtask bench`): query latency among N stored traces.
+    #[command(hide = true)]
+    BenchStore(BenchStoreArgs),
 }
 
 #[derive(Args)]
@@ -194,10 +206,229 @@ struct RunArgs {
     health_listen: Option<std::net::SocketAddr>,
     #[command(flatten)]
     kubernetes: KubernetesArgs,
+    /// The embedded store (SQLite): per-trace profiles and per-process time buckets.
+    #[arg(long, env = "PROFILER_STORE", default_value = DEFAULT_STORE)]
+    store: PathBuf,
+    /// Do not store profiles (and serve no store routes).
+    #[arg(long, env = "PROFILER_NO_STORE")]
+    no_store: bool,
+    /// Delete stored traces and buckets older than this.
+    #[arg(long, env = "PROFILER_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    retention: Duration,
+    /// Cap on the bytes the store uses (e.g. 2GiB, 500MB); the oldest data goes first.
+    #[arg(long, env = "PROFILER_STORE_MAX_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    store_max_bytes: u64,
+    /// Address of the query API and HTML page.
+    #[arg(long, env = "PROFILER_API_LISTEN", default_value = "127.0.0.1:8740")]
+    api_listen: SocketAddr,
+    /// Serve no API.
+    #[arg(long, env = "PROFILER_NO_API")]
+    no_api: bool,
+    /// Require this bearer token on every API route but /healthz.
+    #[arg(long, env = "PROFILER_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
     #[command(flatten)]
     traces: TraceArgs,
+    #[command(flatten)]
+    otlp: OtlpFlags,
+}
+
+/// OTLP export. Unset flags fall back to the standard `OTEL_EXPORTER_OTLP_PROFILES_*` and
+/// `OTEL_EXPORTER_OTLP_*` variables.
+#[derive(Args)]
+#[command(next_help_heading = "OTLP export")]
+struct OtlpFlags {
+    /// Export every interval to this OTLP receiver (http:// or https://). For HTTP, a URL without
+    /// a path gets /v1development/profiles. Falls back to OTEL_EXPORTER_OTLP_PROFILES_ENDPOINT,
+    /// then OTEL_EXPORTER_OTLP_ENDPOINT (a base URL).
+    #[arg(long = "otlp-endpoint", env = "PROFILER_OTLP_ENDPOINT")]
+    endpoint: Option<String>,
+    /// Transport [default: grpc, or OTEL_EXPORTER_OTLP_(PROFILES_)PROTOCOL].
+    #[arg(long = "otlp-protocol", env = "PROFILER_OTLP_PROTOCOL")]
+    protocol: Option<Protocol>,
+    /// A header sent with every request, key=value (repeatable; e.g. an auth token). Added to
+    /// OTEL_EXPORTER_OTLP_(PROFILES_)HEADERS, replacing the same key.
+    #[arg(
+        long = "otlp-header",
+        env = "PROFILER_OTLP_HEADERS",
+        value_delimiter = ','
+    )]
+    headers: Vec<String>,
+    /// PEM file of a CA to trust for https:// endpoints, besides the system's roots.
+    #[arg(long = "otlp-ca-cert", env = "PROFILER_OTLP_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Per-request timeout [default: 10s, or OTEL_EXPORTER_OTLP_(PROFILES_)TIMEOUT in ms].
+    #[arg(long = "otlp-timeout", env = "PROFILER_OTLP_TIMEOUT", value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// Request compression [default: gzip, or OTEL_EXPORTER_OTLP_(PROFILES_)COMPRESSION].
+    #[arg(long = "otlp-compression", env = "PROFILER_OTLP_COMPRESSION")]
+    compression: Option<Compression>,
+    /// Encoded requests held while the receiver is slow or down; past it the oldest are
+    /// dropped (and counted).
+    #[arg(long = "otlp-queue-bytes", env = "PROFILER_OTLP_QUEUE_BYTES", default_value_t = otlp::DEFAULT_QUEUE_BYTES)]
+    queue_bytes: usize,
+    /// Largest request; an interval that encodes larger is split, each part with its own
+    /// dictionary.
+    #[arg(long = "otlp-max-request-bytes", env = "PROFILER_OTLP_MAX_REQUEST_BYTES", default_value_t = otlp::DEFAULT_MAX_REQUEST_BYTES)]
+    max_request_bytes: usize,
+    /// At shutdown, how long to keep delivering what is queued.
+    #[arg(long = "otlp-shutdown-timeout", env = "PROFILER_OTLP_SHUTDOWN_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    shutdown_timeout: Duration,
+    /// First retry delay; doubled on each retry (with jitter) up to --otlp-retry-max-backoff.
+    #[arg(long = "otlp-retry-initial-backoff", env = "PROFILER_OTLP_RETRY_INITIAL_BACKOFF", default_value = "1s", value_parser = humantime::parse_duration)]
+    retry_initial_backoff: Duration,
+    #[arg(long = "otlp-retry-max-backoff", env = "PROFILER_OTLP_RETRY_MAX_BACKOFF", default_value = "30s", value_parser = humantime::parse_duration)]
+    retry_max_backoff: Duration,
+    /// A request still failing this long after its first attempt is dropped.
+    #[arg(long = "otlp-retry-max-elapsed", env = "PROFILER_OTLP_RETRY_MAX_ELAPSED", default_value = "5m", value_parser = humantime::parse_duration)]
+    retry_max_elapsed: Duration,
+}
+
+impl OtlpFlags {
+    /// The exporter's settings (flags, then the OTEL_* environment), or None when no endpoint
+    /// is configured.
+    fn config(&self) -> anyhow::Result<Option<OtlpConfig>> {
+        let args = OtlpArgs {
+            endpoint: self.endpoint.clone(),
+            protocol: self.protocol,
+            headers: self.headers.clone(),
+            ca_cert: self.ca_cert.clone(),
+            timeout: self.timeout,
+            compression: self.compression,
+            queue_bytes: self.queue_bytes,
+            max_request_bytes: self.max_request_bytes,
+            shutdown_timeout: self.shutdown_timeout,
+            retry: RetryPolicy {
+                initial_backoff: self.retry_initial_backoff,
+                max_backoff: self.retry_max_backoff,
+                max_elapsed: self.retry_max_elapsed,
+            },
+        };
+        OtlpConfig::resolve(&args, &|name| std::env::var(name).ok())
+    }
+}
+
+#[derive(Args)]
+struct StoreArg {
+    /// The store the agent writes (read-only here; works while the agent runs).
+    #[arg(long, env = "PROFILER_STORE", default_value = DEFAULT_STORE)]
+    store: PathBuf,
+}
+
+#[derive(Args)]
+struct QueryArgs {
+    /// The trace (32 hex digits). Without it: a time window (--service/--pid, --from/--since).
+    #[arg(long, short = 't')]
+    trace_id: Option<String>,
+    /// Time window: this service's samples (its service.name, or its process name).
+    #[arg(long, conflicts_with = "trace_id")]
+    service: Option<String>,
+    /// Time window: this process's samples.
+    #[arg(long, conflicts_with = "trace_id")]
+    pid: Option<u32>,
+    /// Time window: samples of processes in this Kubernetes namespace.
+    #[arg(long, conflicts_with = "trace_id")]
+    namespace: Option<String>,
+    /// Time window: samples of processes in this pod (its name; with --namespace when names
+    /// repeat across namespaces).
+    #[arg(long, conflicts_with = "trace_id")]
+    pod: Option<String>,
+    /// Time window start: RFC 3339 (2026-05-01T14:05:00Z), HH:MM[:SS] (UTC) or Unix seconds.
+    #[arg(long, conflicts_with_all = ["trace_id", "since"])]
+    from: Option<String>,
+    /// Time window end [default: --from + --duration].
+    #[arg(long, requires = "from")]
+    to: Option<String>,
+    /// Time window length after --from [default: 1m].
+    #[arg(long, requires = "from", conflicts_with = "to", value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Time window: the last so long [default: 10m].
+    #[arg(long, conflicts_with = "trace_id", value_parser = humantime::parse_duration)]
+    since: Option<Duration>,
+    /// Output format.
+    #[arg(long, short = 'f', value_enum, default_value = "top")]
+    format: View,
+    /// Write here instead of standard output.
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
+    /// Rows of the top table.
+    #[arg(long, default_value_t = 20)]
+    top: usize,
+    #[command(flatten)]
+    store: StoreArg,
+}
+
+#[derive(Args)]
+struct TracesArgs {
+    /// Only traces that ran in this service (its service.name, or its process name).
+    #[arg(long)]
+    service: Option<String>,
+    /// Only traces that ran in this process.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// Only traces that ran in this Kubernetes namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Only traces that ran in this pod (its name).
+    #[arg(long)]
+    pod: Option<String>,
+    /// Only the trace with this span (16 hex digits).
+    #[arg(long)]
+    span_id: Option<String>,
+    /// Only traces with samples in the last so long (e.g. 10m, 2h).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    since: Option<Duration>,
+    /// At most this many, most recent first.
+    #[arg(long, short = 'n', default_value_t = 20)]
+    limit: usize,
+    /// JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    store: StoreArg,
+}
+
+#[derive(Args)]
+struct BenchStoreArgs {
+    /// Where to create the benchmark's store (removed first).
+    #[arg(long)]
+    path: PathBuf,
+    /// Traces to store.
+    #[arg(long, default_value_t = 10_000)]
+    traces: u32,
+    /// Queries to time.
+    #[arg(long, default_value_t = 500)]
+    queries: u32,
+}
+
+/// A byte size: a number with an optional unit (B, KB, MB, GB: powers of 1000; KiB, MiB, GiB:
+/// powers of 1024).
+fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size (e.g. 512MiB, 2GB, 1000000)"))?;
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} (B, KB, MB, GB, KiB, MiB, GiB)"
+            ));
+        }
+    };
+    Ok((number * scale as f64) as u64)
 }
 
 #[derive(Args)]
@@ -292,11 +523,25 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Run(args) => {
+                let otlp = args.otlp.config()?;
+                let store = (!args.no_store).then(|| StoreOptions {
+                    path: args.store.clone(),
+                    retention: Retention {
+                        max_age: args.retention,
+                        max_bytes: args.store_max_bytes,
+                    },
+                });
+                let api = (!args.no_api).then(|| ApiOptions {
+                    listen: args.api_listen,
+                    token: args.api_token.clone().filter(|t| !t.is_empty()),
+                });
                 run(RunOptions {
                     sampler: args.sampling.config(&args.traces)?,
                     interval: args.interval,
                     output_dir: args.output_dir,
                     per_trace_dir: args.per_trace_dir,
+                    store,
+                    api,
                     traces: args.traces.config(),
                     id_labels: args.traces.id_labels(),
                     health_listen: args.health_listen,
@@ -307,8 +552,40 @@ fn main() -> ExitCode {
                     },
                     cgroup_root: args.kubernetes.cgroup_root,
                     workload_refresh: args.kubernetes.k8s_refresh,
+                    otlp,
                 })
                 .await
+            }
+            Command::Query(args) => profiler_agent::query::query(&QueryOptions {
+                store: args.store.store,
+                trace_id: args.trace_id,
+                service: args.service,
+                pid: args.pid,
+                namespace: args.namespace,
+                pod: args.pod,
+                duration: args.duration,
+                from: args.from,
+                to: args.to,
+                since: args.since,
+                view: args.format,
+                output: args.output,
+                top_rows: args.top,
+            }),
+            Command::Traces(args) => profiler_agent::query::traces(&TracesOptions {
+                store: args.store.store,
+                service: args.service,
+                pid: args.pid,
+                namespace: args.namespace,
+                pod: args.pod,
+                span_id: args.span_id,
+                since: args.since,
+                limit: args.limit,
+                json: args.json,
+            }),
+            Command::BenchStore(args) => {
+                let report = profiler_agent::store::bench(&args.path, args.traces, args.queries)?;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
             }
         }
     });
@@ -355,6 +632,19 @@ fn print_summary(output: &std::path::Path, summary: &profiler_agent::record::Rec
             .copied()
             .unwrap_or(0),
     );
+    let attempts = k.get(Counter::ContextReadAttempts);
+    if let Some(ns_per_attempt) = k.get(Counter::ContextReadNs).checked_div(attempts) {
+        // The kernel times each read of a process's own context source (OBI lookups aside).
+        eprintln!(
+            "context: {attempts} read attempts, {} read, {} none active, {} invalid, {} faults, {} ns per attempt, {} samples traced",
+            k.get(Counter::ContextRead),
+            k.get(Counter::ContextNoneActive),
+            k.get(Counter::ContextInvalid),
+            k.get(Counter::ContextReadFault),
+            ns_per_attempt,
+            summary.agent.get("samples_traced").copied().unwrap_or(0),
+        );
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -385,5 +675,15 @@ mod tests {
         for bad in ["10.1.2.3", "host:80", "10.1.2.3:99999", ""] {
             assert!(super::parse_listen_addr(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(super::parse_bytes("1000"), Ok(1000));
+        assert_eq!(super::parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(super::parse_bytes("2 GB"), Ok(2_000_000_000));
+        assert_eq!(super::parse_bytes("1.5KiB"), Ok(1536));
+        assert!(super::parse_bytes("lots").is_err());
+        assert!(super::parse_bytes("5 parsecs").is_err());
     }
 }

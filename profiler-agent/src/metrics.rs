@@ -1,4 +1,5 @@
-//! The agent's own counters: every drop and every failed read has a name here. Kernel-side
+//! The agent's own counters: every drop and every failed read has a name here (and a few
+//! gauges, such as the OTLP export queue's size and its high-water mark). Kernel-side
 //! counters live in the eBPF `COUNTERS` map and are merged in when reported.
 //!
 //! Counters are incremented from several components, so this is the one piece of shared state:
@@ -32,6 +33,24 @@ impl Metrics {
         self.add(name, 1);
     }
 
+    /// Sets a gauge (a value that goes down as well as up, such as a queue's size).
+    pub fn set(&self, name: &str, value: u64) {
+        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        match counters.get_mut(name) {
+            Some(v) => *v = value,
+            None => {
+                counters.insert(name.to_owned(), value);
+            }
+        }
+    }
+
+    /// Raises a high-water mark to `value` if it is higher.
+    pub fn max(&self, name: &str, value: u64) {
+        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let v = counters.entry(name.to_owned()).or_insert(0);
+        *v = (*v).max(value);
+    }
+
     pub fn get(&self, name: &str) -> u64 {
         self.counters
             .lock()
@@ -60,5 +79,10 @@ mod tests {
         assert_eq!(m.get("a"), 3);
         assert_eq!(m.get("b"), 0);
         assert_eq!(m.snapshot().len(), 1);
+        m.set("q", 5);
+        m.set("q", 2);
+        m.max("peak", 5);
+        m.max("peak", 3);
+        assert_eq!((m.get("q"), m.get("peak")), (2, 5));
     }
 }

@@ -13,6 +13,7 @@ use crate::{
     context::IdLabels,
     ebpf::{KernelCounters, Sampler, SamplerConfig, spawn_reader},
     export::{self, Format},
+    k8s::PodMetadataHandle,
     metrics::Metrics,
     profile::traces::TraceTableConfig,
 };
@@ -32,6 +33,11 @@ pub struct CollectOptions {
     pub sinks: Vec<Box<dyn Sink>>,
     /// Told about every process exec and exit (the workload filter's pid allow-list).
     pub process_notes: Option<mpsc::Sender<ProcessNote>>,
+    /// This node's pods (Kubernetes): each process's pod goes on its profiles.
+    pub pods: Option<PodMetadataHandle>,
+    /// The agent's counters; shared with whatever else reports them (the daemon's sinks, the
+    /// pod metadata watcher and the `/metrics` endpoint).
+    pub metrics: Metrics,
 }
 
 /// A running capture.
@@ -60,16 +66,7 @@ impl Recording {
     }
 
     pub fn start_with(config: &SamplerConfig, outputs: CollectOptions) -> anyhow::Result<Self> {
-        Self::start_with_metrics(config, outputs, Metrics::default())
-    }
-
-    /// As [`Recording::start_with`], counting into `metrics` (shared with components started
-    /// before the recording, such as the pod metadata watcher).
-    pub fn start_with_metrics(
-        config: &SamplerConfig,
-        outputs: CollectOptions,
-        metrics: Metrics,
-    ) -> anyhow::Result<Self> {
+        let metrics = outputs.metrics;
         let (sampler, channels) = Sampler::start(config)?;
         let (inbox, rx) = mpsc::channel(COLLECTOR_QUEUE);
         let collector = Collector::spawn(
@@ -78,6 +75,7 @@ impl Recording {
                 traces: outputs.traces,
                 id_labels: outputs.id_labels,
                 process_notes: outputs.process_notes,
+                pods: outputs.pods,
             },
             outputs.sinks,
             Some(channels.context_sources),
@@ -224,6 +222,8 @@ pub async fn record(options: RecordOptions) -> anyhow::Result<RecordSummary> {
             id_labels: options.id_labels.clone(),
             sinks,
             process_notes: None,
+            pods: None,
+            metrics: Metrics::default(),
         },
     )?;
     tracing::info!(

@@ -125,8 +125,15 @@ pub struct SampleScratch {
     /// Working space of the context readers (never emitted): a write position stored here and
     /// read back is opaque to the verifier, which keeps loops over labels verifiable.
     pub cursor: u64,
+    /// Working space of the Go label reader: a slice's label headers or a map bucket, read from
+    /// the target in one copy rather than one per field.
+    pub go_labels: [u64; GO_LABELS_BUFFER_WORDS],
 }
-const _: () = assert!(core::mem::size_of::<SampleScratch>() == MAX_SAMPLE_BYTES + 8);
+/// Words of [`SampleScratch::go_labels`]: 16 slice labels of 4 words, or one 34-word bucket.
+pub const GO_LABELS_BUFFER_WORDS: usize = 64;
+const _: () = assert!(
+    core::mem::size_of::<SampleScratch>() == MAX_SAMPLE_BYTES + 8 + 8 * GO_LABELS_BUFFER_WORDS
+);
 
 /// Process lifecycle record (exec or exit), in the same ring buffer as samples so that it is
 /// ordered with them.
@@ -251,8 +258,10 @@ pub mod go {
     pub const MIN_TOP_HASH: u8 = 5;
     /// Buckets read at most (8 slots each; a map of up to 26 labels has at most 4).
     pub const MAX_BUCKETS: u64 = 4;
-    /// Slice labels read at most.
+    /// Slice labels read at most (their headers fill the scratch buffer).
     pub const MAX_SLICE_LABELS: u64 = 16;
+    /// Words of a bucket: tophash (1), keys (16), values (16), overflow (1).
+    pub const BUCKET_WORDS: usize = 34;
 }
 
 /// Label keys the kernel looks for first in label-based sources (Go labels: the trace and span
@@ -265,10 +274,12 @@ pub struct WantedLabelKeys {
     pub keys: [[u64; WANTED_KEY_WORDS]; MAX_WANTED_KEYS],
 }
 pub const MAX_WANTED_KEYS: usize = 4;
-pub const WANTED_KEY_WORDS: usize = 4;
+/// Wanted keys fit in the 24 bytes of a copied label key.
+pub const WANTED_KEY_WORDS: usize = 3;
 /// Longest wanted key, in bytes.
 pub const MAX_WANTED_KEY_LEN: usize = WANTED_KEY_WORDS * 8;
-const _: () = assert!(core::mem::size_of::<WantedLabelKeys>() == 8 + 4 * 32);
+const _: () = assert!(core::mem::size_of::<WantedLabelKeys>() == 8 + 4 * 24);
+const _: () = assert!(MAX_WANTED_KEY_LEN == custom_labels::MAX_KEY);
 
 /// OTEP 4947 thread-context record header; `attrs_data_size` bytes of attributes follow.
 #[repr(C, packed)]

@@ -13,9 +13,9 @@ use aya_ebpf::{
     maps::{Array, LruHashMap},
 };
 use profiler_common::{
-    ContextKind, ContextSource, Counter, MAX_CONTEXT_BYTES, MAX_THREAD_CONTEXT_ATTRS,
-    MAX_WANTED_KEY_LEN, MAX_WANTED_KEYS, ObiTraceContext, ThreadContextHeader, TlsLocation,
-    WantedLabelKeys, custom_labels, go, obi,
+    ContextKind, ContextSource, Counter, GO_LABELS_BUFFER_WORDS, MAX_CONTEXT_BYTES,
+    MAX_THREAD_CONTEXT_ATTRS, MAX_WANTED_KEYS, ObiTraceContext, ThreadContextHeader, TlsLocation,
+    WANTED_KEY_WORDS, WantedLabelKeys, custom_labels, go, obi,
 };
 
 /// Label keys searched first in Go labels (the trace and span id keys), written by user space.
@@ -43,9 +43,10 @@ pub fn read_go_labels(
     source: &ContextSource,
     fsbase_offset: u32,
     dest: *mut u8,
-    cursor: Cursor,
+    work: Workspace,
     slice: bool,
 ) -> (ContextKind, usize) {
+    let (cursor, buffer) = (work.cursor, unsafe { &mut *work.go_labels });
     let Some(thread_pointer) = thread_pointer(fsbase_offset) else {
         count(Counter::ContextThreadPointerFault);
         return (ContextKind::None, 0);
@@ -73,9 +74,9 @@ pub fn read_go_labels(
         return (ContextKind::None, 0);
     };
     let len = if slice {
-        go_slice_labels(labels, wanted, dest, cursor)
+        go_slice_labels(labels, wanted, dest, cursor, buffer)
     } else {
-        go_map_labels(labels, wanted, dest, cursor)
+        go_map_labels(labels, wanted, dest, cursor, buffer)
     };
     if len == 0 {
         count(Counter::ContextNoneActive);
@@ -85,37 +86,57 @@ pub fn read_go_labels(
     (ContextKind::GoLabels, len)
 }
 
-/// Go ≥ 1.24: `labels` points to a slice header `{array, len, cap}` of `{key, value string}`.
+/// Go ≥ 1.24: `labels` points to a slice header `{array, len, cap}` of `{key, value string}`;
+/// the label headers are copied in one read.
 #[inline(always)]
-fn go_slice_labels(labels: u64, wanted: &WantedLabelKeys, dest: *mut u8, cursor: Cursor) -> usize {
+fn go_slice_labels(
+    labels: u64,
+    wanted: &WantedLabelKeys,
+    dest: *mut u8,
+    cursor: Cursor,
+    buffer: &mut [u64; GO_LABELS_BUFFER_WORDS],
+) -> usize {
     let Ok(header) = (unsafe { bpf_probe_read_user(labels as *const [u64; 2]) }) else {
         count(Counter::ContextReadFault);
         return 0;
     };
     let (array, len) = (header[0], header[1]);
+    let n = if len > go::MAX_SLICE_LABELS {
+        go::MAX_SLICE_LABELS
+    } else {
+        len
+    };
+    if n == 0 {
+        return 0;
+    }
+    let bytes = (n * 32) as u32;
+    if unsafe { probe_read_user_raw(buffer.as_mut_ptr().cast(), bytes, array as *const _) } < 0 {
+        count(Counter::ContextReadFault);
+        return 0;
+    }
     let mut pos = 0usize;
-    for i in 0..go::MAX_SLICE_LABELS {
-        if i >= len {
+    for i in 0..go::MAX_SLICE_LABELS as usize {
+        if i as u64 >= n {
             break;
         }
         // {key.ptr, key.len, value.ptr, value.len}
-        let Ok(label) = (unsafe { bpf_probe_read_user((array + 32 * i) as *const [u64; 4]) })
-        else {
-            count(Counter::ContextReadFault);
-            break;
-        };
-        pos = cursor.set(copy_label(
-            dest, pos, wanted, label[0], label[1], label[2], label[3],
-        ));
+        let w = &buffer[4 * i..4 * i + 4];
+        pos = cursor.set(copy_label(dest, pos, wanted, w[0], w[1], w[2], w[3]));
     }
     pos
 }
 
 /// Go ≤ 1.23: `labels` points to the map word of a `map[string]string`. Labels maps are built
 /// once and never grow afterwards, so the buckets (not `oldbuckets`) hold every entry; overflow
-/// buckets are not followed.
+/// buckets are not followed. Each bucket is copied in one read.
 #[inline(always)]
-fn go_map_labels(labels: u64, wanted: &WantedLabelKeys, dest: *mut u8, cursor: Cursor) -> usize {
+fn go_map_labels(
+    labels: u64,
+    wanted: &WantedLabelKeys,
+    dest: *mut u8,
+    cursor: Cursor,
+    buffer: &mut [u64; GO_LABELS_BUFFER_WORDS],
+) -> usize {
     let Some(hmap) = read_pointer(labels) else {
         return 0;
     };
@@ -135,26 +156,31 @@ fn go_map_labels(labels: u64, wanted: &WantedLabelKeys, dest: *mut u8, cursor: C
             break;
         }
         let bucket = buckets + bucket_index * go::BUCKET_SIZE;
-        let Ok(tophash) = (unsafe { bpf_probe_read_user(bucket as *const [u8; 8]) }) else {
+        let bytes = (go::BUCKET_WORDS * 8) as u32;
+        if unsafe { probe_read_user_raw(buffer.as_mut_ptr().cast(), bytes, bucket as *const _) } < 0
+        {
             count(Counter::ContextReadFault);
             break;
-        };
-        for slot in 0..8u64 {
-            if tophash[slot as usize] < go::MIN_TOP_HASH {
+        }
+        let tophash = buffer[0].to_ne_bytes();
+        #[expect(
+            clippy::needless_range_loop,
+            reason = "an iterator compiles to code the verifier rejects"
+        )]
+        for slot in 0..8usize {
+            if tophash[slot] < go::MIN_TOP_HASH {
                 continue;
             }
-            let key = bucket + 8 + 16 * slot;
-            let value = bucket + 8 + 128 + 16 * slot;
-            let (Ok(k), Ok(v)) = (unsafe {
-                (
-                    bpf_probe_read_user(key as *const [u64; 2]),
-                    bpf_probe_read_user(value as *const [u64; 2]),
-                )
-            }) else {
-                count(Counter::ContextReadFault);
-                continue;
-            };
-            pos = cursor.set(copy_label(dest, pos, wanted, k[0], k[1], v[0], v[1]));
+            let (key, value) = (1 + 2 * slot, 17 + 2 * slot);
+            pos = cursor.set(copy_label(
+                dest,
+                pos,
+                wanted,
+                buffer[key],
+                buffer[key + 1],
+                buffer[value],
+                buffer[value + 1],
+            ));
         }
     }
     pos
@@ -162,6 +188,7 @@ fn go_map_labels(labels: u64, wanted: &WantedLabelKeys, dest: *mut u8, cursor: C
 
 /// Appends `{u8 key_len; u8 value_len; key; value}` at `pos` when there is room: wanted keys
 /// while a whole entry fits, other labels only while room for two wanted entries remains.
+/// The key is read once, compared from the copy, and the value read only when kept.
 #[inline(always)]
 fn copy_label(
     dest: *mut u8,
@@ -180,16 +207,26 @@ fn copy_label(
     if key_ptr == 0 || pos > MAX_CONTEXT_BYTES - custom_labels::MAX_ENTRY {
         return pos & POS_MASK;
     }
-    if pos > MAX_CONTEXT_BYTES - 3 * custom_labels::MAX_ENTRY
-        && !is_wanted(key_ptr, key_len, wanted)
-    {
-        return pos & POS_MASK;
-    }
     let key_copy = if key_len > custom_labels::MAX_KEY as u64 {
         custom_labels::MAX_KEY
     } else {
         key_len as usize
     };
+    let mut key = [0u64; WANTED_KEY_WORDS];
+    if unsafe {
+        probe_read_user_raw(
+            key.as_mut_ptr().cast(),
+            key_copy as u32,
+            key_ptr as *const _,
+        )
+    } < 0
+    {
+        count(Counter::ContextReadFault);
+        return pos & POS_MASK;
+    }
+    if pos > MAX_CONTEXT_BYTES - 3 * custom_labels::MAX_ENTRY && !is_wanted(&key, key_len, wanted) {
+        return pos & POS_MASK;
+    }
     let value_copy = if value_len > custom_labels::MAX_VALUE as u64 {
         custom_labels::MAX_VALUE
     } else {
@@ -203,10 +240,9 @@ fn copy_label(
         } else {
             value_len as u8
         };
+        // The whole key buffer: bytes past `key_copy` are overwritten by the value.
+        core::ptr::write_unaligned(entry.add(2).cast::<[u64; WANTED_KEY_WORDS]>(), key);
     }
-    let key_ok =
-        unsafe { probe_read_user_raw(entry.add(2).cast(), key_copy as u32, key_ptr as *const _) }
-            >= 0;
     let value_ok = value_copy == 0
         || unsafe {
             probe_read_user_raw(
@@ -215,35 +251,29 @@ fn copy_label(
                 value_ptr as *const _,
             )
         } >= 0;
-    if !(key_ok && value_ok) {
+    if !value_ok {
         count(Counter::ContextReadFault);
         return pos & POS_MASK;
     }
     (pos + 2 + key_copy + value_copy) & POS_MASK
 }
 
-/// Whether the key equals one of the wanted keys (compared as zero-padded words).
+/// Whether the key (already copied, zero-padded) equals one of the wanted keys.
 #[inline(always)]
-fn is_wanted(key_ptr: u64, key_len: u64, wanted: &WantedLabelKeys) -> bool {
-    if key_len == 0 || key_len > MAX_WANTED_KEY_LEN as u64 {
-        return false;
-    }
-    if !wanted.lens.iter().any(|&l| u64::from(l) == key_len) {
-        return false;
-    }
-    let mut key = [0u64; 4];
-    let len = key_len as u32 & 0x3f;
-    if len as usize > MAX_WANTED_KEY_LEN
-        || unsafe { probe_read_user_raw(key.as_mut_ptr().cast(), len, key_ptr as *const _) } < 0
-    {
-        return false;
-    }
+fn is_wanted(key: &[u64; WANTED_KEY_WORDS], key_len: u64, wanted: &WantedLabelKeys) -> bool {
     for i in 0..MAX_WANTED_KEYS {
-        if u64::from(wanted.lens[i]) == key_len && wanted.keys[i] == key {
+        if wanted.lens[i] != 0 && u64::from(wanted.lens[i]) == key_len && wanted.keys[i] == *key {
             return true;
         }
     }
     false
+}
+
+/// The readers' working space in the per-CPU scratch record.
+#[derive(Clone, Copy)]
+pub struct Workspace {
+    pub cursor: Cursor,
+    pub go_labels: *mut [u64; GO_LABELS_BUFFER_WORDS],
 }
 
 /// A write position kept in map memory. Storing it and reading it back hides its exact value
@@ -296,23 +326,8 @@ pub fn read_custom_labels(
     dest: *mut u8,
     cursor: Cursor,
 ) -> (ContextKind, usize) {
-    let Some(thread_pointer) = thread_pointer(fsbase_offset) else {
-        count(Counter::ContextThreadPointerFault);
+    let Some(set) = thread_local_pointer(tls, fsbase_offset) else {
         return (ContextKind::None, 0);
-    };
-    let Some(variable) = tls_address(thread_pointer, tls) else {
-        return (ContextKind::None, 0);
-    };
-    let set = match unsafe { bpf_probe_read_user(variable as *const u64) } {
-        Ok(0) => {
-            count(Counter::ContextNoneActive);
-            return (ContextKind::None, 0);
-        }
-        Ok(p) => p,
-        Err(_) => {
-            count(Counter::ContextReadFault);
-            return (ContextKind::None, 0);
-        }
     };
     let Ok(header) = (unsafe { bpf_probe_read_user(set as *const [u64; 2]) }) else {
         count(Counter::ContextReadFault);
@@ -381,23 +396,8 @@ pub fn read_thread_context(
     fsbase_offset: u32,
     dest: *mut u8,
 ) -> (ContextKind, usize) {
-    let Some(thread_pointer) = thread_pointer(fsbase_offset) else {
-        count(Counter::ContextThreadPointerFault);
+    let Some(record) = thread_local_pointer(tls, fsbase_offset) else {
         return (ContextKind::None, 0);
-    };
-    let Some(variable) = tls_address(thread_pointer, tls) else {
-        return (ContextKind::None, 0);
-    };
-    let record = match unsafe { bpf_probe_read_user(variable as *const u64) } {
-        Ok(0) => {
-            count(Counter::ContextNoneActive);
-            return (ContextKind::None, 0);
-        }
-        Ok(p) => p,
-        Err(_) => {
-            count(Counter::ContextReadFault);
-            return (ContextKind::None, 0);
-        }
     };
     let header_len = core::mem::size_of::<ThreadContextHeader>();
     let ret = unsafe { probe_read_user_raw(dest.cast(), header_len as u32, record as *const _) };
@@ -431,6 +431,28 @@ pub fn read_thread_context(
     }
     count(Counter::ContextRead);
     (ContextKind::ThreadContext, header_len + attrs)
+}
+
+/// The pointer a writer stores in its thread-local variable (the active record or label set);
+/// `None` when there is none (counted by outcome).
+#[inline(always)]
+fn thread_local_pointer(tls: &TlsLocation, fsbase_offset: u32) -> Option<u64> {
+    let Some(thread_pointer) = thread_pointer(fsbase_offset) else {
+        count(Counter::ContextThreadPointerFault);
+        return None;
+    };
+    let variable = tls_address(thread_pointer, tls)?;
+    match unsafe { bpf_probe_read_user(variable as *const u64) } {
+        Ok(0) => {
+            count(Counter::ContextNoneActive);
+            None
+        }
+        Ok(p) => Some(p),
+        Err(_) => {
+            count(Counter::ContextReadFault);
+            None
+        }
+    }
 }
 
 /// `task_struct->thread.fsbase` of the current task (x86_64 thread pointer).

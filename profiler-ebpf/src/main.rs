@@ -228,7 +228,7 @@ pub(crate) fn finish_sample(
 /// the scratch record the sampler prepared, then emits it.
 #[inline(always)]
 fn read_context_and_finish(
-    reader: impl Fn(&ContextSource, u32, *mut u8, context::Cursor) -> (ContextKind, usize),
+    reader: impl Fn(&ContextSource, u32, *mut u8, context::Workspace) -> (ContextKind, usize),
 ) -> u32 {
     let config = CONFIG.load();
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -246,8 +246,11 @@ fn read_context_and_finish(
         Some(source) => {
             let start = unsafe { bpf_ktime_get_ns() };
             let dest = unsafe { scratch.data.as_mut_ptr().add(frames) };
-            let cursor = context::Cursor(&raw mut scratch.cursor);
-            let read = reader(source, config.task_fsbase_offset, dest, cursor);
+            let work = context::Workspace {
+                cursor: context::Cursor(&raw mut scratch.cursor),
+                go_labels: &raw mut scratch.go_labels,
+            };
+            let read = reader(source, config.task_fsbase_offset, dest, work);
             add(
                 Counter::ContextReadNs,
                 unsafe { bpf_ktime_get_ns() } - start,
@@ -270,22 +273,22 @@ pub fn read_thread_context(_ctx: PerfEventContext) -> u32 {
 
 #[perf_event]
 pub fn read_custom_labels(_ctx: PerfEventContext) -> u32 {
-    read_context_and_finish(|source, fsbase, dest, cursor| {
-        context::read_custom_labels(&source.tls, fsbase, dest, cursor)
+    read_context_and_finish(|source, fsbase, dest, work| {
+        context::read_custom_labels(&source.tls, fsbase, dest, work.cursor)
     })
 }
 
 #[perf_event]
 pub fn read_go_labels_map(_ctx: PerfEventContext) -> u32 {
-    read_context_and_finish(|source, fsbase, dest, cursor| {
-        context::read_go_labels(source, fsbase, dest, cursor, false)
+    read_context_and_finish(|source, fsbase, dest, work| {
+        context::read_go_labels(source, fsbase, dest, work, false)
     })
 }
 
 #[perf_event]
 pub fn read_go_labels_slice(_ctx: PerfEventContext) -> u32 {
-    read_context_and_finish(|source, fsbase, dest, cursor| {
-        context::read_go_labels(source, fsbase, dest, cursor, true)
+    read_context_and_finish(|source, fsbase, dest, work| {
+        context::read_go_labels(source, fsbase, dest, work, true)
     })
 }
 

@@ -13,6 +13,7 @@ use std::{
 };
 
 pub mod otel_ctx;
+pub mod otlp;
 
 use profiler_agent::{collector::SymbolizedSample, ebpf::SamplerConfig, record::Recording};
 
@@ -263,7 +264,7 @@ pub async fn sample_until(
 pub fn leaf_count(samples: &[SymbolizedSample], leaf: &str) -> u64 {
     samples
         .iter()
-        .filter(|s| s.functions.first().is_some_and(|f| &**f == leaf))
+        .filter(|s| &*s.leaf == leaf)
         .map(|s| s.count)
         .sum()
 }
@@ -278,10 +279,7 @@ pub fn caller_counts(
     let mut total = 0;
     let mut has_with = 0;
     let mut has_without = 0;
-    for s in samples
-        .iter()
-        .filter(|s| s.functions.first().is_some_and(|f| &**f == leaf))
-    {
+    for s in samples.iter().filter(|s| &*s.leaf == leaf) {
         total += s.count;
         if s.functions.iter().any(|f| &**f == with) {
             has_with += s.count;

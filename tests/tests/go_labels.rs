@@ -43,7 +43,7 @@ fn traces(fixture: &Fixture) -> HashMap<String, String> {
 fn with_trace(samples: &[SymbolizedSample], leaf: &str, trace: &str) -> u64 {
     samples
         .iter()
-        .filter(|s| s.functions.first().is_some_and(|f| &**f == leaf))
+        .filter(|s| &*s.leaf == leaf)
         .filter(|s| {
             s.context
                 .as_ref()

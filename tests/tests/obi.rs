@@ -105,7 +105,7 @@ async fn samples_carry_obi_contexts() {
     let traced =
         |s: &[profiler_agent::collector::SymbolizedSample], leaf: &str, trace: [u8; 16]| -> u64 {
             s.iter()
-                .filter(|x| x.functions.first().is_some_and(|f| &**f == leaf))
+                .filter(|x| &*x.leaf == leaf)
                 .filter(|x| x.context.as_ref().is_some_and(|c| c.trace_id == trace))
                 .map(|x| x.count)
                 .sum()

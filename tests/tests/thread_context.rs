@@ -21,7 +21,7 @@ const CAP: Duration = Duration::from_secs(30);
 fn with_trace(samples: &[SymbolizedSample], leaf: &str, marker: u8) -> u64 {
     samples
         .iter()
-        .filter(|s| s.functions.first().is_some_and(|f| &**f == leaf))
+        .filter(|s| &*s.leaf == leaf)
         .filter(|s| {
             s.context
                 .as_ref()

@@ -29,6 +29,8 @@ use anyhow::{Context as _, anyhow, bail};
 use profiler_common::{Counter, names};
 use serde_json::Value;
 
+use crate::otlp_sink::{OtlpSink, OtlpTally};
+
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args)]
 pub struct BenchArgs {
@@ -47,11 +49,18 @@ pub struct BenchArgs {
     /// Also write the report here.
     #[arg(long, default_value = "target/bench/latest.md")]
     output: PathBuf,
+    /// Traces in the store-query benchmark [default: 10000].
+    #[arg(long, default_value_t = 10_000)]
+    store_traces: u32,
 }
 
 /// Budgets from the issue, checked against this run's numbers.
 const BUDGET_AGENT_CPU_PCT: f64 = 2.0;
 const BUDGET_RSS_ANON_MIB: f64 = 80.0;
+const BUDGET_OTLP_BYTES_PER_SAMPLE: f64 = 40.0;
+const BUDGET_STORE_QUERY_P50_MS: f64 = 20.0;
+/// Timed queries in the store benchmark.
+const STORE_QUERIES: u32 = 500;
 
 const STATUS_POLL: Duration = Duration::from_millis(200);
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
@@ -63,6 +72,9 @@ struct Settings {
     rounds: u32,
     warmup: Duration,
     frequency: u64,
+    /// Windows per target for the trace-context read cost (at least 5: budgets are medians).
+    context_windows: u32,
+    context_window: Duration,
 }
 
 impl Settings {
@@ -73,6 +85,8 @@ impl Settings {
             rounds: args.rounds.unwrap_or(rounds),
             warmup: Duration::from_secs(warmup),
             frequency: args.frequency,
+            context_windows: if args.quick { 2 } else { 5 },
+            context_window: Duration::from_secs(if args.quick { 2 } else { 5 }),
         };
         if settings.window.is_zero() || settings.rounds == 0 || settings.frequency == 0 {
             bail!("--window-secs, --rounds and --frequency must be positive");
@@ -124,6 +138,7 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         load_before: load_average(),
         load_after: String::new(),
         clock_tick_ms: 1000.0 / clock_ticks_per_second()? as f64,
+        store: None,
     };
 
     let _stats = BpfStatsGuard::enable()?;
@@ -160,9 +175,24 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     drop(fixtures);
+
+    let costs = crate::bench_context::measure(
+        root,
+        &root.join("target/release/profiler-agent"),
+        &bench_dir,
+        settings.context_windows,
+        settings.context_window,
+        settings.frequency as u32,
+    )?;
+    progress(&format!(
+        "store: {} synthetic traces, {STORE_QUERIES} timed queries",
+        args.store_traces
+    ));
+    context.store = Some(store_bench(&tools.agent, &tmp.0, args.store_traces)?);
     context.load_after = load_average();
 
-    let report = render_report(&context, &measurements);
+    let mut report = render_report(&context, &measurements);
+    report.push_str(&crate::bench_context::render(&costs));
     print!("{report}");
     let output = if args.output.is_absolute() {
         args.output.clone()
@@ -181,7 +211,7 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn progress(message: &str) {
+pub(crate) fn progress(message: &str) {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let elapsed = START.get_or_init(Instant::now).elapsed().as_secs();
     eprintln!("[bench {elapsed:>3}s] {message}");
@@ -266,10 +296,24 @@ impl Run<'_> {
                 self.window(profiler, round, None)
             }
             Profiler::Ours => {
+                // The agent as deployed: exporting every interval over OTLP/HTTP (gzip) to a
+                // local sink that counts what arrives.
+                let sink = OtlpSink::start()?;
                 let mut command = Command::new(&self.tools.agent);
                 command
                     .args(["run", "--frequency", &frequency.to_string()])
                     .args(["--interval", "10s"])
+                    .args(["--otlp-endpoint", &sink.endpoint()])
+                    .args([
+                        "--otlp-protocol",
+                        "http/protobuf",
+                        "--otlp-compression",
+                        "gzip",
+                    ])
+                    // Its default outputs, kept out of the way of an agent running here.
+                    .arg("--store")
+                    .arg(self.tmp.join("agent-store.db"))
+                    .args(["--api-listen", "127.0.0.1:0"])
                     .env("NO_COLOR", "1");
                 let (mut agent, lines) = Guarded::spawn("profiler-agent", &mut command, &log)?;
                 wait_for_line(&lines, &mut agent, READY_TIMEOUT, |l| {
@@ -288,8 +332,10 @@ impl Run<'_> {
                     prog: Some(prog),
                     counters: Some(counters),
                 };
-                let measurement = self.window(profiler, round, Some(target))?;
+                let mut measurement = self.window(profiler, round, Some(target))?;
                 agent.stop(STOP_TIMEOUT)?;
+                // The whole run, the last interval flushed at SIGINT included.
+                measurement.otlp = Some(sink.tally());
                 Ok(measurement)
             }
             Profiler::Bpftrace => {
@@ -443,6 +489,7 @@ impl Run<'_> {
             rss_file_kib: rss.map(|r| r.1),
             samples,
             expected_samples: self.settings.frequency as f64 * f64::from(self.cpus) * secs,
+            otlp: None,
         })
     }
 }
@@ -574,7 +621,7 @@ impl Drop for Guarded {
     }
 }
 
-fn signal(pid: u32, signal: libc::c_int) -> anyhow::Result<()> {
+pub(crate) fn signal(pid: u32, signal: libc::c_int) -> anyhow::Result<()> {
     let pid = libc::pid_t::try_from(pid)?;
     // SAFETY: kill has no memory-safety preconditions; pid is our own child, not yet reaped.
     if unsafe { libc::kill(pid, signal) } != 0 {
@@ -681,12 +728,17 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 /// SIGINT/SIGTERM set a flag that every wait checks, so the run ends through the guards.
-fn install_signal_handlers() {
+pub(crate) fn install_signal_handlers() {
     let handler: extern "C" fn(libc::c_int) = on_signal;
     for sig in [libc::SIGINT, libc::SIGTERM] {
         // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
         unsafe { libc::signal(sig, handler as libc::sighandler_t) };
     }
+}
+
+/// Whether SIGINT or SIGTERM arrived since [`install_signal_handlers`].
+pub(crate) fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
 }
 
 fn check_interrupted() -> anyhow::Result<()> {
@@ -1189,6 +1241,8 @@ pub(crate) struct Measurement {
     pub rss_file_kib: Option<u64>,
     pub samples: Option<u64>,
     pub expected_samples: f64,
+    /// What our agent exported over OTLP during its whole run (warm-up and final flush too).
+    pub otlp: Option<OtlpTally>,
 }
 
 impl Measurement {
@@ -1222,6 +1276,17 @@ impl Measurement {
 
     fn capture_ratio(&self) -> Option<f64> {
         Some(self.samples? as f64 / self.expected_samples)
+    }
+
+    /// OTLP bytes on the wire (gzip) per sample exported, amortized over every request.
+    fn otlp_bytes_per_sample(&self) -> Option<f64> {
+        let t = self.otlp.filter(|t| t.samples > 0)?;
+        Some(t.wire_bytes as f64 / t.samples as f64)
+    }
+
+    fn otlp_raw_bytes_per_sample(&self) -> Option<f64> {
+        let t = self.otlp.filter(|t| t.samples > 0)?;
+        Some(t.raw_bytes as f64 / t.samples as f64)
     }
 }
 
@@ -1293,6 +1358,52 @@ pub(crate) struct ReportContext {
     pub load_after: String,
     /// One /proc/<pid>/stat clock tick, in ms: the resolution of the process CPU rows.
     pub clock_tick_ms: f64,
+    /// The store-query benchmark (None when it did not run).
+    pub store: Option<StoreBench>,
+}
+
+/// `profiler-agent bench-store`'s report (the fields the table shows).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct StoreBench {
+    pub traces: u64,
+    pub query_p50_ms: f64,
+    pub query_p99_ms: f64,
+    pub fetch_p50_ms: f64,
+    pub bytes_per_trace: f64,
+    pub profile_bytes_per_trace: f64,
+}
+
+impl StoreBench {
+    pub(crate) fn parse(json: &str) -> anyhow::Result<Self> {
+        let v: Value = serde_json::from_str(json.trim())
+            .with_context(|| format!("bench-store printed {json:?}"))?;
+        let f = |key: &str| {
+            v[key]
+                .as_f64()
+                .ok_or_else(|| anyhow!("bench-store report lacks {key}: {v}"))
+        };
+        Ok(Self {
+            traces: f("traces")? as u64,
+            query_p50_ms: f("query_p50_ms")?,
+            query_p99_ms: f("query_p99_ms")?,
+            fetch_p50_ms: f("fetch_p50_ms")?,
+            bytes_per_trace: f("bytes_per_trace")?,
+            profile_bytes_per_trace: f("profile_bytes_per_trace")?,
+        })
+    }
+}
+
+/// Runs the agent's store benchmark (no privileges, no eBPF) in `tmp`.
+fn store_bench(agent: &Path, tmp: &Path, traces: u32) -> anyhow::Result<StoreBench> {
+    let out = output_of(
+        Command::new(agent)
+            .arg("bench-store")
+            .arg("--path")
+            .arg(tmp.join("bench-store.db"))
+            .args(["--traces", &traces.to_string()])
+            .args(["--queries", &STORE_QUERIES.to_string()]),
+    )?;
+    StoreBench::parse(&out)
 }
 
 type RowValue = fn(&Measurement, Option<&Measurement>) -> Option<f64>;
@@ -1329,6 +1440,18 @@ const ROWS: &[(&str, usize, bool, RowValue)] = &[
     ("samples captured per window", 0, false, |m, _| {
         m.samples.map(|s| s as f64)
     }),
+    (
+        "OTLP export, bytes per sample (gzip, amortized)",
+        1,
+        false,
+        |m, _| m.otlp_bytes_per_sample(),
+    ),
+    (
+        "OTLP export, bytes per sample (uncompressed)",
+        1,
+        false,
+        |m, _| m.otlp_raw_bytes_per_sample(),
+    ),
     ("fixture throughput (iterations/s)", 1, false, |m, _| {
         Some(m.iterations_per_s())
     }),
@@ -1414,6 +1537,29 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
         out.push('\n');
     }
 
+    if let Some(store) = &ctx.store {
+        let row = |label: String, ours: String| format!("| {label} | n/a | {ours} | n/a | n/a |\n");
+        out.push_str(&row(
+            format!(
+                "store query latency p50 / p99 (ms), one trace among {} (open, look up, read, \
+                 decode, top table)",
+                store.traces
+            ),
+            format!("{:.2} / {:.2}", store.query_p50_ms, store.query_p99_ms),
+        ));
+        out.push_str(&row(
+            "store fetch latency p50 (ms), the stored pprof bytes".into(),
+            format!("{:.2}", store.fetch_p50_ms),
+        ));
+        out.push_str(&row(
+            "store bytes per trace (database file / traces; gzip pprof alone)".into(),
+            format!(
+                "{:.0} ({:.0})",
+                store.bytes_per_trace, store.profile_bytes_per_trace
+            ),
+        ));
+    }
+
     let median = |p: Profiler, f: fn(&Measurement) -> Option<f64>| {
         spread(&values_of(measurements, p, |m, _| f(m))).map(|s| s.median)
     };
@@ -1435,6 +1581,7 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
         m.rss_anon_kib.map(|k| k as f64 / 1024.0)
     }))
     .map(|s| s.max);
+    let ours_otlp = median(Profiler::Ours, Measurement::otlp_bytes_per_sample);
     let show = |x: Option<f64>, unit: &str, decimals: usize| {
         x.map_or("n/a".into(), |x| format!("{x:.decimals$}{unit}"))
     };
@@ -1465,12 +1612,30 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
         show(ours_rss, " MiB", 1),
         verdict(ours_rss.map(|r| r <= BUDGET_RSS_ANON_MIB))
     );
+    if let Some(store) = &ctx.store {
+        let _ = writeln!(
+            out,
+            "- store query p50 ≤ {BUDGET_STORE_QUERY_P50_MS} ms for one trace among {}: {:.2} ms \
+             → {}",
+            store.traces,
+            store.query_p50_ms,
+            verdict(Some(store.query_p50_ms <= BUDGET_STORE_QUERY_P50_MS))
+        );
+    }
+    let _ = writeln!(
+        out,
+        "- OTLP export ≤ {BUDGET_OTLP_BYTES_PER_SAMPLE} B per sample (gzip, amortized): {} → {}",
+        show(ours_otlp, " B", 1),
+        verdict(ours_otlp.map(|b| b <= BUDGET_OTLP_BYTES_PER_SAMPLE))
+    );
     let _ = writeln!(
         out,
         "\nCells: median [min–max] over rounds. eBPF time excludes the timer interrupt and perf \
          overhead around each program run (≈12 µs per sample on this VM class, paid by the \
          sampled thread; see the fixture rows). bpftrace and perf symbolize only at \
-         exit, outside the window; ours symbolizes continuously, inside it. Process CPU is \
+         exit, outside the window; ours symbolizes continuously, inside it, and exports every \
+         10 s interval over OTLP/HTTP to a local sink (the OTLP rows count its whole run). \
+         Process CPU is \
          counted in {} ms clock ticks ({:.2}% of one CPU per {} s window). See BENCHMARKS.md.",
         ctx.clock_tick_ms,
         ctx.clock_tick_ms / (ctx.window_secs * 1000.0) * 100.0,
@@ -1664,6 +1829,7 @@ mod tests {
             rss_file_kib: None,
             samples: None,
             expected_samples: 1980.0,
+            otlp: None,
         }
     }
 
@@ -1681,6 +1847,12 @@ mod tests {
                 rss_anon_kib: Some(20 * 1024 + u64::from(round) * 1024),
                 rss_file_kib: Some(10 * 1024),
                 samples: Some(1970),
+                otlp: Some(OtlpTally {
+                    requests: 3,
+                    wire_bytes: 60_000 + u64::from(round) * 6_000,
+                    raw_bytes: 300_000,
+                    samples: 3_000,
+                }),
                 ..measurement(Profiler::Ours, round)
             });
             ms.push(Measurement {
@@ -1712,6 +1884,15 @@ mod tests {
             load_before: "1.00".into(),
             load_after: "2.00".into(),
             clock_tick_ms: 10.0,
+            store: Some(
+                StoreBench::parse(
+                    r#"{"traces":10000,"queries":500,"write_secs":3.0,"query_p50_ms":1.25,
+                        "query_p99_ms":4.5,"fetch_p50_ms":0.5,"fetch_p99_ms":1.0,
+                        "bytes_per_trace":3100.4,"profile_bytes_per_trace":2500.2,
+                        "file_bytes":31004000}"#,
+                )
+                .unwrap(),
+            ),
         };
         let report = render_report(&ctx, &ms);
         let row = |prefix: &str| {
@@ -1740,6 +1921,18 @@ mod tests {
         ));
         assert!(report.contains("≤ 2% of one CPU: 1.00% → **PASS**"));
         assert!(report.contains("RssAnon ≤ 80 MiB: 21.0 MiB → **PASS**"));
+        assert!(
+            row("OTLP export, bytes per sample (gzip")
+                .ends_with("| n/a | 21.0 [20.0–22.0] | n/a | n/a |")
+        );
+        assert!(row("OTLP export, bytes per sample (uncompressed)").contains("| 100.0 |"));
+        assert!(report.contains("≤ 40 B per sample (gzip, amortized): 21.0 B → **PASS**"));
         assert!(report.contains("`cargo xtask bench --quick`"));
+        assert!(
+            row("store query latency p50 / p99 (ms), one trace among 10000")
+                .ends_with("| n/a | 1.25 / 4.50 | n/a | n/a |")
+        );
+        assert!(row("store bytes per trace").ends_with("| n/a | 3100 (2500) | n/a | n/a |"));
+        assert!(report.contains("among 10000: 1.25 ms → **PASS**"));
     }
 }

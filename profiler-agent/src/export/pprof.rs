@@ -221,3 +221,232 @@ pub fn decode(bytes: &[u8]) -> anyhow::Result<pb::Profile> {
     };
     Ok(pb::Profile::decode(raw.as_slice())?)
 }
+
+/// Merges profiles with the same sample types into one. Strings, mappings, functions and
+/// locations are re-interned; samples with the same stack and labels are summed. The merged
+/// profile spans from the earliest start to the latest end. Used where one answer is made of
+/// several stored profiles (a trace stored in parts, a time window made of buckets).
+pub fn merge(profiles: &[pb::Profile]) -> anyhow::Result<pb::Profile> {
+    let mut merger = Merger::default();
+    for profile in profiles {
+        merger.add(profile)?;
+    }
+    Ok(merger.finish())
+}
+
+type LocationKey = (u64, u64, Vec<(u64, i64)>);
+type SampleKey = (Vec<u64>, Vec<(i64, i64, i64, i64)>);
+
+#[derive(Default)]
+struct Merger {
+    out: pb::Profile,
+    /// Sample type names, to check that every input measures the same thing.
+    sample_types: Option<Vec<(String, String)>>,
+    strings: HashMap<String, i64>,
+    mappings: HashMap<(i64, i64), u64>,
+    functions: HashMap<(i64, i64, i64, i64), u64>,
+    locations: HashMap<LocationKey, u64>,
+    samples: HashMap<SampleKey, usize>,
+    start: Option<i64>,
+    end: i64,
+}
+
+impl Merger {
+    fn add(&mut self, p: &pb::Profile) -> anyhow::Result<()> {
+        let text = |i: i64| -> &str {
+            usize::try_from(i)
+                .ok()
+                .and_then(|i| p.string_table.get(i))
+                .map_or("", String::as_str)
+        };
+        let types: Vec<(String, String)> = p
+            .sample_type
+            .iter()
+            .map(|t| (text(t.r#type).to_owned(), text(t.unit).to_owned()))
+            .collect();
+        match &self.sample_types {
+            None => self.init(p, &types),
+            Some(known) => anyhow::ensure!(
+                *known == types,
+                "cannot merge profiles with sample types {known:?} and {types:?}"
+            ),
+        }
+        let mut strings = Vec::with_capacity(p.string_table.len());
+        for s in &p.string_table {
+            strings.push(self.string(s));
+        }
+        let s = |i: i64| {
+            usize::try_from(i)
+                .ok()
+                .and_then(|i| strings.get(i).copied())
+                .unwrap_or(0)
+        };
+        let mut mapping_ids = HashMap::new();
+        for m in &p.mapping {
+            let key = (s(m.filename), s(m.build_id));
+            let next = self.out.mapping.len() as u64 + 1;
+            let id = *self.mappings.entry(key).or_insert_with(|| {
+                self.out.mapping.push(pb::Mapping {
+                    id: next,
+                    filename: key.0,
+                    build_id: key.1,
+                    ..m.clone()
+                });
+                next
+            });
+            mapping_ids.insert(m.id, id);
+        }
+        let mut function_ids = HashMap::new();
+        for f in &p.function {
+            let key = (s(f.name), s(f.system_name), s(f.filename), f.start_line);
+            let next = self.out.function.len() as u64 + 1;
+            let id = *self.functions.entry(key).or_insert_with(|| {
+                self.out.function.push(pb::Function {
+                    id: next,
+                    name: key.0,
+                    system_name: key.1,
+                    filename: key.2,
+                    start_line: key.3,
+                });
+                next
+            });
+            function_ids.insert(f.id, id);
+        }
+        let mut location_ids = HashMap::new();
+        for l in &p.location {
+            let mapping = mapping_ids.get(&l.mapping_id).copied().unwrap_or(0);
+            let lines: Vec<(u64, i64)> = l
+                .line
+                .iter()
+                .map(|line| {
+                    let f = function_ids.get(&line.function_id).copied().unwrap_or(0);
+                    (f, line.line)
+                })
+                .collect();
+            let key = (mapping, l.address, lines);
+            let next = self.out.location.len() as u64 + 1;
+            let id = match self.locations.get(&key) {
+                Some(id) => *id,
+                None => {
+                    self.out.location.push(pb::Location {
+                        id: next,
+                        mapping_id: key.0,
+                        address: key.1,
+                        line: key
+                            .2
+                            .iter()
+                            .map(|(function_id, line)| pb::Line {
+                                function_id: *function_id,
+                                line: *line,
+                                column: 0,
+                            })
+                            .collect(),
+                        is_folded: l.is_folded,
+                    });
+                    self.locations.insert(key, next);
+                    next
+                }
+            };
+            location_ids.insert(l.id, id);
+        }
+        for sample in &p.sample {
+            let locations: Vec<u64> = sample
+                .location_id
+                .iter()
+                .map(|id| location_ids.get(id).copied().unwrap_or(0))
+                .collect();
+            let mut labels: Vec<(i64, i64, i64, i64)> = sample
+                .label
+                .iter()
+                .map(|l| (s(l.key), s(l.str), l.num, s(l.num_unit)))
+                .collect();
+            labels.sort_unstable();
+            self.add_sample(locations, labels, &sample.value);
+        }
+        for c in &p.comment {
+            let c = s(*c);
+            if !self.out.comment.contains(&c) {
+                self.out.comment.push(c);
+            }
+        }
+        if p.time_nanos > 0 {
+            self.start = Some(self.start.map_or(p.time_nanos, |t| t.min(p.time_nanos)));
+            self.end = self.end.max(p.time_nanos + p.duration_nanos);
+        }
+        Ok(())
+    }
+
+    fn init(&mut self, p: &pb::Profile, types: &[(String, String)]) {
+        self.string("");
+        self.out.sample_type = types
+            .iter()
+            .map(|(t, u)| pb::ValueType {
+                r#type: self.string(t),
+                unit: self.string(u),
+            })
+            .collect();
+        let text = |i: i64| {
+            usize::try_from(i)
+                .ok()
+                .and_then(|i| p.string_table.get(i))
+                .cloned()
+                .unwrap_or_default()
+        };
+        self.out.period_type = p.period_type.as_ref().map(|t| pb::ValueType {
+            r#type: self.string(&text(t.r#type)),
+            unit: self.string(&text(t.unit)),
+        });
+        self.out.period = p.period;
+        self.out.default_sample_type = self.string(&text(p.default_sample_type));
+        self.sample_types = Some(types.to_vec());
+    }
+
+    fn add_sample(
+        &mut self,
+        locations: Vec<u64>,
+        labels: Vec<(i64, i64, i64, i64)>,
+        value: &[i64],
+    ) {
+        let key = (locations, labels);
+        if let Some(&i) = self.samples.get(&key) {
+            let existing = &mut self.out.sample[i].value;
+            for (sum, v) in existing.iter_mut().zip(value) {
+                *sum += v;
+            }
+            return;
+        }
+        self.out.sample.push(pb::Sample {
+            location_id: key.0.clone(),
+            value: value.to_vec(),
+            label: key
+                .1
+                .iter()
+                .map(|&(key, str, num, num_unit)| pb::Label {
+                    key,
+                    str,
+                    num,
+                    num_unit,
+                })
+                .collect(),
+        });
+        self.samples.insert(key, self.out.sample.len() - 1);
+    }
+
+    fn string(&mut self, s: &str) -> i64 {
+        if let Some(i) = self.strings.get(s) {
+            return *i;
+        }
+        let i = self.out.string_table.len() as i64;
+        self.out.string_table.push(s.to_owned());
+        self.strings.insert(s.to_owned(), i);
+        i
+    }
+
+    fn finish(mut self) -> pb::Profile {
+        if let Some(start) = self.start {
+            self.out.time_nanos = start;
+            self.out.duration_nanos = self.end - start;
+        }
+        self.out
+    }
+}

@@ -8,32 +8,23 @@
 //! - [`client`]: the API client (HTTP/1.1 over rustls), [`api`]: the fields it decodes.
 //! - [`selector`] and [`filter`]: namespaces + label selector → cgroup ids (or pids on cgroup
 //!   v1 hosts) for the kernel; [`Workloads`] keeps them current while sampling.
-//! - [`process`]: `service.name` precedence, `OTEL_SERVICE_NAME` from the environment, pids as
-//!   the container sees them.
 //!
-//! ## Attaching pod metadata to samples (for the collector and the exporters)
+//! ## How pod metadata reaches profiles
 //!
-//! The collector thread holds a [`PodMetadataHandle`] (cheap to clone, never blocks) and, once
-//! per process (on first sample, dropped on exec/exit like the process table's entries):
-//!
-//! 1. `cgroup::read_proc_cgroup(proc_root, pid)?.identity` → container id and pod uid;
-//! 2. `handle.lookup(&identity)` → [`ProcessPod`] (pod metadata and the container);
-//! 3. resource attributes: `pod.resource_attributes(container.as_ref())` (`k8s.namespace.name`,
-//!    `k8s.pod.name`, `k8s.pod.uid`, `k8s.deployment.name`…, `k8s.container.name`,
-//!    `container.id`) for OTLP, and the same pairs as pprof labels;
-//! 4. `service.name`: `process::service_name(process context, OTEL_SERVICE_NAME from
-//!    process::otel_service_name, pod.app_name(), executable name)`;
-//! 5. the pid users know: `process::container_pid(proc_root, pid)` next to the host pid.
-//!
-//! Cache the result per pid; a snapshot that changes (`handle.changed()`) only matters for
-//! processes whose pod was not known yet (a pod's metadata is fixed once it runs, labels
-//! aside).
+//! The process table reads each process's [`cgroup::CgroupIdentity`] (container id, pod uid)
+//! and its pid inside its container once per process image (`process/details.rs`). The
+//! collector thread holds a [`PodMetadataHandle`] (cheap to clone, never blocks) and, for each
+//! process once per interval, looks its identity up in the current snapshot: a pod that was
+//! not known yet (the watcher's first list still running, a pod created a moment ago) is found
+//! at the next interval. The result, `profile::PodDetails`, becomes OTLP resource attributes
+//! (`k8s.namespace.name`, `k8s.pod.name`, `k8s.pod.uid`, `k8s.deployment.name`…,
+//! `k8s.container.name`, `container.id`), pprof labels, the store's namespace and pod columns,
+//! and one step of the `service.name` precedence (the pod's `app.kubernetes.io/name`).
 
 pub mod api;
 pub mod cgroup;
 pub mod client;
 pub mod filter;
-pub mod process;
 pub mod selector;
 pub mod watcher;
 

@@ -4,6 +4,7 @@
 //! address into `(object, file offset)` as soon as the sample arrives, so that the frame stays
 //! symbolizable after the process is gone.
 
+pub mod details;
 pub mod golang;
 pub mod objects;
 pub mod process_context;
@@ -20,7 +21,7 @@ use procfs::process::{MMPermissions, MMapPath};
 pub use objects::{Object, ObjectId, ObjectStore};
 use objects::{ObjectKey, clean_path};
 
-use crate::{metrics::Metrics, profile::Frame};
+use crate::{k8s::cgroup::CgroupIdentity, metrics::Metrics, profile::Frame};
 
 /// A process's maps are re-read at most this often when addresses miss.
 const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
@@ -45,6 +46,10 @@ struct Process {
     /// Executable name from `/proc/<pid>/exe` (falls back to the command name).
     name: String,
     exe_path: Option<String>,
+    /// `OTEL_SERVICE_NAME` from its environment.
+    env_service_name: Option<String>,
+    cgroup: CgroupIdentity,
+    container_pid: Option<u32>,
 }
 
 /// What a user can learn about a process.
@@ -52,6 +57,11 @@ struct Process {
 pub struct ProcessInfo {
     pub name: String,
     pub exe_path: Option<String>,
+    pub env_service_name: Option<String>,
+    /// Container id and pod uid from its cgroup (empty outside containers).
+    pub cgroup: CgroupIdentity,
+    /// Its pid in its own pid namespace, when that differs from the host's.
+    pub container_pid: Option<u32>,
 }
 
 pub struct ProcessTable {
@@ -87,6 +97,9 @@ impl ProcessTable {
         self.processes.get(&pid).map(|p| ProcessInfo {
             name: p.name.clone(),
             exe_path: p.exe_path.clone(),
+            env_service_name: p.env_service_name.clone(),
+            cgroup: p.cgroup.clone(),
+            container_pid: p.container_pid,
         })
     }
 
@@ -208,6 +221,20 @@ impl ProcessTable {
             }
         };
         self.metrics.inc("process_maps_read");
+        // The environment, cgroup and pid namespace of a process image do not change: read
+        // them once.
+        let (env_service_name, cgroup, container_pid) = match &previous {
+            Some(p) => (
+                p.env_service_name.clone(),
+                p.cgroup.clone(),
+                p.container_pid,
+            ),
+            None => (
+                details::read_env_var(&proc_dir, "OTEL_SERVICE_NAME"),
+                details::read_cgroup_identity(&proc_dir),
+                details::read_container_pid(&proc_dir),
+            ),
+        };
         self.processes.insert(
             pid,
             Process {
@@ -216,6 +243,9 @@ impl ProcessTable {
                 exited_at: previous.and_then(|p| p.exited_at),
                 name,
                 exe_path,
+                env_service_name,
+                cgroup,
+                container_pid,
             },
         );
     }

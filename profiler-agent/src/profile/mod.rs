@@ -75,17 +75,111 @@ pub struct SampleValue {
     pub last_unix_ns: u64,
 }
 
+impl SampleValue {
+    pub fn first(unix_ns: u64) -> Self {
+        Self {
+            count: 1,
+            first_unix_ns: unix_ns,
+            last_unix_ns: unix_ns,
+        }
+    }
+
+    /// One more sample at `unix_ns`.
+    pub fn record(&mut self, unix_ns: u64) {
+        self.count += 1;
+        self.first_unix_ns = self.first_unix_ns.min(unix_ns);
+        self.last_unix_ns = self.last_unix_ns.max(unix_ns);
+    }
+}
+
+/// What the agent learned about a sampled process, for outputs that describe processes
+/// (OTLP resource attributes, pprof labels, the store's index). Gathered by the collector; no
+/// I/O here.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessDetails {
+    /// Executable file name (or the command name when the executable is unknown).
+    pub exe_name: String,
+    pub exe_path: Option<String>,
+    /// `service.name` from the process's OTEP 4719 context.
+    pub context_service_name: Option<String>,
+    /// `OTEL_SERVICE_NAME` from the process's environment at its start.
+    pub env_service_name: Option<String>,
+    pub container_id: Option<String>,
+    /// Its pid in its own pid namespace (what `ps` in its container shows), when different.
+    pub container_pid: Option<u32>,
+    /// Its pod, when the agent watches the Kubernetes API and the pod is known.
+    pub pod: Option<PodDetails>,
+    /// Resource attributes the process published in its context, as published.
+    pub resource_attributes: Vec<(String, String)>,
+}
+
+/// A process's pod, as Kubernetes describes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodDetails {
+    pub namespace: String,
+    pub name: String,
+    /// The container's name in the pod spec, when the process's container is known.
+    pub container: Option<String>,
+    /// The pod's `app.kubernetes.io/name` label.
+    pub app_name: Option<String>,
+    /// OpenTelemetry resource attributes (`k8s.namespace.name`, `k8s.pod.name`, `k8s.pod.uid`,
+    /// the owning workload's `k8s.<kind>.name`, `k8s.container.name`, `container.id`).
+    pub attributes: Vec<(String, String)>,
+}
+
+impl ProcessDetails {
+    /// `service.name` by precedence: the process context (OTEP 4719), then
+    /// `OTEL_SERVICE_NAME`, then the pod's `app.kubernetes.io/name` label, then the executable
+    /// name. Blank values do not count.
+    pub fn service_name(&self) -> &str {
+        [
+            self.context_service_name.as_deref(),
+            self.env_service_name.as_deref(),
+            self.pod.as_ref().and_then(|p| p.app_name.as_deref()),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|name| !name.trim().is_empty())
+        .unwrap_or(&self.exe_name)
+    }
+
+    /// pprof labels that place the process: its pod's attributes with `_` for `.`
+    /// (`k8s_namespace_name`, `k8s_pod_name`, …, the form label-based backends accept) and
+    /// `container_pid`.
+    pub fn placement_labels(&self) -> Vec<(String, String)> {
+        let mut labels: Vec<(String, String)> = self
+            .pod
+            .iter()
+            .flat_map(|p| &p.attributes)
+            .map(|(k, v)| (k.replace('.', "_"), v.clone()))
+            .collect();
+        if self.pod.is_none()
+            && let Some(id) = &self.container_id
+        {
+            labels.push(("container_id".to_owned(), id.clone()));
+        }
+        if let Some(pid) = self.container_pid {
+            labels.push(("container_pid".to_owned(), pid.to_string()));
+        }
+        labels
+    }
+}
+
 /// Samples aggregated by key, with the names seen for processes and threads.
 #[derive(Default)]
 pub struct Aggregate {
     pub stacks: StackInterner,
     pub samples: HashMap<SampleKey, SampleValue>,
+    /// Every sample's Unix time per key, in arrival order (OTLP carries per-sample timestamps).
+    pub timestamps: HashMap<SampleKey, Vec<u64>>,
     context_ids: HashMap<TraceContext, ContextId>,
     contexts: Vec<TraceContext>,
     pub thread_names: HashMap<u32, String>,
     pub process_names: HashMap<u32, String>,
     /// `service.name` of processes that published one (OTEP 4719 process context).
     pub service_names: HashMap<u32, String>,
+    /// Per-process details, first seen in this interval.
+    pub process_details: HashMap<u32, Arc<ProcessDetails>>,
     pub total_samples: u64,
 }
 
@@ -102,23 +196,17 @@ impl Aggregate {
         let stack = self.stacks.intern(frames);
         let context = context.map(|c| self.context_id(c));
         self.total_samples += 1;
+        let key = SampleKey {
+            pid,
+            tid,
+            stack,
+            context,
+        };
+        self.timestamps.entry(key).or_default().push(unix_ns);
         self.samples
-            .entry(SampleKey {
-                pid,
-                tid,
-                stack,
-                context,
-            })
-            .and_modify(|v| {
-                v.count += 1;
-                v.first_unix_ns = v.first_unix_ns.min(unix_ns);
-                v.last_unix_ns = v.last_unix_ns.max(unix_ns);
-            })
-            .or_insert(SampleValue {
-                count: 1,
-                first_unix_ns: unix_ns,
-                last_unix_ns: unix_ns,
-            });
+            .entry(key)
+            .and_modify(|v| v.record(unix_ns))
+            .or_insert(SampleValue::first(unix_ns));
         stack
     }
 
@@ -206,5 +294,59 @@ mod tests {
         assert_eq!((v.count, v.first_unix_ns, v.last_unix_ns), (2, 50, 100));
         assert_eq!(agg.frames().count(), 3);
         assert_eq!(agg.time_range(), Some((50, 100)));
+        assert_eq!(agg.timestamps[&key(None)], vec![100, 50]);
+        assert_eq!(agg.timestamps[&key(Some(ContextId(0)))], vec![90, 95]);
+    }
+
+    #[test]
+    fn service_name_precedence() {
+        let mut d = ProcessDetails {
+            exe_name: "server".into(),
+            ..Default::default()
+        };
+        assert_eq!(d.service_name(), "server");
+        d.env_service_name = Some("from-env".into());
+        assert_eq!(d.service_name(), "from-env");
+        d.context_service_name = Some("from-context".into());
+        assert_eq!(d.service_name(), "from-context");
+        d.context_service_name = Some(" ".into());
+        d.env_service_name = None;
+        d.pod = Some(PodDetails {
+            app_name: Some("from-pod-label".into()),
+            ..Default::default()
+        });
+        assert_eq!(d.service_name(), "from-pod-label");
+        d.env_service_name = Some("from-env".into());
+        assert_eq!(d.service_name(), "from-env");
+    }
+
+    #[test]
+    fn placement_labels() {
+        let mut d = ProcessDetails {
+            container_id: Some("c0ffee".into()),
+            container_pid: Some(7),
+            ..Default::default()
+        };
+        assert_eq!(
+            d.placement_labels(),
+            [("container_id", "c0ffee"), ("container_pid", "7")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        d.pod = Some(PodDetails {
+            attributes: vec![
+                ("k8s.namespace.name".into(), "shop".into()),
+                ("container.id".into(), "c0ffee".into()),
+            ],
+            ..Default::default()
+        });
+        assert_eq!(
+            d.placement_labels(),
+            [
+                ("k8s_namespace_name", "shop"),
+                ("container_id", "c0ffee"),
+                ("container_pid", "7")
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
     }
 }

@@ -1,0 +1,316 @@
+//! The embedded store: per-trace profiles and per-process time buckets in one SQLite file, the
+//! only module that knows its format.
+//!
+//! Why SQLite (rusqlite, library compiled in): in WAL mode one writer (the agent) and any number
+//! of readers in other processes (`profiler-agent query`, `traces`) work at the same time, so
+//! the CLI reads the live database without going through the agent. redb, the pure-Rust
+//! alternative, locks its file for one process at a time. SQLite also gives indexes, atomic
+//! batches, an integrity check and a format every machine has a tool (`sqlite3`) for.
+//!
+//! What is stored needs no symbolizer to read: every profile is a symbolized pprof (gzip
+//! bytes, as `trace_to_pprof` writes them), so a query works after the processes and the agent
+//! are gone.
+//!
+//! - `trace_parts`: one row per incarnation of a trace (see `TraceProfile::created_unix_ns`).
+//!   A re-flush of the same incarnation (late samples, within the agent's late window)
+//!   replaces its row; a new incarnation (after that window, or after a restart) adds one, and
+//!   queries merge the parts. So late samples always merge into the stored trace.
+//! - `traces`: the index, one row per trace (times, samples, CPU, bytes, services), kept equal
+//!   to the aggregate of its parts; `trace_processes` (pid, process, service, Kubernetes
+//!   namespace and pod) and `trace_spans` (span ids) index the rest.
+//! - `buckets`: one row per process per agent interval with every sample of that interval
+//!   (traced ones labelled `traced=true`, without their ids), for time-window flame graphs.
+//!
+//! Retention deletes the oldest traces and buckets by age and by the bytes the file uses
+//! (`--retention`, `--store-max-bytes`), counted. A corrupt, foreign or locked file is a clear
+//! error and is never rewritten or deleted.
+
+mod bench;
+mod read;
+mod sink;
+#[cfg(test)]
+mod tests;
+mod write;
+
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use rusqlite::{Connection, ErrorCode, OpenFlags};
+
+pub use bench::{BenchReport, bench};
+pub use read::{
+    ProcessRow, ServiceRow, StoreReader, StoreStats, TraceFilter, TraceSummary, Window,
+};
+pub use sink::StoreSink;
+pub use write::{BucketRecord, Retention, RetentionOutcome, Store, TraceProcess, TraceRecord};
+
+/// `PRAGMA application_id` of a profiler store ("PRFL"): tells it from other SQLite files.
+const APPLICATION_ID: i32 = 0x5052_464c;
+/// `PRAGMA user_version`: the schema below.
+const SCHEMA_VERSION: i32 = 2;
+/// What brings a store of each older version to the next one (index 0: version 1 → 2). The
+/// agent applies them when it opens the store; readers refuse an older schema until then.
+const MIGRATIONS: &[&str] = &[
+    // 2: the pod (Kubernetes) of every process, filterable.
+    "ALTER TABLE trace_processes ADD COLUMN namespace TEXT NOT NULL DEFAULT '';
+     ALTER TABLE trace_processes ADD COLUMN pod TEXT NOT NULL DEFAULT '';
+     CREATE INDEX trace_processes_by_pod ON trace_processes (namespace, pod, trace_id);
+     ALTER TABLE buckets ADD COLUMN namespace TEXT NOT NULL DEFAULT '';
+     ALTER TABLE buckets ADD COLUMN pod TEXT NOT NULL DEFAULT '';",
+];
+const _: () = assert!(MIGRATIONS.len() as i32 == SCHEMA_VERSION - 1);
+/// How long a statement waits for another connection's lock before failing as locked.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SCHEMA: &str = "
+CREATE TABLE traces (
+    trace_id BLOB PRIMARY KEY,
+    first_ns INTEGER NOT NULL,
+    last_ns INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    cpu_ns INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    parts INTEGER NOT NULL,
+    services TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX traces_by_last ON traces (last_ns);
+CREATE TABLE trace_parts (
+    trace_id BLOB NOT NULL,
+    part INTEGER NOT NULL,
+    first_ns INTEGER NOT NULL,
+    last_ns INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    cpu_ns INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    profile BLOB NOT NULL,
+    PRIMARY KEY (trace_id, part)
+);
+CREATE TABLE trace_processes (
+    trace_id BLOB NOT NULL,
+    pid INTEGER NOT NULL,
+    service TEXT NOT NULL,
+    process_name TEXT NOT NULL,
+    namespace TEXT NOT NULL DEFAULT '',
+    pod TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (trace_id, pid)
+) WITHOUT ROWID;
+CREATE INDEX trace_processes_by_service ON trace_processes (service, trace_id);
+CREATE INDEX trace_processes_by_pid ON trace_processes (pid, trace_id);
+CREATE INDEX trace_processes_by_pod ON trace_processes (namespace, pod, trace_id);
+CREATE TABLE trace_spans (
+    trace_id BLOB NOT NULL,
+    span_id BLOB NOT NULL,
+    PRIMARY KEY (trace_id, span_id)
+) WITHOUT ROWID;
+CREATE INDEX trace_spans_by_span ON trace_spans (span_id);
+CREATE TABLE buckets (
+    id INTEGER PRIMARY KEY,
+    start_ns INTEGER NOT NULL,
+    end_ns INTEGER NOT NULL,
+    pid INTEGER NOT NULL,
+    service TEXT NOT NULL,
+    process_name TEXT NOT NULL,
+    namespace TEXT NOT NULL DEFAULT '',
+    pod TEXT NOT NULL DEFAULT '',
+    samples INTEGER NOT NULL,
+    cpu_ns INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    profile BLOB NOT NULL
+);
+CREATE INDEX buckets_by_end ON buckets (end_ns);
+CREATE INDEX buckets_by_service ON buckets (service, end_ns);
+";
+
+/// What can go wrong with the store file; callers branch on these (the API maps them to
+/// status codes, the agent refuses to start on the first four).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(
+        "no store at {0}: the agent creates it (`profiler-agent run --store {0}`); pass --store \
+         (or PROFILER_STORE) if it runs with another path"
+    )]
+    Missing(PathBuf),
+    #[error(
+        "store {path} is corrupt ({detail}); it was left untouched: move it aside (the agent \
+         then starts a new one) and try `sqlite3 {path} .recover` on the copy"
+    )]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("store {path} is locked: {detail}")]
+    Locked { path: PathBuf, detail: String },
+    #[error("{path} is not a profiler store ({detail}); refusing to touch it")]
+    Foreign { path: PathBuf, detail: String },
+    #[error(
+        "store {path} has schema {version}, older than this reader's {SCHEMA_VERSION}: the agent \
+         upgrades it when it starts (`profiler-agent run --store {path}`)"
+    )]
+    Outdated { path: PathBuf, version: i32 },
+    #[error("trace {0} is not in the store")]
+    TraceNotFound(String),
+    #[error("no samples stored for {0}")]
+    NoSamples(String),
+    #[error("store {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("store {path}: {detail}")]
+    Other { path: PathBuf, detail: String },
+}
+
+impl StoreError {
+    /// Classifies a SQLite error on `path`: corruption and lock contention get their own
+    /// variants (and messages that say what to do).
+    fn sqlite(path: &Path, e: rusqlite::Error) -> Self {
+        let path = path.to_owned();
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => StoreError::Corrupt {
+                path,
+                detail: e.to_string(),
+            },
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreError::Locked {
+                path,
+                detail: format!(
+                    "{e}: another process holds a write lock (a sqlite3 shell in a \
+                     transaction?); retry when it is done"
+                ),
+            },
+            _ => StoreError::Sqlite { path, source: e },
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Checks that an open connection is a profiler store this agent understands and returns its
+/// schema version. A fresh, empty file (`allow_empty`) is not an error: its version is 0 and
+/// the caller creates the schema.
+fn check_identity(conn: &Connection, path: &Path, allow_empty: bool) -> Result<i32> {
+    let err = |e| StoreError::sqlite(path, e);
+    let app: i32 = conn
+        .pragma_query_value(None, "application_id", |r| r.get(0))
+        .map_err(err)?;
+    let tables: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
+        .map_err(err)?;
+    if app == 0 && tables == 0 {
+        return if allow_empty {
+            Ok(0)
+        } else {
+            Err(StoreError::Foreign {
+                path: path.to_owned(),
+                detail: "an empty database".into(),
+            })
+        };
+    }
+    if app != APPLICATION_ID {
+        return Err(StoreError::Foreign {
+            path: path.to_owned(),
+            detail: format!("application_id {app:#x}, {tables} tables"),
+        });
+    }
+    let version: i32 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(err)?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Foreign {
+            path: path.to_owned(),
+            detail: format!(
+                "schema {version}, written by a newer agent; this one reads {SCHEMA_VERSION}"
+            ),
+        });
+    }
+    Ok(version)
+}
+
+/// `PRAGMA quick_check`: reads every page once. Run when the agent opens its store, so a
+/// damaged file stops it before it writes anything.
+fn check_integrity(conn: &Connection, path: &Path) -> Result<()> {
+    let result: String = conn
+        .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+        .map_err(|e| StoreError::sqlite(path, e))?;
+    if result != "ok" {
+        return Err(StoreError::Corrupt {
+            path: path.to_owned(),
+            detail: result,
+        });
+    }
+    Ok(())
+}
+
+fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection> {
+    let conn = Connection::open_with_flags(path, flags).map_err(|e| StoreError::sqlite(path, e))?;
+    conn.busy_timeout(BUSY_TIMEOUT)
+        .map_err(|e| StoreError::sqlite(path, e))?;
+    Ok(conn)
+}
+
+/// Bytes the store takes on disk: the database and its write-ahead log.
+pub fn file_bytes(path: &Path) -> u64 {
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    size(path) + size(&sidecar(path, "-wal"))
+}
+
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// An exclusive `flock` on `<store>.lock`, held while an agent writes the store: a second
+/// agent on the same file gets a clear error instead of interleaving its writes. (A sidecar
+/// file, because closing any descriptor of the database itself would drop SQLite's own
+/// POSIX locks.)
+struct WriterLock {
+    _file: File,
+}
+
+impl WriterLock {
+    fn acquire(store: &Path) -> Result<Self> {
+        use std::{io::Write as _, os::fd::AsRawFd as _};
+        let path = sidecar(store, ".lock");
+        let other = |detail: String| StoreError::Other {
+            path: path.clone(),
+            detail,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| other(format!("open the lock file: {e}")))?;
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(StoreError::Locked {
+                path: store.to_owned(),
+                detail: format!(
+                    "another profiler agent writes it (pid {}, lock {}): stop it or pass \
+                     another --store",
+                    holder.trim(),
+                    path.display()
+                ),
+            });
+        }
+        let _ = file.set_len(0);
+        let _ = write!(file, "{}", std::process::id());
+        Ok(Self { _file: file })
+    }
+}
+
+/// Nanoseconds as SQLite integers (i64: good until 2262).
+fn sql_ns(ns: u64) -> i64 {
+    i64::try_from(ns).unwrap_or(i64::MAX)
+}
+
+fn unix_now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}

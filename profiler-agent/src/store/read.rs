@@ -1,0 +1,410 @@
+//! The read side: a read-only connection, usable from any process while the agent writes (WAL),
+//! and after it stopped. Every answer is built from stored data alone.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension as _, params};
+
+use super::{Result, StoreError, check_identity, open_connection, sql_ns};
+use crate::{
+    context::hex,
+    export::{pprof, pprof_proto as pb},
+};
+
+/// Which traces to list.
+#[derive(Debug, Clone, Default)]
+pub struct TraceFilter {
+    pub service: Option<String>,
+    pub pid: Option<u32>,
+    /// Kubernetes namespace and pod name of a process the trace ran in.
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub span_id: Option<[u8; 8]>,
+    /// Only traces whose last sample is at or after this time.
+    pub since_ns: Option<u64>,
+    pub limit: usize,
+}
+
+/// A trace's index row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TraceSummary {
+    #[serde(serialize_with = "hex_id")]
+    pub trace_id: [u8; 16],
+    pub first_unix_ns: u64,
+    pub last_unix_ns: u64,
+    pub samples: u64,
+    pub cpu_ns: u64,
+    /// Stored profile bytes (every part).
+    pub bytes: u64,
+    /// Stored incarnations (more than one after a late return past the agent's window).
+    pub parts: u64,
+    pub services: Vec<String>,
+}
+
+fn hex_id<S: serde::Serializer>(id: &[u8; 16], s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&hex(id))
+}
+
+impl TraceSummary {
+    pub fn trace_id_hex(&self) -> String {
+        hex(&self.trace_id)
+    }
+
+    pub fn duration_ns(&self) -> u64 {
+        self.last_unix_ns.saturating_sub(self.first_unix_ns)
+    }
+}
+
+/// A process a trace ran in, for the trace's detail.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProcessRow {
+    pub pid: u32,
+    pub process_name: String,
+    pub service: String,
+    /// Kubernetes namespace and pod; empty outside Kubernetes.
+    pub namespace: String,
+    pub pod: String,
+}
+
+/// A service seen in the buckets.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceRow {
+    pub service: String,
+    pub samples: u64,
+    pub processes: u64,
+    pub last_unix_ns: u64,
+}
+
+/// A time window of a service or process (or of everything, with neither).
+#[derive(Debug, Clone, Default)]
+pub struct Window {
+    pub service: Option<String>,
+    pub pid: Option<u32>,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub from_ns: u64,
+    pub to_ns: u64,
+}
+
+impl Window {
+    /// What the window selects, e.g. "service checkout, namespace shop"; `None`: everything.
+    pub fn subject(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(s) = &self.service {
+            parts.push(format!("service {s}"));
+        }
+        if let Some(p) = self.pid {
+            parts.push(format!("pid {p}"));
+        }
+        if let Some(n) = &self.namespace {
+            parts.push(format!("namespace {n}"));
+        }
+        if let Some(p) = &self.pod {
+            parts.push(format!("pod {p}"));
+        }
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
+}
+
+/// Totals for `/metrics` and the bench.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StoreStats {
+    pub traces: u64,
+    pub buckets: u64,
+    pub profile_bytes: u64,
+    pub file_bytes: u64,
+}
+
+pub struct StoreReader {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl StoreReader {
+    /// Opens the store read-only. A missing file, a foreign or corrupt one, and a lock that
+    /// does not clear within the busy timeout are errors of their own.
+    pub fn open(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(StoreError::Missing(path.to_owned()));
+        }
+        let conn = open_connection(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        let version = check_identity(&conn, path, false)?;
+        if version < super::SCHEMA_VERSION {
+            return Err(StoreError::Outdated {
+                path: path.to_owned(),
+                version,
+            });
+        }
+        Ok(Self {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        |e| StoreError::sqlite(&self.path, e)
+    }
+
+    /// Calls `f` with each matching trace, most recent last sample first, until `f` returns
+    /// false or `filter.limit` traces were seen (so a caller can stream a long list).
+    pub fn for_each_trace(
+        &self,
+        filter: &TraceFilter,
+        mut f: impl FnMut(TraceSummary) -> bool,
+    ) -> Result<()> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT t.trace_id, t.first_ns, t.last_ns, t.samples, t.cpu_ns, t.bytes, t.parts,
+                        t.services
+                 FROM traces t
+                 WHERE t.last_ns >= ?1
+                   AND (?2 IS NULL OR EXISTS (SELECT 1 FROM trace_processes p
+                                              WHERE p.trace_id = t.trace_id AND p.service = ?2))
+                   AND (?3 IS NULL OR EXISTS (SELECT 1 FROM trace_processes p
+                                              WHERE p.trace_id = t.trace_id AND p.pid = ?3))
+                   AND (?4 IS NULL OR EXISTS (SELECT 1 FROM trace_spans s
+                                              WHERE s.trace_id = t.trace_id AND s.span_id = ?4))
+                   AND (?6 IS NULL AND ?7 IS NULL OR EXISTS (
+                          SELECT 1 FROM trace_processes p
+                          WHERE p.trace_id = t.trace_id AND (?6 IS NULL OR p.namespace = ?6)
+                            AND (?7 IS NULL OR p.pod = ?7)))
+                 ORDER BY t.last_ns DESC LIMIT ?5",
+            )
+            .map_err(self.err())?;
+        let span = filter.span_id.map(|s| s.to_vec());
+        let mut rows = stmt
+            .query(params![
+                sql_ns(filter.since_ns.unwrap_or(0)),
+                filter.service,
+                filter.pid,
+                span,
+                i64::try_from(filter.limit).unwrap_or(i64::MAX),
+                filter.namespace,
+                filter.pod,
+            ])
+            .map_err(self.err())?;
+        while let Some(row) = rows.next().map_err(self.err())? {
+            if !f(summary(row).map_err(self.err())?) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn traces(&self, filter: &TraceFilter) -> Result<Vec<TraceSummary>> {
+        let mut out = Vec::new();
+        self.for_each_trace(filter, |t| {
+            out.push(t);
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// One trace's index row, or [`StoreError::TraceNotFound`].
+    pub fn trace(&self, trace_id: &[u8; 16]) -> Result<TraceSummary> {
+        self.conn
+            .prepare_cached(
+                "SELECT trace_id, first_ns, last_ns, samples, cpu_ns, bytes, parts, services
+                 FROM traces WHERE trace_id = ?1",
+            )
+            .and_then(|mut s| s.query_row([&trace_id[..]], summary).optional())
+            .map_err(self.err())?
+            .ok_or_else(|| StoreError::TraceNotFound(hex(trace_id)))
+    }
+
+    /// The processes a trace ran in and its span ids.
+    pub fn trace_detail(&self, trace_id: &[u8; 16]) -> Result<(Vec<ProcessRow>, Vec<String>)> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT pid, process_name, service, namespace, pod FROM trace_processes
+                 WHERE trace_id = ?1 ORDER BY pid",
+            )
+            .map_err(self.err())?;
+        let processes = stmt
+            .query_map([&trace_id[..]], |r| {
+                Ok(ProcessRow {
+                    pid: r.get(0)?,
+                    process_name: r.get(1)?,
+                    service: r.get(2)?,
+                    namespace: r.get(3)?,
+                    pod: r.get(4)?,
+                })
+            })
+            .and_then(Iterator::collect)
+            .map_err(self.err())?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT span_id FROM trace_spans WHERE trace_id = ?1 ORDER BY span_id")
+            .map_err(self.err())?;
+        let spans = stmt
+            .query_map([&trace_id[..]], |r| r.get::<_, Vec<u8>>(0))
+            .and_then(|rows| rows.map(|s| s.map(|s| hex(&s))).collect())
+            .map_err(self.err())?;
+        Ok((processes, spans))
+    }
+
+    /// The trace's pprof as stored (gzip); its parts merged when there are several.
+    pub fn trace_pprof(&self, trace_id: &[u8; 16]) -> Result<Vec<u8>> {
+        let mut parts = self.trace_parts(trace_id)?;
+        if parts.len() == 1 {
+            return Ok(parts.remove(0));
+        }
+        Ok(pprof::encode_gzip(&self.merge(&parts)?))
+    }
+
+    /// The trace's profile, decoded (and merged).
+    pub fn trace_profile(&self, trace_id: &[u8; 16]) -> Result<pb::Profile> {
+        let parts = self.trace_parts(trace_id)?;
+        self.merge(&parts)
+    }
+
+    fn trace_parts(&self, trace_id: &[u8; 16]) -> Result<Vec<Vec<u8>>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT profile FROM trace_parts WHERE trace_id = ?1 ORDER BY part")
+            .map_err(self.err())?;
+        let parts: Vec<Vec<u8>> = stmt
+            .query_map([&trace_id[..]], |r| r.get(0))
+            .and_then(Iterator::collect)
+            .map_err(self.err())?;
+        if parts.is_empty() {
+            return Err(StoreError::TraceNotFound(hex(trace_id)));
+        }
+        Ok(parts)
+    }
+
+    /// Every sample of the window's buckets (those overlapping it), merged. Also returns the
+    /// span the buckets cover, which is wider than asked when a bucket straddles an edge.
+    pub fn window_profile(&self, window: &Window) -> Result<(pb::Profile, (u64, u64))> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT profile, start_ns, end_ns FROM buckets
+                 WHERE end_ns > ?1 AND start_ns < ?2
+                   AND (?3 IS NULL OR service = ?3) AND (?4 IS NULL OR pid = ?4)
+                   AND (?5 IS NULL OR namespace = ?5) AND (?6 IS NULL OR pod = ?6)
+                 ORDER BY start_ns",
+            )
+            .map_err(self.err())?;
+        let rows: Vec<(Vec<u8>, i64, i64)> = stmt
+            .query_map(
+                params![
+                    sql_ns(window.from_ns),
+                    sql_ns(window.to_ns),
+                    window.service,
+                    window.pid,
+                    window.namespace,
+                    window.pod
+                ],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .and_then(Iterator::collect)
+            .map_err(self.err())?;
+        if rows.is_empty() {
+            let what = match window.subject() {
+                Some(subject) => format!("{subject} in that window"),
+                None => "that window".to_owned(),
+            };
+            return Err(StoreError::NoSamples(what));
+        }
+        let covered = (
+            rows.iter().map(|r| r.1).min().unwrap_or(0).max(0) as u64,
+            rows.iter().map(|r| r.2).max().unwrap_or(0).max(0) as u64,
+        );
+        let blobs: Vec<Vec<u8>> = rows.into_iter().map(|r| r.0).collect();
+        Ok((self.merge(&blobs)?, covered))
+    }
+
+    /// Services in the buckets since `since_ns`, by samples.
+    pub fn services(&self, since_ns: u64) -> Result<Vec<ServiceRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT service, sum(samples), count(DISTINCT pid), max(end_ns) FROM buckets
+                 WHERE end_ns >= ?1 GROUP BY service ORDER BY sum(samples) DESC",
+            )
+            .map_err(self.err())?;
+        stmt.query_map([sql_ns(since_ns)], |r| {
+            Ok(ServiceRow {
+                service: r.get(0)?,
+                samples: r.get::<_, i64>(1)?.max(0) as u64,
+                processes: r.get::<_, i64>(2)?.max(0) as u64,
+                last_unix_ns: r.get::<_, i64>(3)?.max(0) as u64,
+            })
+        })
+        .and_then(Iterator::collect)
+        .map_err(self.err())
+    }
+
+    pub fn stats(&self) -> Result<StoreStats> {
+        let (traces, trace_bytes): (i64, i64) = self
+            .conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(bytes), 0) FROM traces",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(self.err())?;
+        let (buckets, bucket_bytes): (i64, i64) = self
+            .conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(bytes), 0) FROM buckets",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(self.err())?;
+        Ok(StoreStats {
+            traces: traces as u64,
+            buckets: buckets as u64,
+            profile_bytes: (trace_bytes + bucket_bytes) as u64,
+            file_bytes: super::file_bytes(&self.path),
+        })
+    }
+
+    fn merge(&self, blobs: &[Vec<u8>]) -> Result<pb::Profile> {
+        let decode_error = |e: anyhow::Error| StoreError::Corrupt {
+            path: self.path.clone(),
+            detail: format!("a stored profile does not decode: {e:#}"),
+        };
+        let profiles = blobs
+            .iter()
+            .map(|b| pprof::decode(b).map_err(decode_error))
+            .collect::<Result<Vec<_>>>()?;
+        if profiles.len() == 1 {
+            return Ok(profiles.into_iter().next().unwrap_or_default());
+        }
+        pprof::merge(&profiles).map_err(|e| StoreError::Other {
+            path: self.path.clone(),
+            detail: format!("cannot merge stored profiles: {e:#}"),
+        })
+    }
+}
+
+fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<TraceSummary> {
+    let id: Vec<u8> = r.get(0)?;
+    let mut trace_id = [0u8; 16];
+    if id.len() == 16 {
+        trace_id.copy_from_slice(&id);
+    }
+    let n = |i| -> rusqlite::Result<u64> { Ok(r.get::<_, i64>(i)?.max(0) as u64) };
+    let services: String = r.get(7)?;
+    Ok(TraceSummary {
+        trace_id,
+        first_unix_ns: n(1)?,
+        last_unix_ns: n(2)?,
+        samples: n(3)?,
+        cpu_ns: n(4)?,
+        bytes: n(5)?,
+        parts: n(6)?,
+        services: services
+            .split('\n')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}

@@ -1,0 +1,240 @@
+//! The store as a collector sink. On the collector thread it only encodes (the symbolizer
+//! lives there) and hands records to its writer thread through a bounded queue; a full queue
+//! drops the record and counts it (`store_dropped_queue_full`), so sampling never waits for
+//! the disk. The writer batches whatever is queued into one transaction and runs retention
+//! every [`RETENTION_EVERY`].
+
+use std::{
+    sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use super::{BucketRecord, Retention, Store, TraceProcess, TraceRecord, unix_now_ns};
+use crate::{
+    collector::{Sink, SinkContext},
+    export::{self, pprof},
+    metrics::Metrics,
+    profile::{Aggregate, traces::TraceProfile},
+};
+
+/// Records waiting for the writer at most.
+const QUEUE: usize = 1024;
+/// Records written in one transaction at most.
+const BATCH: usize = 256;
+/// How often retention runs (and once at start).
+const RETENTION_EVERY: Duration = Duration::from_secs(10);
+
+enum Record {
+    Trace(TraceRecord),
+    Bucket(BucketRecord),
+}
+
+pub struct StoreSink {
+    queue: Option<SyncSender<Record>>,
+    writer: Option<JoinHandle<()>>,
+    metrics: Metrics,
+}
+
+impl StoreSink {
+    /// Starts the writer thread, which owns `store` from now on.
+    pub fn start(store: Store, retention: Retention, metrics: Metrics) -> std::io::Result<Self> {
+        let (queue, rx) = mpsc::sync_channel(QUEUE);
+        let writer_metrics = metrics.clone();
+        let writer = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || write_loop(store, retention, &rx, &writer_metrics))?;
+        Ok(Self {
+            queue: Some(queue),
+            writer: Some(writer),
+            metrics,
+        })
+    }
+
+    fn send(&self, record: Record) {
+        let Some(queue) = &self.queue else { return };
+        match queue.try_send(record) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => self.metrics.inc("store_dropped_queue_full"),
+            Err(TrySendError::Disconnected(_)) => self.metrics.inc("store_dropped_writer_gone"),
+        }
+    }
+}
+
+impl Sink for StoreSink {
+    fn trace(&mut self, trace: &TraceProfile, cx: &mut SinkContext<'_>) {
+        // One blazesym call per object for the whole trace.
+        let frames: Vec<_> = trace
+            .samples
+            .keys()
+            .flat_map(|k| k.stack.iter().copied())
+            .collect();
+        cx.symbolizer.resolve(frames, cx.objects);
+        let profile = export::trace_to_pprof(trace, cx.frequency_hz, cx.symbolizer, cx.objects);
+        self.send(Record::Trace(trace_record(
+            trace,
+            cx.frequency_hz,
+            pprof::encode_gzip(&profile),
+        )));
+    }
+
+    fn interval(&mut self, aggregate: &Aggregate, window: (u64, u64), cx: &mut SinkContext<'_>) {
+        if aggregate.total_samples == 0 {
+            return;
+        }
+        let period = period_ns(cx.frequency_hz);
+        for p in export::process_profiles(
+            aggregate,
+            cx.frequency_hz,
+            window,
+            cx.symbolizer,
+            cx.objects,
+        ) {
+            self.send(Record::Bucket(BucketRecord {
+                start_ns: window.0,
+                end_ns: window.1,
+                pid: p.pid,
+                service: p.service_name.unwrap_or_else(|| p.process_name.clone()),
+                process_name: p.process_name,
+                namespace: p.pod.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+                pod: p.pod.map(|p| p.1).unwrap_or_default(),
+                samples: p.samples,
+                cpu_ns: p.samples * period,
+                profile: pprof::encode_gzip(&p.profile),
+            }));
+        }
+    }
+}
+
+impl Drop for StoreSink {
+    /// Closes the queue and waits for the writer to store what is queued: at shutdown the
+    /// collector drops its sinks after the last flush, and nothing may be lost.
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!("the store writer thread panicked");
+        }
+    }
+}
+
+fn period_ns(frequency_hz: u64) -> u64 {
+    1_000_000_000 / frequency_hz.max(1)
+}
+
+fn trace_record(trace: &TraceProfile, frequency_hz: u64, profile: Vec<u8>) -> TraceRecord {
+    let mut processes: Vec<TraceProcess> = trace
+        .process_names
+        .iter()
+        .map(|(pid, name)| {
+            let pod = trace.process_details.get(pid).and_then(|d| d.pod.as_ref());
+            TraceProcess {
+                pid: *pid,
+                process_name: name.clone(),
+                service: trace
+                    .service_names
+                    .get(pid)
+                    .cloned()
+                    .unwrap_or_else(|| name.clone()),
+                namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),
+                pod: pod.map(|p| p.name.clone()).unwrap_or_default(),
+            }
+        })
+        .collect();
+    processes.sort_by_key(|p| p.pid);
+    let mut spans: Vec<[u8; 8]> = trace.samples.keys().map(|k| k.span_id).collect();
+    spans.sort_unstable();
+    spans.dedup();
+    TraceRecord {
+        trace_id: trace.trace_id,
+        part: trace.created_unix_ns,
+        first_ns: trace.first_unix_ns,
+        last_ns: trace.last_unix_ns,
+        samples: trace.total_samples,
+        cpu_ns: trace.total_samples * period_ns(frequency_hz),
+        processes,
+        spans,
+        profile,
+    }
+}
+
+fn write_loop(
+    mut store: Store,
+    retention: Retention,
+    rx: &mpsc::Receiver<Record>,
+    metrics: &Metrics,
+) {
+    run_retention(&mut store, &retention, metrics);
+    let mut last_retention = Instant::now();
+    loop {
+        match rx.recv_timeout(RETENTION_EVERY) {
+            Ok(first) => {
+                let mut batch = vec![first];
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+                write_batch(&mut store, batch, metrics);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        if last_retention.elapsed() >= RETENTION_EVERY {
+            run_retention(&mut store, &retention, metrics);
+            last_retention = Instant::now();
+        }
+    }
+    run_retention(&mut store, &retention, metrics);
+    store.checkpoint();
+}
+
+fn write_batch(store: &mut Store, batch: Vec<Record>, metrics: &Metrics) {
+    let (mut traces, mut buckets) = (Vec::new(), Vec::new());
+    for record in batch {
+        match record {
+            Record::Trace(t) => traces.push(t),
+            Record::Bucket(b) => buckets.push(b),
+        }
+    }
+    match store.write(&traces, &buckets) {
+        Ok(()) => {
+            metrics.add("store_traces_written", traces.len() as u64);
+            metrics.add("store_buckets_written", buckets.len() as u64);
+        }
+        Err(e) => {
+            // The file is left as it was (the transaction rolled back); only this batch is lost.
+            metrics.add("store_write_errors", 1);
+            metrics.add(
+                "store_records_lost_write_error",
+                (traces.len() + buckets.len()) as u64,
+            );
+            tracing::error!(error = %e, "cannot write to the store");
+        }
+    }
+}
+
+fn run_retention(store: &mut Store, retention: &Retention, metrics: &Metrics) {
+    match store.enforce_retention(retention, unix_now_ns()) {
+        Ok(o) => {
+            metrics.add("store_deleted_traces_age", o.traces_by_age);
+            metrics.add("store_deleted_buckets_age", o.buckets_by_age);
+            metrics.add("store_deleted_traces_size", o.traces_by_size);
+            metrics.add("store_deleted_buckets_size", o.buckets_by_size);
+            if o.traces_by_size + o.buckets_by_size > 0 {
+                tracing::info!(
+                    traces = o.traces_by_size,
+                    buckets = o.buckets_by_size,
+                    max_bytes = retention.max_bytes,
+                    "store over its size cap: deleted the oldest"
+                );
+            }
+        }
+        Err(e) => {
+            metrics.inc("store_retention_errors");
+            tracing::error!(error = %e, "store retention failed");
+        }
+    }
+}

@@ -1,0 +1,610 @@
+//! Store unit tests: round trip, late merges, windows, retention, and the files it refuses.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use super::*;
+use crate::{
+    collector::{Sink, SinkContext},
+    context::TraceContext,
+    export::{pprof, render::Stacks, synthetic},
+    metrics::Metrics,
+    process::ObjectStore,
+    profile::{
+        Aggregate, Frame, PodDetails, ProcessDetails,
+        traces::{TraceTable, TraceTableConfig, TracedSample},
+    },
+    symbolize::Symbolizer,
+};
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "profiler-store-{name}-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+
+    fn db(&self) -> PathBuf {
+        self.0.join("profiles.db")
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const NS: u64 = 1_000_000_000;
+const T0: u64 = 1_777_644_300 * NS;
+
+fn record(id: u8, part: u64, first: u64, samples_seed: u64, service: &str) -> TraceRecord {
+    let trace_id = [id; 16];
+    let profile = synthetic::trace_profile(trace_id, first, samples_seed);
+    TraceRecord {
+        trace_id,
+        part,
+        first_ns: first,
+        last_ns: first + NS,
+        samples: u64::from(synthetic::SAMPLES),
+        cpu_ns: 500_000_000,
+        processes: vec![TraceProcess {
+            pid: 100 + u32::from(id),
+            process_name: format!("proc-{id}"),
+            service: service.into(),
+            // Odd ids run in the "shop" namespace, in pod `pod-<id>`; even ones outside Kubernetes.
+            namespace: if id % 2 == 1 {
+                "shop".into()
+            } else {
+                String::new()
+            },
+            pod: if id % 2 == 1 {
+                format!("pod-{id:x}")
+            } else {
+                String::new()
+            },
+        }],
+        spans: vec![[id, 0, 0, 0, 0, 0, 0, 1]],
+        profile: pprof::encode_gzip(&profile),
+    }
+}
+
+fn bucket(start: u64, pid: u32, service: &str, seed: u64) -> BucketRecord {
+    let profile = synthetic::trace_profile([9; 16], start, seed);
+    BucketRecord {
+        start_ns: start,
+        end_ns: start + 10 * NS,
+        pid,
+        process_name: service.into(),
+        service: service.into(),
+        namespace: if pid == 2 {
+            "shop".into()
+        } else {
+            String::new()
+        },
+        pod: if pid == 2 {
+            "cart-0".into()
+        } else {
+            String::new()
+        },
+        samples: u64::from(synthetic::SAMPLES),
+        cpu_ns: 500_000_000,
+        profile: pprof::encode_gzip(&profile),
+    }
+}
+
+#[test]
+fn round_trip_and_filters() {
+    let dir = TempDir::new("round-trip");
+    let mut store = Store::open(&dir.db()).unwrap();
+    let a = record(0xaa, T0, T0, 1, "checkout");
+    let b = record(0xbb, T0 + NS, T0 + 5 * NS, 2, "cart");
+    store.write(&[a.clone(), b.clone()], &[]).unwrap();
+
+    // A reader in parallel with the open writer (WAL).
+    let reader = StoreReader::open(&dir.db()).unwrap();
+    let summary = reader.trace(&[0xaa; 16]).unwrap();
+    assert_eq!(summary.samples, u64::from(synthetic::SAMPLES));
+    assert_eq!((summary.first_unix_ns, summary.last_unix_ns), (T0, T0 + NS));
+    assert_eq!(summary.services, vec!["checkout".to_owned()]);
+    assert_eq!(summary.parts, 1);
+    assert_eq!(reader.trace_pprof(&[0xaa; 16]).unwrap(), a.profile);
+    let (processes, spans) = reader.trace_detail(&[0xaa; 16]).unwrap();
+    assert_eq!(processes[0].pid, 100 + 0xaa);
+    assert_eq!(spans, vec!["aa00000000000001".to_owned()]);
+
+    let list = |filter: TraceFilter| -> Vec<u8> {
+        reader
+            .traces(&TraceFilter {
+                limit: 10,
+                ..filter
+            })
+            .unwrap()
+            .iter()
+            .map(|t| t.trace_id[0])
+            .collect()
+    };
+    assert_eq!(
+        list(TraceFilter::default()),
+        vec![0xbb, 0xaa],
+        "most recent first"
+    );
+    let by_service = TraceFilter {
+        service: Some("checkout".into()),
+        ..Default::default()
+    };
+    assert_eq!(list(by_service), vec![0xaa]);
+    let by_pid = TraceFilter {
+        pid: Some(100 + 0xbb),
+        ..Default::default()
+    };
+    assert_eq!(list(by_pid), vec![0xbb]);
+    let by_span = TraceFilter {
+        span_id: Some([0xbb, 0, 0, 0, 0, 0, 0, 1]),
+        ..Default::default()
+    };
+    assert_eq!(list(by_span), vec![0xbb]);
+    let since = TraceFilter {
+        since_ns: Some(T0 + 3 * NS),
+        ..Default::default()
+    };
+    assert_eq!(list(since), vec![0xbb]);
+    let by_namespace = TraceFilter {
+        namespace: Some("shop".into()),
+        ..Default::default()
+    };
+    assert_eq!(list(by_namespace), vec![0xbb]);
+    let by_pod = TraceFilter {
+        namespace: Some("shop".into()),
+        pod: Some("pod-bb".into()),
+        ..Default::default()
+    };
+    assert_eq!(list(by_pod), vec![0xbb]);
+    let other_pod = TraceFilter {
+        pod: Some("pod-aa".into()),
+        ..Default::default()
+    };
+    assert_eq!(list(other_pod), Vec::<u8>::new());
+    let (processes, _) = reader.trace_detail(&[0xbb; 16]).unwrap();
+    assert_eq!(
+        (processes[0].namespace.as_str(), processes[0].pod.as_str()),
+        ("shop", "pod-bb")
+    );
+    assert!(matches!(
+        reader.trace(&[0xcc; 16]),
+        Err(StoreError::TraceNotFound(_))
+    ));
+    assert!(matches!(
+        reader.trace_pprof(&[0xcc; 16]),
+        Err(StoreError::TraceNotFound(_))
+    ));
+
+    // Survives closing and reopening (an agent restart).
+    drop(reader);
+    drop(store);
+    let store = Store::open(&dir.db()).unwrap();
+    let reader = StoreReader::open(&dir.db()).unwrap();
+    assert_eq!(reader.trace(&[0xbb; 16]).unwrap().services, vec!["cart"]);
+    assert_eq!(reader.stats().unwrap().traces, 2);
+    drop(store);
+}
+
+#[test]
+fn late_samples_replace_their_part_and_new_incarnations_merge() {
+    let dir = TempDir::new("late");
+    let mut store = Store::open(&dir.db()).unwrap();
+    store.write(&[record(0xaa, T0, T0, 1, "s")], &[]).unwrap();
+    // The same incarnation flushed again with late samples: replaces.
+    let mut late = record(0xaa, T0, T0, 1, "s");
+    late.samples = 80;
+    late.last_ns = T0 + 9 * NS;
+    store.write(&[late], &[]).unwrap();
+    let reader = StoreReader::open(&dir.db()).unwrap();
+    let t = reader.trace(&[0xaa; 16]).unwrap();
+    assert_eq!((t.samples, t.parts, t.last_unix_ns), (80, 1, T0 + 9 * NS));
+
+    // A new incarnation (after the agent's late window, or a restart): added, then merged.
+    let mut again = record(0xaa, T0 + 600 * NS, T0 + 600 * NS, 2, "s2");
+    again.processes[0].pid = 7;
+    store.write(&[again], &[]).unwrap();
+    let t = reader.trace(&[0xaa; 16]).unwrap();
+    assert_eq!(
+        (t.samples, t.parts),
+        (80 + u64::from(synthetic::SAMPLES), 2)
+    );
+    assert_eq!((t.first_unix_ns, t.last_unix_ns), (T0, T0 + 601 * NS));
+    assert_eq!(t.services, vec!["s", "s2"]);
+    let merged = Stacks::of(&reader.trace_profile(&[0xaa; 16]).unwrap());
+    assert_eq!(merged.total_samples, 2 * u64::from(synthetic::SAMPLES));
+    let raw = pprof::decode(&reader.trace_pprof(&[0xaa; 16]).unwrap()).unwrap();
+    assert_eq!(Stacks::of(&raw).folded, merged.folded);
+}
+
+#[test]
+fn windows_merge_buckets_of_a_service() {
+    let dir = TempDir::new("window");
+    let mut store = Store::open(&dir.db()).unwrap();
+    store
+        .write(
+            &[],
+            &[
+                bucket(T0, 1, "checkout", 1),
+                bucket(T0 + 10 * NS, 1, "checkout", 2),
+                bucket(T0 + 10 * NS, 2, "cart", 3),
+                bucket(T0 + 100 * NS, 1, "checkout", 4),
+            ],
+        )
+        .unwrap();
+    let reader = StoreReader::open(&dir.db()).unwrap();
+    let window = Window {
+        service: Some("checkout".into()),
+        from_ns: T0 + 5 * NS,
+        to_ns: T0 + 15 * NS,
+        ..Default::default()
+    };
+    let (profile, covered) = reader.window_profile(&window).unwrap();
+    assert_eq!(
+        Stacks::of(&profile).total_samples,
+        2 * u64::from(synthetic::SAMPLES)
+    );
+    assert_eq!(covered, (T0, T0 + 20 * NS));
+    let everything = Window {
+        service: None,
+        ..window.clone()
+    };
+    let (profile, _) = reader.window_profile(&everything).unwrap();
+    assert_eq!(
+        Stacks::of(&profile).total_samples,
+        3 * u64::from(synthetic::SAMPLES)
+    );
+    let one_pod = Window {
+        namespace: Some("shop".into()),
+        pod: Some("cart-0".into()),
+        ..everything.clone()
+    };
+    let (profile, _) = reader.window_profile(&one_pod).unwrap();
+    assert_eq!(
+        Stacks::of(&profile).total_samples,
+        u64::from(synthetic::SAMPLES)
+    );
+    let no_such_pod = Window {
+        pod: Some("cart-1".into()),
+        ..one_pod
+    };
+    match reader.window_profile(&no_such_pod) {
+        Err(StoreError::NoSamples(what)) => {
+            assert_eq!(what, "namespace shop, pod cart-1 in that window", "{what}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let empty = Window {
+        from_ns: T0 + 50 * NS,
+        to_ns: T0 + 60 * NS,
+        ..window
+    };
+    assert!(matches!(
+        reader.window_profile(&empty),
+        Err(StoreError::NoSamples(_))
+    ));
+    let services = reader.services(0).unwrap();
+    assert_eq!(services[0].service, "checkout");
+    assert_eq!(services[0].samples, 3 * u64::from(synthetic::SAMPLES));
+}
+
+#[test]
+fn retention_by_age_and_by_size_is_counted() {
+    let dir = TempDir::new("retention");
+    let mut store = Store::open(&dir.db()).unwrap();
+    let old = record(1, T0, T0, 1, "s");
+    let new = record(2, T0 + 3600 * NS, T0 + 3600 * NS, 2, "s");
+    store
+        .write(
+            &[old, new],
+            &[bucket(T0, 1, "s", 1), bucket(T0 + 3600 * NS, 1, "s", 2)],
+        )
+        .unwrap();
+    let day = Retention {
+        max_age: Duration::from_secs(1800),
+        max_bytes: u64::MAX,
+    };
+    let outcome = store.enforce_retention(&day, T0 + 3700 * NS).unwrap();
+    assert_eq!(
+        outcome,
+        RetentionOutcome {
+            traces_by_age: 1,
+            buckets_by_age: 1,
+            ..Default::default()
+        }
+    );
+    let reader = StoreReader::open(&dir.db()).unwrap();
+    assert!(reader.trace(&[1; 16]).is_err());
+    assert!(reader.trace(&[2; 16]).is_ok());
+    // Nothing in the other tables refers to the deleted trace any more.
+    let by_span = TraceFilter {
+        span_id: Some([1, 0, 0, 0, 0, 0, 0, 1]),
+        limit: 10,
+        ..Default::default()
+    };
+    assert!(reader.traces(&by_span).unwrap().is_empty());
+
+    // Size: 300 traces of a few KiB each, then a cap of a quarter of that.
+    let many: Vec<TraceRecord> = (0..300u32)
+        .map(|i| {
+            let mut r = record(
+                3,
+                T0 + 4000 * NS + u64::from(i) * NS,
+                T0 + 4000 * NS,
+                u64::from(i),
+                "s",
+            );
+            r.trace_id = [
+                (i % 251) as u8,
+                (i / 251) as u8,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+                7,
+            ];
+            r.first_ns += u64::from(i) * NS;
+            r.last_ns += u64::from(i) * NS;
+            r
+        })
+        .collect();
+    store.write(&many, &[]).unwrap();
+    let full = store.used_bytes().unwrap();
+    let cap = Retention {
+        max_age: Duration::from_secs(1 << 30),
+        max_bytes: full / 4,
+    };
+    let outcome = store.enforce_retention(&cap, T0 + 5000 * NS).unwrap();
+    assert!(outcome.traces_by_size > 150, "{outcome:?}");
+    assert!(store.used_bytes().unwrap() <= full / 4);
+    // The newest traces are the ones kept.
+    let newest = [
+        (299 % 251) as u8,
+        (299 / 251) as u8,
+        7,
+        7,
+        7,
+        7,
+        7,
+        7,
+        7,
+        7,
+        7,
+        7,
+        7,
+        7,
+        7,
+        7,
+    ];
+    assert!(reader.trace(&newest).is_ok());
+    assert!(
+        reader
+            .trace(&[0, 0, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7])
+            .is_err()
+    );
+}
+
+fn write_bytes_at(path: &Path, offset: u64, bytes: &[u8]) {
+    use std::{
+        io::{Seek, SeekFrom, Write},
+        os::unix::fs::FileExt as _,
+    };
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+    f.seek(SeekFrom::End(0)).unwrap();
+    f.flush().unwrap();
+}
+
+#[test]
+fn corrupt_files_are_refused_and_left_untouched() {
+    let dir = TempDir::new("corrupt");
+    // Not a database at all.
+    std::fs::write(dir.db(), vec![0x42; 8192]).unwrap();
+    let err = Store::open(&dir.db()).err().expect("refused");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert!(err.to_string().contains("left untouched"), "{err}");
+    assert!(matches!(
+        StoreReader::open(&dir.db()),
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert_eq!(std::fs::read(dir.db()).unwrap(), vec![0x42; 8192]);
+
+    // A real store with a damaged page.
+    std::fs::remove_file(dir.db()).unwrap();
+    let mut store = Store::open(&dir.db()).unwrap();
+    let traces: Vec<_> = (1..=40)
+        .map(|i| record(i, T0, T0, u64::from(i), "s"))
+        .collect();
+    store.write(&traces, &[]).unwrap();
+    store.checkpoint();
+    drop(store);
+    let len = std::fs::metadata(dir.db()).unwrap().len();
+    write_bytes_at(&dir.db(), len / 2, &[0xff; 4096]);
+    write_bytes_at(&dir.db(), 4096 * 2, &[0xff; 4096]);
+    let before = std::fs::read(dir.db()).unwrap();
+    let err = Store::open(&dir.db()).err().expect("refused");
+    assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    assert_eq!(std::fs::read(dir.db()).unwrap(), before, "never rewritten");
+}
+
+#[test]
+fn foreign_missing_and_locked_files_are_clear_errors() {
+    let dir = TempDir::new("foreign");
+    assert!(matches!(
+        StoreReader::open(&dir.db()),
+        Err(StoreError::Missing(_))
+    ));
+    let other = rusqlite::Connection::open(dir.db()).unwrap();
+    other.execute_batch("CREATE TABLE mine (x);").unwrap();
+    drop(other);
+    let err = Store::open(&dir.db()).err().expect("refused");
+    assert!(matches!(err, StoreError::Foreign { .. }), "{err}");
+    std::fs::remove_file(dir.db()).unwrap();
+
+    // A second writer (another agent) on the same store.
+    let store = Store::open(&dir.db()).unwrap();
+    let err = Store::open(&dir.db()).err().expect("refused");
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    assert!(err.to_string().contains("another profiler agent"), "{err}");
+    drop(store);
+
+    // Another program holding SQLite's write lock.
+    let holder = rusqlite::Connection::open(dir.db()).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE;").unwrap();
+    let err = Store::open(&dir.db()).err().expect("refused");
+    assert!(matches!(err, StoreError::Locked { .. }), "{err}");
+    // Readers are not blocked by a writer (WAL).
+    assert!(StoreReader::open(&dir.db()).unwrap().stats().is_ok());
+    holder.execute_batch("COMMIT;").unwrap();
+}
+
+/// The sink path as the collector drives it: a trace handed out, revived by a late sample and
+/// handed out again, and an interval; everything is written when the sink is dropped.
+#[test]
+fn sink_writes_traces_and_buckets_through_its_writer() {
+    let dir = TempDir::new("sink");
+    let metrics = Metrics::default();
+    let store = Store::open(&dir.db()).unwrap();
+    let retention = Retention {
+        max_age: Duration::from_secs(86_400 * 365 * 100),
+        max_bytes: u64::MAX,
+    };
+    let mut sink = StoreSink::start(store, retention, metrics.clone()).unwrap();
+    let mut symbolizer = Symbolizer::new(metrics.clone());
+    let objects = ObjectStore::new(16, metrics.clone());
+    let mut cx = SinkContext {
+        symbolizer: &mut symbolizer,
+        objects: &objects,
+        frequency_hz: 100,
+    };
+    let context = TraceContext {
+        trace_id: [0xaa; 16],
+        span_id: [1; 8],
+        sampled: true,
+        labels: Arc::new([]),
+    };
+    let mut table = TraceTable::new(TraceTableConfig {
+        idle_timeout_ns: 10,
+        ..Default::default()
+    });
+    let mut aggregate = Aggregate::default();
+    let now = crate::query::unix_ns(std::time::SystemTime::now());
+    let details = Arc::new(ProcessDetails {
+        exe_name: "app".into(),
+        context_service_name: Some("svc".into()),
+        pod: Some(PodDetails {
+            namespace: "shop".into(),
+            name: "app-0".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let mut add = |table: &mut TraceTable, t: u64| {
+        let stack = aggregate.add(5, 6, vec![Frame::Kernel { address: 1 }], Some(&context), t);
+        table.add(TracedSample {
+            context: &context,
+            pid: 5,
+            tid: 6,
+            thread_name: "w",
+            process_name: "app",
+            details: &details,
+            stack: aggregate.stacks.shared(stack),
+            unix_ns: t,
+        });
+    };
+    add(&mut table, now);
+    add(&mut table, now + 1);
+    table.flush_idle(now + 100, |p| sink.trace(p, &mut cx));
+    add(&mut table, now + 200);
+    table.flush_idle(now + 300, |p| sink.trace(p, &mut cx));
+    aggregate.process_names.insert(5, "app".into());
+    sink.interval(&aggregate, (now, now + 300), &mut cx);
+    drop(sink);
+    let reader = StoreReader::open(&dir.db()).unwrap();
+    let t = reader.trace(&[0xaa; 16]).unwrap();
+    assert_eq!(
+        (t.samples, t.parts),
+        (3, 1),
+        "the late flush replaced the first"
+    );
+    assert_eq!(t.services, vec!["svc"]);
+    assert_eq!(metrics.get("store_traces_written"), 2);
+    assert_eq!(metrics.get("store_buckets_written"), 1);
+    let window = Window {
+        from_ns: now,
+        to_ns: now + 300,
+        ..Default::default()
+    };
+    let (profile, _) = reader.window_profile(&window).unwrap();
+    let stacks = Stacks::of(&profile);
+    assert_eq!(stacks.total_samples, 3);
+    let labels: HashMap<&str, &str> = profile.sample[0]
+        .label
+        .iter()
+        .map(|l| {
+            (
+                profile.string_table[l.key as usize].as_str(),
+                profile.string_table[l.str as usize].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(labels["traced"], "true");
+    assert_eq!(labels["process_name"], "app");
+}
+
+#[test]
+fn a_version_1_store_is_upgraded_by_the_agent_and_refused_by_readers_until_then() {
+    let dir = TempDir::new("migrate");
+    let store = Store::open(&dir.db()).unwrap();
+    drop(store);
+    // Take the version 2 additions back out: what a version 1 agent left.
+    let conn = rusqlite::Connection::open(dir.db()).unwrap();
+    conn.execute_batch(
+        "DROP INDEX trace_processes_by_pod;
+         ALTER TABLE trace_processes DROP COLUMN namespace;
+         ALTER TABLE trace_processes DROP COLUMN pod;
+         ALTER TABLE buckets DROP COLUMN namespace;
+         ALTER TABLE buckets DROP COLUMN pod;
+         INSERT INTO trace_processes (trace_id, pid, service, process_name)
+           VALUES (x'aa', 1, 'old', 'old');
+         PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    drop(conn);
+    match StoreReader::open(&dir.db()) {
+        Err(e @ StoreError::Outdated { version: 1, .. }) => {
+            assert!(e.to_string().contains("upgrades it when it starts"), "{e}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a version 1 store was read as version 2"),
+    }
+    let mut store = Store::open(&dir.db()).unwrap();
+    store.write(&[record(0xbb, T0, T0, 1, "new")], &[]).unwrap();
+    let reader = StoreReader::open(&dir.db()).unwrap();
+    let (processes, _) = reader.trace_detail(&[0xbb; 16]).unwrap();
+    assert_eq!(processes[0].namespace, "shop");
+    drop(store);
+}

@@ -1,0 +1,368 @@
+//! The write side: one connection, owned by the store's writer thread (or a test), that adds
+//! traces and buckets in batches and enforces retention.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use rusqlite::{Connection, OpenFlags, Transaction, params};
+
+use super::{
+    MIGRATIONS, Result, SCHEMA, SCHEMA_VERSION, StoreError, WriterLock, check_identity,
+    check_integrity, open_connection, sql_ns,
+};
+
+/// A process a trace ran in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceProcess {
+    pub pid: u32,
+    pub process_name: String,
+    /// `service.name` (the process context, `OTEL_SERVICE_NAME`, the pod's
+    /// `app.kubernetes.io/name`, or the executable name).
+    pub service: String,
+    /// The Kubernetes namespace and pod, empty outside Kubernetes.
+    pub namespace: String,
+    pub pod: String,
+}
+
+/// One incarnation of a trace, as the collector hands it out (the whole profile so far).
+#[derive(Debug, Clone)]
+pub struct TraceRecord {
+    pub trace_id: [u8; 16],
+    /// Names the incarnation (`TraceProfile::created_unix_ns`): same part → replace.
+    pub part: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub samples: u64,
+    pub cpu_ns: u64,
+    pub processes: Vec<TraceProcess>,
+    pub spans: Vec<[u8; 8]>,
+    /// Symbolized pprof, gzip-compressed.
+    pub profile: Vec<u8>,
+}
+
+/// Every sample of one process during one agent interval.
+#[derive(Debug, Clone)]
+pub struct BucketRecord {
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub pid: u32,
+    pub process_name: String,
+    pub service: String,
+    /// The Kubernetes namespace and pod, empty outside Kubernetes.
+    pub namespace: String,
+    pub pod: String,
+    pub samples: u64,
+    pub cpu_ns: u64,
+    pub profile: Vec<u8>,
+}
+
+/// Limits on what the store keeps; the oldest data goes first.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Traces whose last sample, and buckets whose end, are older than this are deleted.
+    pub max_age: Duration,
+    /// Bytes the database may use (its pages in use, indexes included).
+    pub max_bytes: u64,
+}
+
+/// What one retention pass deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionOutcome {
+    pub traces_by_age: u64,
+    pub buckets_by_age: u64,
+    pub traces_by_size: u64,
+    pub buckets_by_size: u64,
+}
+
+/// The store opened for writing. One per file at a time (a lock file enforces it).
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    _lock: WriterLock,
+}
+
+impl Store {
+    /// Opens (creating it if needed) the store at `path` for writing. Refuses a corrupt or
+    /// foreign file, and one another agent writes.
+    pub fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Other {
+                path: path.to_owned(),
+                detail: format!("create {}: {e}", dir.display()),
+            })?;
+        }
+        let lock = WriterLock::acquire(path)?;
+        let conn = open_connection(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        let err = |e| StoreError::sqlite(path, e);
+        let version = check_identity(&conn, path, true)?;
+        let fresh = version == 0;
+        if fresh {
+            // auto_vacuum must be chosen before the first table exists.
+            conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+                .map_err(err)?;
+        } else {
+            check_integrity(&conn, path)?;
+        }
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Other {
+                path: path.to_owned(),
+                detail: format!("cannot switch to WAL mode (journal mode {mode})"),
+            });
+        }
+        // NORMAL in WAL mode: a power loss may lose the last commits, never the file.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "journal_size_limit", 16i64 << 20)
+            .map_err(err)?;
+        if fresh {
+            conn.execute_batch(&format!(
+                "BEGIN; {SCHEMA} PRAGMA application_id = {}; PRAGMA user_version = \
+                 {SCHEMA_VERSION}; COMMIT;",
+                super::APPLICATION_ID
+            ))
+            .map_err(err)?;
+        }
+        for (from, migration) in MIGRATIONS.iter().enumerate() {
+            let from = from as i32 + 1;
+            if !fresh && version == from {
+                conn.execute_batch(&format!(
+                    "BEGIN; {migration} PRAGMA user_version = {}; COMMIT;",
+                    from + 1
+                ))
+                .map_err(err)?;
+                tracing::info!(path = %path.display(), from, to = from + 1, "store schema upgraded");
+            }
+        }
+        // Fails now, with a clear error, when another process holds the write lock.
+        conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
+            .map_err(err)?;
+        Ok(Self {
+            conn,
+            path: path.to_owned(),
+            _lock: lock,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        |e| StoreError::sqlite(&self.path, e)
+    }
+
+    /// Writes traces and buckets in one transaction.
+    pub fn write(&mut self, traces: &[TraceRecord], buckets: &[BucketRecord]) -> Result<()> {
+        let path = self.path.clone();
+        let err = |e| StoreError::sqlite(&path, e);
+        let tx = self.conn.transaction().map_err(err)?;
+        for trace in traces {
+            put_trace(&tx, trace).map_err(err)?;
+        }
+        for bucket in buckets {
+            put_bucket(&tx, bucket).map_err(err)?;
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// Bytes of the pages in use (free pages excluded).
+    pub fn used_bytes(&self) -> Result<u64> {
+        let q = |name: &str| -> Result<i64> {
+            self.conn
+                .pragma_query_value(None, name, |r| r.get(0))
+                .map_err(self.err())
+        };
+        let pages = q("page_count")? - q("freelist_count")?;
+        Ok((pages.max(0) * q("page_size")?) as u64)
+    }
+
+    /// Deletes what is older than `retention.max_age`, then the oldest traces or buckets until
+    /// the pages in use fit `retention.max_bytes`, and returns the freed pages to the file
+    /// system.
+    pub fn enforce_retention(
+        &mut self,
+        retention: &Retention,
+        now_ns: u64,
+    ) -> Result<RetentionOutcome> {
+        let mut outcome = RetentionOutcome::default();
+        let cutoff = sql_ns(now_ns.saturating_sub(retention.max_age.as_nanos() as u64));
+        let old: Vec<Vec<u8>> =
+            self.ids("SELECT trace_id FROM traces WHERE last_ns < ?1", cutoff)?;
+        outcome.traces_by_age = self.delete_traces(&old)?;
+        outcome.buckets_by_age = self
+            .conn
+            .execute("DELETE FROM buckets WHERE end_ns < ?1", [cutoff])
+            .map_err(self.err())? as u64;
+        while self.used_bytes()? > retention.max_bytes {
+            let (traces, buckets) = self.delete_oldest_chunk()?;
+            if traces + buckets == 0 {
+                break;
+            }
+            outcome.traces_by_size += traces;
+            outcome.buckets_by_size += buckets;
+        }
+        if outcome != RetentionOutcome::default() {
+            self.conn
+                .execute_batch("PRAGMA incremental_vacuum;")
+                .map_err(self.err())?;
+        }
+        Ok(outcome)
+    }
+
+    /// Deletes about 5% of the oldest rows (traces by last sample, buckets by end) from the
+    /// table whose oldest row is older. Returns (traces, buckets) deleted.
+    fn delete_oldest_chunk(&mut self) -> Result<(u64, u64)> {
+        let oldest = |sql: &str| -> Result<Option<i64>> {
+            self.conn
+                .query_row(sql, [], |r| r.get(0))
+                .map_err(self.err())
+        };
+        let trace = oldest("SELECT min(last_ns) FROM traces")?;
+        let bucket = oldest("SELECT min(end_ns) FROM buckets")?;
+        let count = |sql: &str| -> Result<i64> {
+            self.conn
+                .query_row(sql, [], |r| r.get(0))
+                .map_err(self.err())
+        };
+        match (trace, bucket) {
+            (Some(t), b) if b.is_none_or(|b| t <= b) => {
+                let chunk = (count("SELECT count(*) FROM traces")? / 20).max(1);
+                let ids = self.ids(
+                    "SELECT trace_id FROM traces ORDER BY last_ns LIMIT ?1",
+                    chunk,
+                )?;
+                Ok((self.delete_traces(&ids)?, 0))
+            }
+            (_, Some(_)) => {
+                let chunk = (count("SELECT count(*) FROM buckets")? / 20).max(1);
+                let n = self
+                    .conn
+                    .execute(
+                        "DELETE FROM buckets WHERE id IN \
+                         (SELECT id FROM buckets ORDER BY end_ns LIMIT ?1)",
+                        [chunk],
+                    )
+                    .map_err(self.err())?;
+                Ok((0, n as u64))
+            }
+            _ => Ok((0, 0)),
+        }
+    }
+
+    fn ids(&self, sql: &str, arg: i64) -> Result<Vec<Vec<u8>>> {
+        let mut stmt = self.conn.prepare_cached(sql).map_err(self.err())?;
+        let rows = stmt
+            .query_map([arg], |r| r.get::<_, Vec<u8>>(0))
+            .map_err(self.err())?;
+        rows.collect::<rusqlite::Result<_>>().map_err(self.err())
+    }
+
+    fn delete_traces(&mut self, ids: &[Vec<u8>]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let path = self.path.clone();
+        let err = |e| StoreError::sqlite(&path, e);
+        let tx = self.conn.transaction().map_err(err)?;
+        for id in ids {
+            for table in ["traces", "trace_parts", "trace_processes", "trace_spans"] {
+                tx.prepare_cached(&format!("DELETE FROM {table} WHERE trace_id = ?1"))
+                    .and_then(|mut s| s.execute([id]))
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(ids.len() as u64)
+    }
+
+    /// Moves the write-ahead log into the database and truncates it (at shutdown, and before
+    /// measuring the file). Best effort: a reader in the middle of a query keeps the log.
+    pub fn checkpoint(&self) {
+        let _ = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+    }
+}
+
+fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
+    let id = &t.trace_id[..];
+    tx.prepare_cached(
+        "INSERT INTO trace_parts (trace_id, part, first_ns, last_ns, samples, cpu_ns, bytes, \
+         profile) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (trace_id, part) DO UPDATE SET first_ns = excluded.first_ns,
+           last_ns = excluded.last_ns, samples = excluded.samples, cpu_ns = excluded.cpu_ns,
+           bytes = excluded.bytes, profile = excluded.profile",
+    )?
+    .execute(params![
+        id,
+        sql_ns(t.part),
+        sql_ns(t.first_ns),
+        sql_ns(t.last_ns),
+        sql_ns(t.samples),
+        sql_ns(t.cpu_ns),
+        t.profile.len() as i64,
+        t.profile,
+    ])?;
+    let mut process = tx.prepare_cached(
+        "INSERT OR IGNORE INTO trace_processes (trace_id, pid, service, process_name, \
+         namespace, pod) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for p in &t.processes {
+        process.execute(params![
+            id,
+            p.pid,
+            p.service,
+            p.process_name,
+            p.namespace,
+            p.pod
+        ])?;
+    }
+    let mut span =
+        tx.prepare_cached("INSERT OR IGNORE INTO trace_spans (trace_id, span_id) VALUES (?1, ?2)")?;
+    for s in &t.spans {
+        span.execute(params![id, &s[..]])?;
+    }
+    // The index row is the aggregate of the parts (one part unless the trace came back after
+    // the agent's late window or a restart).
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO traces (trace_id, first_ns, last_ns, samples, cpu_ns, bytes, \
+         parts, services)
+         SELECT ?1, min(first_ns), max(last_ns), sum(samples), sum(cpu_ns), sum(bytes), count(*),
+           (SELECT coalesce(group_concat(service, char(10)), '') FROM
+             (SELECT DISTINCT service FROM trace_processes WHERE trace_id = ?1 ORDER BY service))
+         FROM trace_parts WHERE trace_id = ?1",
+    )?
+    .execute([id])?;
+    Ok(())
+}
+
+fn put_bucket(tx: &Transaction<'_>, b: &BucketRecord) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO buckets (start_ns, end_ns, pid, service, process_name, namespace, pod, \
+         samples, cpu_ns, bytes, profile) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+    )?
+    .execute(params![
+        sql_ns(b.start_ns),
+        sql_ns(b.end_ns),
+        b.pid,
+        b.service,
+        b.process_name,
+        b.namespace,
+        b.pod,
+        sql_ns(b.samples),
+        sql_ns(b.cpu_ns),
+        b.profile.len() as i64,
+        b.profile,
+    ])?;
+    Ok(())
+}
