@@ -456,9 +456,10 @@ fn fake_api(pods: Vec<String>) -> std::net::SocketAddr {
     addr
 }
 
+/// A pod of namespace `shop` with labels `app` and `app.kubernetes.io/name: <app>-svc`.
 fn pod_json(uid: &str, name: &str, app: &str, container_id: &str) -> String {
     format!(
-        r#"{{"metadata":{{"name":"{name}","namespace":"shop","uid":"{uid}","labels":{{"app":"{app}"}}}},"spec":{{"nodeName":"node-a"}},"status":{{"containerStatuses":[{{"name":"{app}","containerID":"containerd://{container_id}"}}]}}}}"#
+        r#"{{"metadata":{{"name":"{name}","namespace":"shop","uid":"{uid}","labels":{{"app":"{app}","app.kubernetes.io/name":"{app}-svc"}}}},"spec":{{"nodeName":"node-a"}},"status":{{"containerStatuses":[{{"name":"{app}","containerID":"containerd://{container_id}"}}]}}}}"#
     )
 }
 
@@ -500,6 +501,8 @@ fn daemon_profiles_only_pods_the_selector_picks() {
     ]);
     let out = std::env::temp_dir().join(format!("profiler-k8s-run-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&out);
+    let store = std::env::temp_dir().join(format!("profiler-k8s-run-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&store);
     let mut agent = Command::new(agent_bin())
         .args([
             "run",
@@ -516,6 +519,9 @@ fn daemon_profiles_only_pods_the_selector_picks() {
         .arg(&slice.root)
         .arg("--output-dir")
         .arg(&out)
+        .arg("--store")
+        .arg(&store)
+        .args(["--api-listen", "127.0.0.1:0"])
         .env("PROFILER_LOG_FORMAT", "json")
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -549,30 +555,13 @@ fn daemon_profiles_only_pods_the_selector_picks() {
         })
         .unwrap_or_else(|| panic!("no skipped_cgroup in the final counters:\n{output}"));
 
-    let mut by_pid: BTreeSet<u32> = BTreeSet::new();
+    let mut tags = Tags::default();
     let mut files = 0;
     for entry in std::fs::read_dir(&out).expect("interval profiles written") {
-        let path = entry.unwrap().path();
+        tags.add_profile(GO, &entry.unwrap().path());
         files += 1;
-        let tags = Command::new(GO)
-            .args(["tool", "pprof", "-tags", "-symbolize=none"])
-            .arg(&path)
-            .output()
-            .expect("go tool pprof");
-        let text = String::from_utf8_lossy(&tags.stdout);
-        // A "<label>: Total <n>" header, then "<count> (<pct>): <value>" lines.
-        let mut in_pid = false;
-        for line in text.lines() {
-            if line.contains(": Total") {
-                in_pid = line.trim_start().starts_with("pid:");
-            } else if in_pid
-                && let Some(pid) = line.rsplit(": ").next()
-                && let Ok(pid) = pid.trim().parse()
-            {
-                by_pid.insert(pid);
-            }
-        }
     }
+    let by_pid = tags.values("pid");
     println!(
         "workload filter updated: {updated}; {files} interval profiles, pids {by_pid:?} (web {}, batch {}); skipped_cgroup {skipped}",
         web.pid, batch.pid
@@ -581,11 +570,86 @@ fn daemon_profiles_only_pods_the_selector_picks() {
     assert!(files > 0);
     assert_eq!(
         by_pid,
-        BTreeSet::from([web.pid]),
+        BTreeSet::from([web.pid.to_string()]),
         "only the selected pod's process is profiled"
     );
     assert!(skipped > 100, "skipped_cgroup {skipped}");
+    // Where the samples ran, from the pod metadata: labels on every sample.
+    for (label, value) in [
+        ("k8s_namespace_name", "shop"),
+        ("k8s_pod_name", "web-0"),
+        ("k8s_pod_uid", web_uid),
+        ("k8s_container_name", "web"),
+        ("container_id", web_cid.as_str()),
+        // No process context, no OTEL_SERVICE_NAME: the pod's app.kubernetes.io/name.
+        ("service_name", "web-svc"),
+    ] {
+        assert_eq!(
+            tags.values(label),
+            BTreeSet::from([value.to_owned()]),
+            "{label}: {tags:?}"
+        );
+    }
+    // Filterable in queries: the pod's time window has the samples, the other pod none.
+    let query = |pod: &str| {
+        Command::new(agent_bin())
+            .arg("query")
+            .arg("--store")
+            .arg(&store)
+            .args(["--namespace", "shop", "--pod", pod, "--since", "5m"])
+            .args(["--format", "folded"])
+            .output()
+            .expect("run query")
+    };
+    let selected = query("web-0");
+    let folded = String::from_utf8_lossy(&selected.stdout);
+    assert!(
+        selected.status.success() && folded.contains("burn_a"),
+        "query --pod web-0:\n{folded}\n{}",
+        String::from_utf8_lossy(&selected.stderr)
+    );
+    let other = query("batch-0");
+    assert!(!other.status.success());
+    assert!(
+        String::from_utf8_lossy(&other.stderr)
+            .contains("no samples stored for namespace shop, pod batch-0 in that window"),
+        "{}",
+        String::from_utf8_lossy(&other.stderr)
+    );
     let _ = std::fs::remove_dir_all(&out);
+    let _ = std::fs::remove_file(&store);
+}
+
+/// Every label value in pprof profiles, as `go tool pprof -tags` prints them.
+#[derive(Debug, Default)]
+struct Tags(std::collections::BTreeMap<String, BTreeSet<String>>);
+
+impl Tags {
+    fn add_profile(&mut self, go: &str, path: &std::path::Path) {
+        let output = Command::new(go)
+            .args(["tool", "pprof", "-tags", "-symbolize=none"])
+            .arg(path)
+            .output()
+            .expect("go tool pprof");
+        // A "<label>: Total <n>" header, then "<count> (<pct>): <value>" lines.
+        let mut label = None;
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            if let Some((name, _)) = line.trim().split_once(": Total") {
+                label = Some(name.to_owned());
+            } else if let Some(label) = &label
+                && let Some((_, value)) = line.split_once("): ")
+            {
+                self.0
+                    .entry(label.clone())
+                    .or_default()
+                    .insert(value.trim().to_owned());
+            }
+        }
+    }
+
+    fn values(&self, label: &str) -> BTreeSet<String> {
+        self.0.get(label).cloned().unwrap_or_default()
+    }
 }
 
 /// The cgroup v1 fallback of the daemon's workload filter (this machine is a hybrid host: its
@@ -643,6 +707,7 @@ fn cgroup_v1_hosts_fall_back_to_pids_kept_current_from_exec_events() {
             "app=web",
         ])
         .args(["--node-name", "node-a", "--k8s-refresh", "1h"])
+        .args(["--no-store", "--no-api"])
         .arg(format!("--k8s-api-url=http://{api}"))
         .arg("--cgroup-root")
         .arg(&v1_root)
@@ -699,25 +764,15 @@ fn cgroup_v1_hosts_fall_back_to_pids_kept_current_from_exec_events() {
     }
     let _ = launcher.wait();
 
-    let mut pids = BTreeSet::new();
+    let mut tags = Tags::default();
     for entry in std::fs::read_dir(&out).expect("interval profiles") {
-        let tags = Command::new(GO)
-            .args(["tool", "pprof", "-tags", "-symbolize=none"])
-            .arg(entry.unwrap().path())
-            .output()
-            .unwrap();
-        let mut in_pid = false;
-        for line in String::from_utf8_lossy(&tags.stdout).lines() {
-            if line.contains(": Total") {
-                in_pid = line.trim_start().starts_with("pid:");
-            } else if in_pid
-                && let Some(pid) = line.rsplit(": ").next()
-                && let Ok(pid) = pid.trim().parse::<u32>()
-            {
-                pids.insert(pid);
-            }
-        }
+        tags.add_profile(GO, &entry.unwrap().path());
     }
+    let pids: BTreeSet<u32> = tags
+        .values("pid")
+        .iter()
+        .filter_map(|p| p.parse().ok())
+        .collect();
     let filtered: u64 = log
         .lines()
         .find(|l| l.contains("\"stopped\""))
