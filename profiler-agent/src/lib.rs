@@ -10,6 +10,8 @@ pub mod collector;
 pub mod context;
 pub mod ebpf;
 pub mod export;
+pub mod health;
+pub mod k8s;
 pub mod metrics;
 pub mod process;
 pub mod profile;

@@ -11,6 +11,7 @@ use profiler_agent::{
         Format,
         otlp::{self, Compression, OtlpArgs, OtlpConfig, Protocol, RetryPolicy},
     },
+    k8s::{CgroupSelection, KubernetesOptions, WorkloadSelector},
     profile::traces::TraceTableConfig,
     query::{DEFAULT_STORE, QueryOptions, TracesOptions, View},
     record::{RecordOptions, record},
@@ -72,6 +73,11 @@ struct SamplingArgs {
         value_delimiter = ','
     )]
     pids: Vec<u32>,
+    /// Only sample tasks in this cgroup or below it (repeatable): a directory of the cgroup v2
+    /// hierarchy, checked in the kernel by cgroup id before any stack is walked. A cgroup v1
+    /// directory falls back to an allow-list of the pids in it when the agent starts.
+    #[arg(long = "cgroup", env = "PROFILER_CGROUPS", value_delimiter = ',')]
+    cgroups: Vec<PathBuf>,
     /// Ring-buffer size in bytes (power of two).
     #[arg(long, env = "PROFILER_RING_BUFFER_BYTES", default_value_t = 8 << 20)]
     ring_buffer_bytes: u32,
@@ -85,10 +91,24 @@ struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn config(&self, traces: &TraceArgs) -> SamplerConfig {
-        SamplerConfig {
+    fn config(&self, traces: &TraceArgs) -> anyhow::Result<SamplerConfig> {
+        let mut pids = (!self.pids.is_empty()).then(|| self.pids.clone());
+        let mut cgroups = None;
+        if !self.cgroups.is_empty() {
+            let selection = CgroupSelection::resolve(&self.cgroups)?;
+            if let Some(v1_pids) = selection.v1_pids {
+                anyhow::ensure!(
+                    pids.is_none(),
+                    "--pid cannot be combined with a cgroup v1 --cgroup (both become pid lists)"
+                );
+                pids = Some(v1_pids);
+            }
+            cgroups = selection.v2_ids;
+        }
+        Ok(SamplerConfig {
             frequency_hz: self.frequency,
-            pids: (!self.pids.is_empty()).then(|| self.pids.clone()),
+            pids,
+            cgroups,
             ring_buffer_bytes: self.ring_buffer_bytes,
             obi_bpffs_root: self.obi.then(|| self.bpffs_root.clone()),
             wanted_label_keys: traces
@@ -97,7 +117,7 @@ impl SamplingArgs {
                 .chain(&traces.span_id_labels)
                 .cloned()
                 .collect(),
-        }
+        })
     }
 }
 
@@ -180,6 +200,12 @@ struct RunArgs {
     /// Write one pprof per trace: <DIR>/<trace_id>.pb.gz.
     #[arg(long, env = "PROFILER_PER_TRACE_DIR")]
     per_trace_dir: Option<PathBuf>,
+    /// Serve health probes (`/healthz`, `/readyz`) on this address, e.g. the pod IP (the API,
+    /// if any, stays on loopback). IPv6 with or without brackets (`fd00::5:8081`).
+    #[arg(long, env = "PROFILER_HEALTH_LISTEN", value_parser = parse_listen_addr)]
+    health_listen: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    kubernetes: KubernetesArgs,
     /// The embedded store (SQLite): per-trace profiles and per-process time buckets.
     #[arg(long, env = "PROFILER_STORE", default_value = DEFAULT_STORE)]
     store: PathBuf,
@@ -302,6 +328,13 @@ struct QueryArgs {
     /// Time window: this process's samples.
     #[arg(long, conflicts_with = "trace_id")]
     pid: Option<u32>,
+    /// Time window: samples of processes in this Kubernetes namespace.
+    #[arg(long, conflicts_with = "trace_id")]
+    namespace: Option<String>,
+    /// Time window: samples of processes in this pod (its name; with --namespace when names
+    /// repeat across namespaces).
+    #[arg(long, conflicts_with = "trace_id")]
+    pod: Option<String>,
     /// Time window start: RFC 3339 (2026-05-01T14:05:00Z), HH:MM[:SS] (UTC) or Unix seconds.
     #[arg(long, conflicts_with_all = ["trace_id", "since"])]
     from: Option<String>,
@@ -335,6 +368,12 @@ struct TracesArgs {
     /// Only traces that ran in this process.
     #[arg(long)]
     pid: Option<u32>,
+    /// Only traces that ran in this Kubernetes namespace.
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Only traces that ran in this pod (its name).
+    #[arg(long)]
+    pod: Option<String>,
     /// Only the trace with this span (16 hex digits).
     #[arg(long)]
     span_id: Option<String>,
@@ -392,6 +431,67 @@ fn parse_bytes(text: &str) -> Result<u64, String> {
     Ok((number * scale as f64) as u64)
 }
 
+#[derive(Args)]
+struct KubernetesArgs {
+    /// This node's name: pod metadata is watched for its pods only (downward API
+    /// `spec.nodeName`).
+    #[arg(long, env = "PROFILER_NODE_NAME")]
+    node_name: Option<String>,
+    /// The Kubernetes API server, e.g. `http://127.0.0.1:8001` from `kubectl proxy`.
+    /// Default: the in-cluster service account. Not in a pod and not given: no pod metadata.
+    #[arg(long, env = "PROFILER_K8S_API_URL")]
+    k8s_api_url: Option<String>,
+    /// Profile only pods in these namespaces (repeatable, or comma-separated). The workload
+    /// filter is applied in the kernel, by cgroup id.
+    #[arg(
+        long = "k8s-namespace",
+        env = "PROFILER_K8S_NAMESPACES",
+        value_delimiter = ','
+    )]
+    k8s_namespaces: Vec<String>,
+    /// Profile only pods whose labels match this selector (kubectl syntax: `app=web,tier!=test`,
+    /// `env in (prod,staging)`, `!legacy`).
+    #[arg(long, env = "PROFILER_K8S_SELECTOR", default_value = "")]
+    k8s_selector: String,
+    /// Where the host's cgroup hierarchy is mounted (a hostPath mount in a container).
+    #[arg(long, env = "PROFILER_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    cgroup_root: PathBuf,
+    /// How often the workload filter re-reads the cgroup tree (besides pod and process events).
+    #[arg(long, env = "PROFILER_K8S_REFRESH", default_value = "10s", value_parser = humantime::parse_duration)]
+    k8s_refresh: Duration,
+}
+
+impl KubernetesArgs {
+    fn selector(&self) -> anyhow::Result<WorkloadSelector> {
+        Ok(WorkloadSelector {
+            namespaces: self
+                .k8s_namespaces
+                .iter()
+                .map(|n| n.trim().to_owned())
+                .filter(|n| !n.is_empty())
+                .collect(),
+            labels: self
+                .k8s_selector
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--k8s-selector: {e:#}"))?,
+        })
+    }
+}
+
+/// `ip:port`, also for an IPv6 address without brackets: `$(POD_IP):8081` in a manifest works
+/// for IPv4 and IPv6 pods alike.
+fn parse_listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let (ip, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s}: expected ip:port"))?;
+    let ip: std::net::IpAddr = ip.parse().map_err(|e| format!("{s}: {e}"))?;
+    let port: u16 = port.parse().map_err(|e| format!("{s}: port: {e}"))?;
+    Ok((ip, port).into())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
@@ -413,7 +513,7 @@ fn main() -> ExitCode {
                     duration: args.duration,
                     output: args.output.clone(),
                     format: args.format,
-                    sampler: args.sampling.config(&args.traces),
+                    sampler: args.sampling.config(&args.traces)?,
                     per_trace_dir: args.per_trace_dir.clone(),
                     traces: args.traces.config(),
                     id_labels: args.traces.id_labels(),
@@ -436,7 +536,7 @@ fn main() -> ExitCode {
                     token: args.api_token.clone().filter(|t| !t.is_empty()),
                 });
                 run(RunOptions {
-                    sampler: args.sampling.config(&args.traces),
+                    sampler: args.sampling.config(&args.traces)?,
                     interval: args.interval,
                     output_dir: args.output_dir,
                     per_trace_dir: args.per_trace_dir,
@@ -444,6 +544,14 @@ fn main() -> ExitCode {
                     api,
                     traces: args.traces.config(),
                     id_labels: args.traces.id_labels(),
+                    health_listen: args.health_listen,
+                    workloads: args.kubernetes.selector()?,
+                    kubernetes: KubernetesOptions {
+                        api_url: args.kubernetes.k8s_api_url,
+                        node_name: args.kubernetes.node_name,
+                    },
+                    cgroup_root: args.kubernetes.cgroup_root,
+                    workload_refresh: args.kubernetes.k8s_refresh,
                     otlp,
                 })
                 .await
@@ -453,6 +561,8 @@ fn main() -> ExitCode {
                 trace_id: args.trace_id,
                 service: args.service,
                 pid: args.pid,
+                namespace: args.namespace,
+                pod: args.pod,
                 duration: args.duration,
                 from: args.from,
                 to: args.to,
@@ -465,6 +575,8 @@ fn main() -> ExitCode {
                 store: args.store.store,
                 service: args.service,
                 pid: args.pid,
+                namespace: args.namespace,
+                pod: args.pod,
                 span_id: args.span_id,
                 since: args.since,
                 limit: args.limit,
@@ -496,11 +608,12 @@ fn print_summary(output: &std::path::Path, summary: &profiler_agent::record::Rec
         summary.processes
     );
     eprintln!(
-        "kernel: {} ticks, {} samples emitted, {} lost (ring buffer full), {} filtered, {} idle",
+        "kernel: {} ticks, {} samples emitted, {} lost (ring buffer full), {} filtered by pid, {} by cgroup, {} idle",
         k.get(Counter::Invocations),
         k.get(Counter::SamplesEmitted),
         k.get(Counter::RingBufferFull),
         k.get(Counter::SkippedFiltered),
+        k.get(Counter::SkippedCgroup),
         k.get(Counter::SkippedIdle),
     );
     let dropped: u64 = summary
@@ -547,6 +660,23 @@ fn init_logging(format: LogFormat) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn listen_addresses() {
+        for (input, expected) in [
+            ("10.1.2.3:8081", "10.1.2.3:8081"),
+            ("[fd00::5]:8081", "[fd00::5]:8081"),
+            ("fd00::5:8081", "[fd00::5]:8081"),
+        ] {
+            assert_eq!(
+                super::parse_listen_addr(input).unwrap().to_string(),
+                expected
+            );
+        }
+        for bad in ["10.1.2.3", "host:80", "10.1.2.3:99999", ""] {
+            assert!(super::parse_listen_addr(bad).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn byte_sizes() {
         assert_eq!(super::parse_bytes("1000"), Ok(1000));

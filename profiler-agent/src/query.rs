@@ -171,6 +171,9 @@ pub struct QueryOptions {
     pub trace_id: Option<String>,
     pub service: Option<String>,
     pub pid: Option<u32>,
+    /// Kubernetes namespace and pod name of the window's processes.
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
     pub from: Option<String>,
     pub to: Option<String>,
     pub since: Option<Duration>,
@@ -207,6 +210,8 @@ pub fn query(o: &QueryOptions) -> anyhow::Result<()> {
             let window = Window {
                 service: o.service.clone(),
                 pid: o.pid,
+                namespace: o.namespace.clone(),
+                pod: o.pod.clone(),
                 from_ns,
                 to_ns,
             };
@@ -254,12 +259,9 @@ pub fn trace_title(trace: &TraceSummary) -> String {
 }
 
 pub fn window_title(window: &Window, covered: (u64, u64)) -> String {
-    let what = match (&window.service, window.pid) {
-        (Some(s), Some(p)) => format!("service {s}, pid {p}"),
-        (Some(s), None) => format!("service {s}"),
-        (None, Some(p)) => format!("pid {p}"),
-        (None, None) => "every process".to_owned(),
-    };
+    let what = window
+        .subject()
+        .unwrap_or_else(|| "every process".to_owned());
     format!(
         "{what}, {} to {} (buckets {} to {})",
         format_time(window.from_ns),
@@ -275,6 +277,8 @@ pub struct TracesOptions {
     pub store: PathBuf,
     pub service: Option<String>,
     pub pid: Option<u32>,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
     pub span_id: Option<String>,
     pub since: Option<Duration>,
     pub limit: usize,
@@ -286,6 +290,8 @@ pub fn traces(o: &TracesOptions) -> anyhow::Result<()> {
     let filter = TraceFilter {
         service: o.service.clone(),
         pid: o.pid,
+        namespace: o.namespace.clone(),
+        pod: o.pod.clone(),
         span_id: o
             .span_id
             .as_deref()

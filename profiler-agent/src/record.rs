@@ -7,10 +7,13 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
-    collector::{Collector, CollectorConfig, Flushed, Message, Sink, SymbolizedSample},
+    collector::{
+        Collector, CollectorConfig, Flushed, Message, ProcessNote, Sink, SymbolizedSample,
+    },
     context::IdLabels,
     ebpf::{KernelCounters, Sampler, SamplerConfig, spawn_reader},
     export::{self, Format},
+    k8s::PodMetadataHandle,
     metrics::Metrics,
     profile::traces::TraceTableConfig,
 };
@@ -28,8 +31,12 @@ pub struct CollectOptions {
     /// Labels that carry trace and span ids (label-based sources).
     pub id_labels: IdLabels,
     pub sinks: Vec<Box<dyn Sink>>,
-    /// The agent's counters; shared with whatever else reports them (the daemon's sinks and
-    /// its `/metrics` endpoint).
+    /// Told about every process exec and exit (the workload filter's pid allow-list).
+    pub process_notes: Option<mpsc::Sender<ProcessNote>>,
+    /// This node's pods (Kubernetes): each process's pod goes on its profiles.
+    pub pods: Option<PodMetadataHandle>,
+    /// The agent's counters; shared with whatever else reports them (the daemon's sinks, the
+    /// pod metadata watcher and the `/metrics` endpoint).
     pub metrics: Metrics,
 }
 
@@ -67,6 +74,8 @@ impl Recording {
                 frequency_hz: config.frequency_hz,
                 traces: outputs.traces,
                 id_labels: outputs.id_labels,
+                process_notes: outputs.process_notes,
+                pods: outputs.pods,
             },
             outputs.sinks,
             Some(channels.context_sources),
@@ -212,6 +221,8 @@ pub async fn record(options: RecordOptions) -> anyhow::Result<RecordSummary> {
             traces: options.traces.clone(),
             id_labels: options.id_labels.clone(),
             sinks,
+            process_notes: None,
+            pods: None,
             metrics: Metrics::default(),
         },
     )?;

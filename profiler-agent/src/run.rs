@@ -1,11 +1,13 @@
 //! The long-running agent: samples until SIGINT/SIGTERM, hands each interval's aggregate and
 //! each finished trace to the configured sinks (by default the embedded store; OTLP export when
 //! an endpoint is set), serves the query API, logs its counters, and flushes once more on
-//! shutdown (the OTLP exporter then delivers what it still holds, within its deadline).
+//! shutdown (the OTLP exporter then delivers what it still holds, within its deadline). In
+//! Kubernetes it also answers the kubelet's probes and keeps the workload filter current.
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use tokio::sync::{oneshot, watch};
+use anyhow::Context as _;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
     api,
@@ -13,6 +15,11 @@ use crate::{
     context::IdLabels,
     ebpf::SamplerConfig,
     export::{self, otlp},
+    health::{self, Health},
+    k8s::{
+        self, FilterMode, KubernetesOptions, PodMetadataHandle, WorkloadFilter, WorkloadSelector,
+        Workloads,
+    },
     metrics::Metrics,
     profile::traces::TraceTableConfig,
     query::query_command,
@@ -53,26 +60,49 @@ pub struct RunOptions {
     pub id_labels: IdLabels,
     /// Export every interval over OTLP.
     pub otlp: Option<otlp::OtlpConfig>,
+    /// Serve `/healthz` and `/readyz` here (the pod IP in Kubernetes).
+    pub health_listen: Option<SocketAddr>,
+    pub kubernetes: KubernetesOptions,
+    /// Profile only the pods it selects (empty: every process).
+    pub workloads: WorkloadSelector,
+    /// The host's cgroup hierarchy (the workload filter's cgroup ids).
+    pub cgroup_root: PathBuf,
+    /// How often the workload filter re-reads the cgroup tree.
+    pub workload_refresh: Duration,
 }
 
-pub async fn run(options: RunOptions) -> anyhow::Result<()> {
+pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
     let metrics = Metrics::default();
-    // Everything that can refuse to start (a corrupt store, a taken port) does so before the
-    // eBPF programs load.
+    // Everything that can refuse to start (a corrupt store, a taken port, a workload filter
+    // without the Kubernetes API) does so before the eBPF programs load.
     let (sinks, exporter) = sinks(&options, &metrics)?;
     let listener = match &options.api {
         Some(api) => Some(api::bind(api.listen).await?),
         None => None,
     };
-    let recording = Recording::start_with(
+    // Unhealthy after three intervals without a flush.
+    let health = Health::new(options.interval * 3 + Duration::from_secs(30));
+    if let Some(addr) = options.health_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("health listener on {addr}"))?;
+        tracing::info!(%addr, "health probes: /healthz, /readyz");
+        tokio::spawn(health::serve(listener, health.clone()));
+    }
+    let pods = k8s::start_pod_metadata(&options.kubernetes, &metrics);
+    let (mut workloads, process_notes) = workload_filter(&mut options, pods.clone())?;
+    let mut recording = Recording::start_with(
         &options.sampler,
         CollectOptions {
             traces: options.traces.clone(),
             id_labels: options.id_labels.clone(),
             sinks,
+            process_notes,
+            pods,
             metrics: metrics.clone(),
         },
     )?;
+    health.set_ready();
     let (kernel_tx, kernel_rx) = watch::channel(recording.kernel_counters());
     let api = match (listener, &options.api) {
         (Some(listener), Some(api)) => {
@@ -86,7 +116,8 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         output_dir = ?options.output_dir,
         per_trace_dir = ?options.per_trace_dir,
         store = ?options.store.as_ref().map(|s| &s.path),
-        "profiling every process on this machine"
+        workload_filter = workloads.as_ref().map(|w| format!("{:?}", w.mode())),
+        "profiling"
     );
     announce(&options, api.as_ref().map(|a| a.addr));
     let mut tick = tokio::time::interval(options.interval);
@@ -96,10 +127,18 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
         tokio::select! {
             _ = tick.tick() => {
                 recording.flush_interval().await?;
+                health.progress();
                 log_counters(&recording);
             }
             _ = counters.tick() => {
                 kernel_tx.send_replace(recording.kernel_counters());
+            }
+            Some(event) = next_workload_event(&mut workloads) => {
+                if let Some(w) = &mut workloads
+                    && let Err(e) = w.handle(event, recording.sampler())
+                {
+                    tracing::warn!(error = %format!("{e:#}"), "workload filter not updated");
+                }
             }
             _ = crate::shutdown_signal() => break,
         }
@@ -117,6 +156,42 @@ pub async fn run(options: RunOptions) -> anyhow::Result<()> {
     }
     tracing::info!(kernel = ?finished.kernel.0, agent = ?finished.metrics.snapshot(), "stopped");
     Ok(())
+}
+
+/// The workload filter, when namespaces or a label selector are given: cgroup ids in the
+/// kernel (cgroup v2) or a pid allow-list kept current from process notes (v1). Adjusts the
+/// sampler's filters to start empty, so nothing unselected is sampled before the first
+/// selection.
+fn workload_filter(
+    options: &mut RunOptions,
+    pods: Option<PodMetadataHandle>,
+) -> anyhow::Result<(
+    Option<Workloads>,
+    Option<mpsc::Sender<crate::collector::ProcessNote>>,
+)> {
+    if options.workloads.is_empty() {
+        return Ok((None, None));
+    }
+    let pods = pods.context(
+        "--k8s-namespace / --k8s-selector need the Kubernetes API (in a pod, or --k8s-api-url) and a node name",
+    )?;
+    let filter = WorkloadFilter::new(options.workloads.clone(), &options.cgroup_root)?;
+    match filter.mode() {
+        FilterMode::CgroupIds => {
+            // Nothing until the first selection; `--cgroup` paths are replaced.
+            options.sampler.cgroups = Some(Default::default());
+        }
+        FilterMode::Pids => {
+            anyhow::ensure!(
+                options.sampler.pids.is_none(),
+                "--pid cannot be combined with a workload filter on a cgroup v1 host"
+            );
+            options.sampler.pids = Some(Vec::new());
+        }
+    }
+    let (tx, rx) = mpsc::channel(Workloads::NOTE_QUEUE);
+    let workloads = Workloads::new(filter, pods, rx, options.workload_refresh);
+    Ok((Some(workloads), Some(tx)))
 }
 
 /// The OTLP delivery task and how long it may take to drain at shutdown.
@@ -206,6 +281,13 @@ fn announce(options: &RunOptions, api: Option<SocketAddr>) {
             query = %query_command(&store.path, None),
             "storing per-trace profiles"
         );
+    }
+}
+
+async fn next_workload_event(workloads: &mut Option<Workloads>) -> Option<k8s::WorkloadEvent> {
+    match workloads {
+        Some(w) => Some(w.next().await),
+        None => std::future::pending().await,
     }
 }
 

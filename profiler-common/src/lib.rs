@@ -166,7 +166,9 @@ pub struct EbpfConfig {
     pub task_fsbase_offset: u32,
     /// Non-zero: look up OBI's `traces_ctx_v1` map for samples with no other context.
     pub obi_enabled: u32,
-    pub _pad: u32,
+    /// Non-zero: sample only tasks whose cgroup v2 id (`bpf_get_current_cgroup_id`) is in
+    /// `CGROUP_FILTER` (the workload filter), checked before anything else costs.
+    pub filter_by_cgroup: u32,
 }
 const _: () = assert!(core::mem::size_of::<EbpfConfig>() == 24);
 
@@ -330,6 +332,7 @@ pub mod names {
     pub const EVENTS: &str = "EVENTS";
     pub const COUNTERS: &str = "COUNTERS";
     pub const PID_FILTER: &str = "PID_FILTER";
+    pub const CGROUP_FILTER: &str = "CGROUP_FILTER";
     pub const CONFIG: &str = "CONFIG";
     pub const CONTEXT_SOURCES: &str = "CONTEXT_SOURCES";
     pub const LABEL_KEYS: &str = "LABEL_KEYS";
@@ -417,7 +420,13 @@ counters! {
     MmapExecEvents = "mmap_exec_events",
     /// Samples that took their context from OBI's `traces_ctx_v1` map.
     ContextObi = "context_obi",
+    /// Ticks of tasks outside the cgroup allow-list (the workload filter): no stack was walked
+    /// and no context read for them.
+    SkippedCgroup = "skipped_cgroup",
 }
+
+/// Entries of `CGROUP_FILTER` (cgroup v2 id → 1): containers selected on one node.
+pub const MAX_FILTERED_CGROUPS: u32 = 16_384;
 
 pub const NUM_COUNTERS: usize = Counter::ALL.len();
 

@@ -1,8 +1,8 @@
 //! Kernel side of the profiler.
 //!
-//! - `on_cpu_sample` (perf_event, software cpu-clock on every online CPU): filter, capture the
-//!   user and kernel stacks into a per-CPU scratch record and copy it to the ring buffer with its
-//!   real length.
+//! - `on_cpu_sample` (perf_event, software cpu-clock on every online CPU): filter (idle, self,
+//!   cgroup allow-list, pid allow-list), capture the user and kernel stacks into a per-CPU
+//!   scratch record and copy it to the ring buffer with its real length.
 //! - `on_process_exec` / `on_process_exit` (sched tracepoints): process lifecycle records in the
 //!   same ring buffer, so user space sees them in order with the samples.
 //!
@@ -14,16 +14,16 @@ use aya_ebpf::{
     EbpfContext, Global,
     bindings::BPF_F_USER_STACK,
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_smp_processor_id, bpf_get_stack,
-        bpf_ktime_get_ns,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns,
     },
     macros::{map, perf_event, tracepoint},
     maps::{HashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::{PerfEventContext, TracePointContext},
 };
 use profiler_common::{
-    ContextKind, ContextSource, Counter, EbpfConfig, MAX_CONTEXT_BYTES, NUM_COUNTERS, ProcessEvent,
-    RecordKind, STACK_BYTES, SampleHeader, SampleScratch, sample_flags,
+    ContextKind, ContextSource, Counter, EbpfConfig, MAX_CONTEXT_BYTES, MAX_FILTERED_CGROUPS,
+    NUM_COUNTERS, ProcessEvent, RecordKind, STACK_BYTES, SampleHeader, SampleScratch, sample_flags,
 };
 
 mod arch;
@@ -37,7 +37,7 @@ static CONFIG: Global<EbpfConfig> = Global::new(EbpfConfig {
     exit_group_dead_offset: 0,
     task_fsbase_offset: 0,
     obi_enabled: 0,
-    _pad: 0,
+    filter_by_cgroup: 0,
 });
 
 /// Size is set by user space at load time (`EbpfLoader::map_max_entries`).
@@ -53,6 +53,10 @@ static SCRATCH: PerCpuArray<SampleScratch> = PerCpuArray::with_max_entries(1, 0)
 /// Allow-list of tgids, used when `CONFIG.filter_by_pid` is set.
 #[map]
 static PID_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(4096, 0);
+
+/// Allow-list of cgroup v2 ids (the workload filter), used when `CONFIG.filter_by_cgroup` is set.
+#[map]
+static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(MAX_FILTERED_CGROUPS, 0);
 
 /// Trace-context source per process (key: tgid), chosen and written by the agent.
 #[map]
@@ -98,6 +102,14 @@ fn sample(ctx: &PerfEventContext) {
     if tgid == config.agent_tgid {
         count(Counter::SkippedSelf);
         return;
+    }
+    // The workload filter: one helper call and one lookup, before any stack walk or context read.
+    if config.filter_by_cgroup != 0 {
+        let cgroup = unsafe { bpf_get_current_cgroup_id() };
+        if unsafe { CGROUP_FILTER.get(cgroup) }.is_none() {
+            count(Counter::SkippedCgroup);
+            return;
+        }
     }
     if config.filter_by_pid != 0 && unsafe { PID_FILTER.get(tgid) }.is_none() {
         count(Counter::SkippedFiltered);

@@ -224,6 +224,8 @@ fn since_ns(since: Option<&str>) -> ApiResult<Option<u64>> {
 struct ListQuery {
     service: Option<String>,
     pid: Option<u32>,
+    namespace: Option<String>,
+    pod: Option<String>,
     span_id: Option<String>,
     since: Option<String>,
     limit: Option<usize>,
@@ -234,6 +236,8 @@ impl ListQuery {
         Ok(TraceFilter {
             service: self.service.clone().filter(|s| !s.is_empty()),
             pid: self.pid,
+            namespace: self.namespace.clone().filter(|s| !s.is_empty()),
+            pod: self.pod.clone().filter(|s| !s.is_empty()),
             span_id: self
                 .span_id
                 .as_deref()
@@ -324,6 +328,8 @@ async fn trace_view(
 struct WindowQuery {
     service: Option<String>,
     pid: Option<u32>,
+    namespace: Option<String>,
+    pod: Option<String>,
     from: Option<String>,
     to: Option<String>,
     since: Option<String>,
@@ -354,6 +360,8 @@ async fn window_view(
     let window = Window {
         service: q.service.filter(|s| !s.is_empty()),
         pid: q.pid,
+        namespace: q.namespace.filter(|s| !s.is_empty()),
+        pod: q.pod.filter(|s| !s.is_empty()),
         from_ns,
         to_ns,
     };
@@ -527,6 +535,8 @@ mod tests {
                         pid: 1,
                         process_name: "checkout".into(),
                         service: "checkout".into(),
+                        namespace: "shop".into(),
+                        pod: "checkout-5d8c-q2".into(),
                     }],
                     spans: vec![[1; 8]],
                     profile: pprof::encode_gzip(&profile),

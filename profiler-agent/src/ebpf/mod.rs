@@ -9,7 +9,7 @@ mod privileges;
 mod reader;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     path::{Path, PathBuf},
 };
 
@@ -38,6 +38,10 @@ pub struct SamplerConfig {
     pub frequency_hz: u64,
     /// `Some`: sample only these processes (more can be added while running).
     pub pids: Option<Vec<u32>>,
+    /// `Some`: sample only tasks in these cgroup v2 ids (the workload filter; the set can be
+    /// replaced while running with [`Sampler::set_cgroup_filter`]). Checked in the kernel
+    /// before anything else is done for the sample.
+    pub cgroups: Option<BTreeSet<u64>>,
     /// Ring-buffer size in bytes (a power of two, multiple of the page size).
     pub ring_buffer_bytes: u32,
     /// `Some(bpffs root)`: read OBI's `traces_ctx_v1` map pinned at `<root>/otel/`.
@@ -51,6 +55,7 @@ impl Default for SamplerConfig {
         Self {
             frequency_hz: 19,
             pids: None,
+            cgroups: None,
             ring_buffer_bytes: 8 << 20,
             obi_bpffs_root: None,
             wanted_label_keys: vec!["trace_id".into(), "span_id".into()],
@@ -124,6 +129,7 @@ impl Sampler {
             bail!("sampling frequency must be between 1 and 10000 Hz");
         }
         ensure_tracefs()?;
+        raise_memlock_limit();
         let settings = EbpfConfig {
             agent_tgid: std::process::id(),
             filter_by_pid: u32::from(config.pids.is_some()),
@@ -136,7 +142,7 @@ impl Sampler {
                 }
             },
             obi_enabled: u32::from(config.obi_bpffs_root.is_some()),
-            _pad: 0,
+            filter_by_cgroup: u32::from(config.cgroups.is_some()),
         };
         let obi_pin = config
             .obi_bpffs_root
@@ -174,6 +180,10 @@ impl Sampler {
                     .insert(pid, 1, 0)
                     .with_context(|| format!("allow pid {pid}"))?;
             }
+        }
+
+        if let Some(ids) = &config.cgroups {
+            sync_cgroup_filter(&mut ebpf, ids)?;
         }
 
         for (program, event) in [
@@ -262,6 +272,24 @@ impl Sampler {
         Ok(())
     }
 
+    /// Removes a process from the allow-list (an exited process, or one that left the selected
+    /// workloads). Absent is fine.
+    pub fn disallow_pid(&mut self, pid: u32) -> anyhow::Result<()> {
+        let mut filter: HashMap<_, u32, u8> = HashMap::try_from(
+            self.ebpf
+                .map_mut(names::PID_FILTER)
+                .context("PID_FILTER map missing")?,
+        )?;
+        let _ = filter.remove(&pid);
+        Ok(())
+    }
+
+    /// Makes `ids` the cgroup allow-list (only meaningful when started with `cgroups`): adds
+    /// what is new, removes what is gone. Returns how many entries changed.
+    pub fn set_cgroup_filter(&mut self, ids: &BTreeSet<u64>) -> anyhow::Result<usize> {
+        sync_cgroup_filter(&mut self.ebpf, ids)
+    }
+
     /// Detaches every program, then reads the final counters.
     pub fn stop(self) -> KernelCounters {
         let Self { ebpf, counters } = self;
@@ -273,6 +301,33 @@ impl Sampler {
     pub fn counters(&self) -> KernelCounters {
         read_counters(&self.counters)
     }
+}
+
+fn sync_cgroup_filter(ebpf: &mut Ebpf, ids: &BTreeSet<u64>) -> anyhow::Result<usize> {
+    if ids.len() > profiler_common::MAX_FILTERED_CGROUPS as usize {
+        bail!(
+            "{} cgroups selected; the kernel filter holds at most {}",
+            ids.len(),
+            profiler_common::MAX_FILTERED_CGROUPS
+        );
+    }
+    let mut filter: HashMap<_, u64, u8> = HashMap::try_from(
+        ebpf.map_mut(names::CGROUP_FILTER)
+            .context("CGROUP_FILTER map missing")?,
+    )?;
+    let present: BTreeSet<u64> = filter.keys().filter_map(Result::ok).collect();
+    let mut changed = 0;
+    for gone in present.difference(ids) {
+        let _ = filter.remove(gone);
+        changed += 1;
+    }
+    for new in ids.difference(&present) {
+        filter
+            .insert(new, 1, 0)
+            .with_context(|| format!("allow cgroup {new}"))?;
+        changed += 1;
+    }
+    Ok(changed)
 }
 
 fn read_counters(map: &PerCpuArray<MapData, u64>) -> KernelCounters {
@@ -299,21 +354,56 @@ impl KernelCounters {
 
 const TRACEFS: &str = "/sys/kernel/tracing";
 
-/// Tracepoints need tracefs; mount it where a minimal system (or a container) lacks it.
+/// Tracepoints need tracefs; mount it where a minimal system lacks it. A tracefs the agent may
+/// not read (mode 0700, a non-root user without CAP_DAC_READ_SEARCH) is named as such; in a
+/// container, mount the host's tracefs instead of relying on the agent mounting it (that would
+/// take CAP_SYS_ADMIN).
 fn ensure_tracefs() -> anyhow::Result<()> {
-    if Path::new(TRACEFS).join("events").exists()
-        || Path::new("/sys/kernel/debug/tracing/events").exists()
-    {
-        return Ok(());
+    let mut denied = None;
+    for events in [
+        Path::new(TRACEFS).join("events"),
+        Path::new("/sys/kernel/debug/tracing/events").to_path_buf(),
+    ] {
+        match std::fs::metadata(&events) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                denied.get_or_insert(events);
+            }
+            Err(_) => {}
+        }
+    }
+    if let Some(path) = denied {
+        bail!(
+            "{} is not readable: run as root or grant CAP_DAC_READ_SEARCH (tracefs is root-only)",
+            path.display()
+        );
     }
     let status = std::process::Command::new("mount")
         .args(["-t", "tracefs", "nodev", TRACEFS])
+        .stderr(std::process::Stdio::null())
         .status();
     match status {
         Ok(s) if s.success() => Ok(()),
         _ => bail!(
-            "tracefs is not mounted at {TRACEFS} and mounting it failed: mount it (mount -t tracefs nodev {TRACEFS})"
+            "tracefs is not mounted at {TRACEFS} and mounting it failed: mount it (mount -t tracefs nodev {TRACEFS}; in a container, a hostPath volume)"
         ),
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (later ones to the memory cgroup).
+/// Raise it when allowed (root, or CAP_SYS_RESOURCE); elsewhere the limit does not matter or
+/// loading reports the failure.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct; setrlimit has no other preconditions.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!(
+            error = %std::io::Error::last_os_error(),
+            "RLIMIT_MEMLOCK not raised (only kernels before 5.11 need it)"
+        );
     }
 }
 

@@ -8,7 +8,11 @@ pub mod pprof_proto;
 pub mod render;
 pub mod synthetic;
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::Context as _;
 
@@ -16,7 +20,7 @@ use crate::{
     collector::{Sink, SinkContext},
     context::hex,
     process::ObjectStore,
-    profile::{Aggregate, traces::TraceProfile},
+    profile::{Aggregate, ProcessDetails, traces::TraceProfile},
     symbolize::Symbolizer,
 };
 use pprof::{LabelValue, PprofBuilder};
@@ -45,6 +49,7 @@ pub fn aggregate_to_pprof(
         symbolizer,
         objects,
     );
+    let placements = placement_labels(&aggregate.process_details);
     for (key, value) in aggregate.sorted_samples() {
         let thread = aggregate
             .thread_names
@@ -67,6 +72,7 @@ pub fn aggregate_to_pprof(
         if let Some(service) = aggregate.service_names.get(&key.pid) {
             labels.push(("service_name", LabelValue::Str(service)));
         }
+        push_placement(&mut labels, placements.get(&key.pid));
         if let (Some((trace_id, span_id)), Some(context)) = (&ids, context) {
             labels.push(("trace_id", LabelValue::Str(trace_id)));
             labels.push(("span_id", LabelValue::Str(span_id)));
@@ -87,6 +93,8 @@ pub struct ProcessProfile {
     pub pid: u32,
     pub process_name: String,
     pub service_name: Option<String>,
+    /// Its pod's namespace and name (Kubernetes), when known.
+    pub pod: Option<(String, String)>,
     pub samples: u64,
     pub profile: pprof_proto::Profile,
 }
@@ -94,7 +102,8 @@ pub struct ProcessProfile {
 /// One profile per process of the aggregate, every sample included: traced ones are labelled
 /// `traced=true` and aggregated without their ids (per-trace profiles keep those), so a
 /// time-window flame graph shows all the CPU at the cost of one entry per distinct stack.
-/// Labels: `pid`, `thread_name`, `process_name`, `service_name`, `traced`.
+/// Labels: `pid`, `thread_name`, `process_name`, `service_name`, `traced`, and where the
+/// process runs (`k8s_namespace_name`, `k8s_pod_name`, …, `container_pid`).
 pub fn process_profiles(
     aggregate: &Aggregate,
     frequency_hz: u64,
@@ -120,6 +129,7 @@ pub fn process_profiles(
             .or_default() += value.count;
     }
     let (start, end) = window;
+    let placements = placement_labels(&aggregate.process_details);
     by_pid
         .into_iter()
         .map(|(pid, samples)| {
@@ -150,15 +160,22 @@ pub fn process_profiles(
                 if let Some(service) = &service_name {
                     labels.push(("service_name", LabelValue::Str(service)));
                 }
+                push_placement(&mut labels, placements.get(&pid));
                 builder.add_sample(aggregate.stacks.get(stack), count, &labels);
                 total += count;
             }
+            let pod = aggregate
+                .process_details
+                .get(&pid)
+                .and_then(|d| d.pod.as_ref())
+                .map(|p| (p.namespace.clone(), p.name.clone()));
             ProcessProfile {
                 pid,
                 samples: total,
                 profile: builder.finish(),
                 process_name,
                 service_name,
+                pod,
             }
         })
         .collect()
@@ -181,6 +198,7 @@ pub fn trace_to_pprof(
         objects,
     );
     let trace_id = hex(&trace.trace_id);
+    let placements = placement_labels(&trace.process_details);
     for (key, value) in trace.sorted_samples() {
         let span_id = hex(&key.span_id);
         let thread = trace
@@ -204,10 +222,35 @@ pub fn trace_to_pprof(
         if let Some(service) = trace.service_names.get(&key.pid) {
             labels.push(("service_name", LabelValue::Str(service)));
         }
+        push_placement(&mut labels, placements.get(&key.pid));
         labels.extend(key.labels.iter().map(|(k, v)| (&**k, LabelValue::Str(v))));
         builder.add_sample(&key.stack, value.count, &labels);
     }
     builder.finish()
+}
+
+/// Each process's placement labels (pod, container, pid in its container), computed once per
+/// profile rather than once per sample.
+fn placement_labels(
+    details: &HashMap<u32, Arc<ProcessDetails>>,
+) -> HashMap<u32, Vec<(String, String)>> {
+    details
+        .iter()
+        .map(|(pid, d)| (*pid, d.placement_labels()))
+        .filter(|(_, labels)| !labels.is_empty())
+        .collect()
+}
+
+fn push_placement<'a>(
+    labels: &mut Vec<(&'a str, LabelValue<'a>)>,
+    placement: Option<&'a Vec<(String, String)>>,
+) {
+    labels.extend(
+        placement
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| (k.as_str(), LabelValue::Str(v))),
+    );
 }
 
 /// Writes `bytes` to `path` atomically (temporary file beside it, then rename), so a reader

@@ -21,7 +21,7 @@ use procfs::process::{MMPermissions, MMapPath};
 pub use objects::{Object, ObjectId, ObjectStore};
 use objects::{ObjectKey, clean_path};
 
-use crate::{metrics::Metrics, profile::Frame};
+use crate::{k8s::cgroup::CgroupIdentity, metrics::Metrics, profile::Frame};
 
 /// A process's maps are re-read at most this often when addresses miss.
 const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
@@ -48,7 +48,8 @@ struct Process {
     exe_path: Option<String>,
     /// `OTEL_SERVICE_NAME` from its environment.
     env_service_name: Option<String>,
-    container_id: Option<String>,
+    cgroup: CgroupIdentity,
+    container_pid: Option<u32>,
 }
 
 /// What a user can learn about a process.
@@ -57,7 +58,10 @@ pub struct ProcessInfo {
     pub name: String,
     pub exe_path: Option<String>,
     pub env_service_name: Option<String>,
-    pub container_id: Option<String>,
+    /// Container id and pod uid from its cgroup (empty outside containers).
+    pub cgroup: CgroupIdentity,
+    /// Its pid in its own pid namespace, when that differs from the host's.
+    pub container_pid: Option<u32>,
 }
 
 pub struct ProcessTable {
@@ -94,7 +98,8 @@ impl ProcessTable {
             name: p.name.clone(),
             exe_path: p.exe_path.clone(),
             env_service_name: p.env_service_name.clone(),
-            container_id: p.container_id.clone(),
+            cgroup: p.cgroup.clone(),
+            container_pid: p.container_pid,
         })
     }
 
@@ -216,12 +221,18 @@ impl ProcessTable {
             }
         };
         self.metrics.inc("process_maps_read");
-        // The environment and cgroup of a process image do not change: read them once.
-        let (env_service_name, container_id) = match &previous {
-            Some(p) => (p.env_service_name.clone(), p.container_id.clone()),
+        // The environment, cgroup and pid namespace of a process image do not change: read
+        // them once.
+        let (env_service_name, cgroup, container_pid) = match &previous {
+            Some(p) => (
+                p.env_service_name.clone(),
+                p.cgroup.clone(),
+                p.container_pid,
+            ),
             None => (
                 details::read_env_var(&proc_dir, "OTEL_SERVICE_NAME"),
-                details::read_container_id(&proc_dir),
+                details::read_cgroup_identity(&proc_dir),
+                details::read_container_pid(&proc_dir),
             ),
         };
         self.processes.insert(
@@ -233,7 +244,8 @@ impl ProcessTable {
                 name,
                 exe_path,
                 env_service_name,
-                container_id,
+                cgroup,
+                container_pid,
             },
         );
     }

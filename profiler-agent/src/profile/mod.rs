@@ -93,7 +93,8 @@ impl SampleValue {
 }
 
 /// What the agent learned about a sampled process, for outputs that describe processes
-/// (OTLP resource attributes). Gathered by the collector; no I/O here.
+/// (OTLP resource attributes, pprof labels, the store's index). Gathered by the collector; no
+/// I/O here.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProcessDetails {
     /// Executable file name (or the command name when the executable is unknown).
@@ -104,18 +105,63 @@ pub struct ProcessDetails {
     /// `OTEL_SERVICE_NAME` from the process's environment at its start.
     pub env_service_name: Option<String>,
     pub container_id: Option<String>,
+    /// Its pid in its own pid namespace (what `ps` in its container shows), when different.
+    pub container_pid: Option<u32>,
+    /// Its pod, when the agent watches the Kubernetes API and the pod is known.
+    pub pod: Option<PodDetails>,
     /// Resource attributes the process published in its context, as published.
     pub resource_attributes: Vec<(String, String)>,
 }
 
+/// A process's pod, as Kubernetes describes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodDetails {
+    pub namespace: String,
+    pub name: String,
+    /// The container's name in the pod spec, when the process's container is known.
+    pub container: Option<String>,
+    /// The pod's `app.kubernetes.io/name` label.
+    pub app_name: Option<String>,
+    /// OpenTelemetry resource attributes (`k8s.namespace.name`, `k8s.pod.name`, `k8s.pod.uid`,
+    /// the owning workload's `k8s.<kind>.name`, `k8s.container.name`, `container.id`).
+    pub attributes: Vec<(String, String)>,
+}
+
 impl ProcessDetails {
-    /// `service.name` by precedence: the process context, then `OTEL_SERVICE_NAME`, then the
-    /// executable name.
+    /// `service.name` by precedence: the process context (OTEP 4719), then
+    /// `OTEL_SERVICE_NAME`, then the pod's `app.kubernetes.io/name` label, then the executable
+    /// name. Blank values do not count.
     pub fn service_name(&self) -> &str {
-        self.context_service_name
-            .as_deref()
-            .or(self.env_service_name.as_deref())
-            .unwrap_or(&self.exe_name)
+        [
+            self.context_service_name.as_deref(),
+            self.env_service_name.as_deref(),
+            self.pod.as_ref().and_then(|p| p.app_name.as_deref()),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|name| !name.trim().is_empty())
+        .unwrap_or(&self.exe_name)
+    }
+
+    /// pprof labels that place the process: its pod's attributes with `_` for `.`
+    /// (`k8s_namespace_name`, `k8s_pod_name`, …, the form label-based backends accept) and
+    /// `container_pid`.
+    pub fn placement_labels(&self) -> Vec<(String, String)> {
+        let mut labels: Vec<(String, String)> = self
+            .pod
+            .iter()
+            .flat_map(|p| &p.attributes)
+            .map(|(k, v)| (k.replace('.', "_"), v.clone()))
+            .collect();
+        if self.pod.is_none()
+            && let Some(id) = &self.container_id
+        {
+            labels.push(("container_id".to_owned(), id.clone()));
+        }
+        if let Some(pid) = self.container_pid {
+            labels.push(("container_pid".to_owned(), pid.to_string()));
+        }
+        labels
     }
 }
 
@@ -263,5 +309,44 @@ mod tests {
         assert_eq!(d.service_name(), "from-env");
         d.context_service_name = Some("from-context".into());
         assert_eq!(d.service_name(), "from-context");
+        d.context_service_name = Some(" ".into());
+        d.env_service_name = None;
+        d.pod = Some(PodDetails {
+            app_name: Some("from-pod-label".into()),
+            ..Default::default()
+        });
+        assert_eq!(d.service_name(), "from-pod-label");
+        d.env_service_name = Some("from-env".into());
+        assert_eq!(d.service_name(), "from-env");
+    }
+
+    #[test]
+    fn placement_labels() {
+        let mut d = ProcessDetails {
+            container_id: Some("c0ffee".into()),
+            container_pid: Some(7),
+            ..Default::default()
+        };
+        assert_eq!(
+            d.placement_labels(),
+            [("container_id", "c0ffee"), ("container_pid", "7")]
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
+        d.pod = Some(PodDetails {
+            attributes: vec![
+                ("k8s.namespace.name".into(), "shop".into()),
+                ("container.id".into(), "c0ffee".into()),
+            ],
+            ..Default::default()
+        });
+        assert_eq!(
+            d.placement_labels(),
+            [
+                ("k8s_namespace_name", "shop"),
+                ("container_id", "c0ffee"),
+                ("container_pid", "7")
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        );
     }
 }

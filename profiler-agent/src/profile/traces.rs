@@ -12,7 +12,7 @@ use std::{
     sync::Arc,
 };
 
-use super::{Frame, SampleValue};
+use super::{Frame, ProcessDetails, SampleValue};
 use crate::context::TraceContext;
 
 pub type Labels = Arc<[(Arc<str>, Arc<str>)]>;
@@ -36,6 +36,8 @@ pub struct TraceProfile {
     pub thread_names: HashMap<u32, String>,
     pub process_names: HashMap<u32, String>,
     pub service_names: HashMap<u32, String>,
+    /// What the agent knew of each process when it first sampled it for this trace.
+    pub process_details: HashMap<u32, Arc<ProcessDetails>>,
     /// How many times this trace was handed to sinks before (0: first time).
     pub previous_flushes: u32,
     /// Time of the sample that created this in-memory profile; never changes. With the trace
@@ -56,6 +58,7 @@ impl TraceProfile {
             thread_names: HashMap::new(),
             process_names: HashMap::new(),
             service_names: HashMap::new(),
+            process_details: HashMap::new(),
             previous_flushes: 0,
             created_unix_ns: unix_ns,
         }
@@ -119,7 +122,7 @@ pub struct TracedSample<'a> {
     pub tid: u32,
     pub thread_name: &'a str,
     pub process_name: &'a str,
-    pub service_name: Option<&'a str>,
+    pub details: &'a Arc<ProcessDetails>,
     pub stack: Arc<[Frame]>,
     pub unix_ns: u64,
 }
@@ -195,11 +198,13 @@ impl TraceTable {
             .process_names
             .entry(sample.pid)
             .or_insert_with(|| sample.process_name.to_owned());
-        if let Some(service) = sample.service_name {
+        if !profile.process_details.contains_key(&sample.pid) {
             profile
                 .service_names
-                .entry(sample.pid)
-                .or_insert_with(|| service.to_owned());
+                .insert(sample.pid, sample.details.service_name().to_owned());
+            profile
+                .process_details
+                .insert(sample.pid, sample.details.clone());
         }
         true
     }
@@ -302,7 +307,7 @@ mod tests {
             tid: 2,
             thread_name: "w",
             process_name: "p",
-            service_name: None,
+            details: &Arc::default(),
             stack: Arc::new([Frame::Kernel { address: 1 }]),
             unix_ns: t,
         })

@@ -69,6 +69,8 @@ pub fn bench(path: &Path, traces: u32, queries: u32) -> Result<BenchReport> {
                 pid: 4242,
                 process_name: "checkout".into(),
                 service: "checkout".into(),
+                namespace: "shop".into(),
+                pod: "checkout-7d9f-x2".into(),
             }],
             spans: (0..3u8).map(|s| [0xa0, 0, 0, 0, 0, 0, 0, s]).collect(),
             profile,

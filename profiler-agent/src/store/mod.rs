@@ -16,8 +16,8 @@
 //!   replaces its row; a new incarnation (after that window, or after a restart) adds one, and
 //!   queries merge the parts. So late samples always merge into the stored trace.
 //! - `traces`: the index, one row per trace (times, samples, CPU, bytes, services), kept equal
-//!   to the aggregate of its parts; `trace_processes` (pid, process, service) and
-//!   `trace_spans` (span ids) index the rest.
+//!   to the aggregate of its parts; `trace_processes` (pid, process, service, Kubernetes
+//!   namespace and pod) and `trace_spans` (span ids) index the rest.
 //! - `buckets`: one row per process per agent interval with every sample of that interval
 //!   (traced ones labelled `traced=true`, without their ids), for time-window flame graphs.
 //!
@@ -50,7 +50,18 @@ pub use write::{BucketRecord, Retention, RetentionOutcome, Store, TraceProcess, 
 /// `PRAGMA application_id` of a profiler store ("PRFL"): tells it from other SQLite files.
 const APPLICATION_ID: i32 = 0x5052_464c;
 /// `PRAGMA user_version`: the schema below.
-const SCHEMA_VERSION: i32 = 1;
+const SCHEMA_VERSION: i32 = 2;
+/// What brings a store of each older version to the next one (index 0: version 1 → 2). The
+/// agent applies them when it opens the store; readers refuse an older schema until then.
+const MIGRATIONS: &[&str] = &[
+    // 2: the pod (Kubernetes) of every process, filterable.
+    "ALTER TABLE trace_processes ADD COLUMN namespace TEXT NOT NULL DEFAULT '';
+     ALTER TABLE trace_processes ADD COLUMN pod TEXT NOT NULL DEFAULT '';
+     CREATE INDEX trace_processes_by_pod ON trace_processes (namespace, pod, trace_id);
+     ALTER TABLE buckets ADD COLUMN namespace TEXT NOT NULL DEFAULT '';
+     ALTER TABLE buckets ADD COLUMN pod TEXT NOT NULL DEFAULT '';",
+];
+const _: () = assert!(MIGRATIONS.len() as i32 == SCHEMA_VERSION - 1);
 /// How long a statement waits for another connection's lock before failing as locked.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -82,10 +93,13 @@ CREATE TABLE trace_processes (
     pid INTEGER NOT NULL,
     service TEXT NOT NULL,
     process_name TEXT NOT NULL,
+    namespace TEXT NOT NULL DEFAULT '',
+    pod TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (trace_id, pid)
 ) WITHOUT ROWID;
 CREATE INDEX trace_processes_by_service ON trace_processes (service, trace_id);
 CREATE INDEX trace_processes_by_pid ON trace_processes (pid, trace_id);
+CREATE INDEX trace_processes_by_pod ON trace_processes (namespace, pod, trace_id);
 CREATE TABLE trace_spans (
     trace_id BLOB NOT NULL,
     span_id BLOB NOT NULL,
@@ -99,6 +113,8 @@ CREATE TABLE buckets (
     pid INTEGER NOT NULL,
     service TEXT NOT NULL,
     process_name TEXT NOT NULL,
+    namespace TEXT NOT NULL DEFAULT '',
+    pod TEXT NOT NULL DEFAULT '',
     samples INTEGER NOT NULL,
     cpu_ns INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
@@ -126,6 +142,11 @@ pub enum StoreError {
     Locked { path: PathBuf, detail: String },
     #[error("{path} is not a profiler store ({detail}); refusing to touch it")]
     Foreign { path: PathBuf, detail: String },
+    #[error(
+        "store {path} has schema {version}, older than this reader's {SCHEMA_VERSION}: the agent \
+         upgrades it when it starts (`profiler-agent run --store {path}`)"
+    )]
+    Outdated { path: PathBuf, version: i32 },
     #[error("trace {0} is not in the store")]
     TraceNotFound(String),
     #[error("no samples stored for {0}")]
@@ -164,9 +185,10 @@ impl StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-/// Checks that an open connection is a profiler store this agent understands. A fresh, empty
-/// file (`allow_empty`) is not an error: the caller creates the schema.
-fn check_identity(conn: &Connection, path: &Path, allow_empty: bool) -> Result<bool> {
+/// Checks that an open connection is a profiler store this agent understands and returns its
+/// schema version. A fresh, empty file (`allow_empty`) is not an error: its version is 0 and
+/// the caller creates the schema.
+fn check_identity(conn: &Connection, path: &Path, allow_empty: bool) -> Result<i32> {
     let err = |e| StoreError::sqlite(path, e);
     let app: i32 = conn
         .pragma_query_value(None, "application_id", |r| r.get(0))
@@ -176,7 +198,7 @@ fn check_identity(conn: &Connection, path: &Path, allow_empty: bool) -> Result<b
         .map_err(err)?;
     if app == 0 && tables == 0 {
         return if allow_empty {
-            Ok(true)
+            Ok(0)
         } else {
             Err(StoreError::Foreign {
                 path: path.to_owned(),
@@ -201,7 +223,7 @@ fn check_identity(conn: &Connection, path: &Path, allow_empty: bool) -> Result<b
             ),
         });
     }
-    Ok(false)
+    Ok(version)
 }
 
 /// `PRAGMA quick_check`: reads every page once. Run when the agent opens its store, so a

@@ -16,6 +16,9 @@ use crate::{
 pub struct TraceFilter {
     pub service: Option<String>,
     pub pid: Option<u32>,
+    /// Kubernetes namespace and pod name of a process the trace ran in.
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
     pub span_id: Option<[u8; 8]>,
     /// Only traces whose last sample is at or after this time.
     pub since_ns: Option<u64>,
@@ -58,6 +61,9 @@ pub struct ProcessRow {
     pub pid: u32,
     pub process_name: String,
     pub service: String,
+    /// Kubernetes namespace and pod; empty outside Kubernetes.
+    pub namespace: String,
+    pub pod: String,
 }
 
 /// A service seen in the buckets.
@@ -74,8 +80,30 @@ pub struct ServiceRow {
 pub struct Window {
     pub service: Option<String>,
     pub pid: Option<u32>,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
     pub from_ns: u64,
     pub to_ns: u64,
+}
+
+impl Window {
+    /// What the window selects, e.g. "service checkout, namespace shop"; `None`: everything.
+    pub fn subject(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(s) = &self.service {
+            parts.push(format!("service {s}"));
+        }
+        if let Some(p) = self.pid {
+            parts.push(format!("pid {p}"));
+        }
+        if let Some(n) = &self.namespace {
+            parts.push(format!("namespace {n}"));
+        }
+        if let Some(p) = &self.pod {
+            parts.push(format!("pod {p}"));
+        }
+        (!parts.is_empty()).then(|| parts.join(", "))
+    }
 }
 
 /// Totals for `/metrics` and the bench.
@@ -103,7 +131,13 @@ impl StoreReader {
             path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
-        check_identity(&conn, path, false)?;
+        let version = check_identity(&conn, path, false)?;
+        if version < super::SCHEMA_VERSION {
+            return Err(StoreError::Outdated {
+                path: path.to_owned(),
+                version,
+            });
+        }
         Ok(Self {
             conn,
             path: path.to_owned(),
@@ -134,6 +168,10 @@ impl StoreReader {
                                               WHERE p.trace_id = t.trace_id AND p.pid = ?3))
                    AND (?4 IS NULL OR EXISTS (SELECT 1 FROM trace_spans s
                                               WHERE s.trace_id = t.trace_id AND s.span_id = ?4))
+                   AND (?6 IS NULL AND ?7 IS NULL OR EXISTS (
+                          SELECT 1 FROM trace_processes p
+                          WHERE p.trace_id = t.trace_id AND (?6 IS NULL OR p.namespace = ?6)
+                            AND (?7 IS NULL OR p.pod = ?7)))
                  ORDER BY t.last_ns DESC LIMIT ?5",
             )
             .map_err(self.err())?;
@@ -145,6 +183,8 @@ impl StoreReader {
                 filter.pid,
                 span,
                 i64::try_from(filter.limit).unwrap_or(i64::MAX),
+                filter.namespace,
+                filter.pod,
             ])
             .map_err(self.err())?;
         while let Some(row) = rows.next().map_err(self.err())? {
@@ -181,8 +221,8 @@ impl StoreReader {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT pid, process_name, service FROM trace_processes WHERE trace_id = ?1
-                 ORDER BY pid",
+                "SELECT pid, process_name, service, namespace, pod FROM trace_processes
+                 WHERE trace_id = ?1 ORDER BY pid",
             )
             .map_err(self.err())?;
         let processes = stmt
@@ -191,6 +231,8 @@ impl StoreReader {
                     pid: r.get(0)?,
                     process_name: r.get(1)?,
                     service: r.get(2)?,
+                    namespace: r.get(3)?,
+                    pod: r.get(4)?,
                 })
             })
             .and_then(Iterator::collect)
@@ -245,6 +287,7 @@ impl StoreReader {
                 "SELECT profile, start_ns, end_ns FROM buckets
                  WHERE end_ns > ?1 AND start_ns < ?2
                    AND (?3 IS NULL OR service = ?3) AND (?4 IS NULL OR pid = ?4)
+                   AND (?5 IS NULL OR namespace = ?5) AND (?6 IS NULL OR pod = ?6)
                  ORDER BY start_ns",
             )
             .map_err(self.err())?;
@@ -254,17 +297,18 @@ impl StoreReader {
                     sql_ns(window.from_ns),
                     sql_ns(window.to_ns),
                     window.service,
-                    window.pid
+                    window.pid,
+                    window.namespace,
+                    window.pod
                 ],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .and_then(Iterator::collect)
             .map_err(self.err())?;
         if rows.is_empty() {
-            let what = match (&window.service, window.pid) {
-                (Some(s), _) => format!("service {s} in that window"),
-                (None, Some(p)) => format!("pid {p} in that window"),
-                (None, None) => "that window".to_owned(),
+            let what = match window.subject() {
+                Some(subject) => format!("{subject} in that window"),
+                None => "that window".to_owned(),
             };
             return Err(StoreError::NoSamples(what));
         }

@@ -96,6 +96,8 @@ impl Sink for StoreSink {
                 pid: p.pid,
                 service: p.service_name.unwrap_or_else(|| p.process_name.clone()),
                 process_name: p.process_name,
+                namespace: p.pod.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+                pod: p.pod.map(|p| p.1).unwrap_or_default(),
                 samples: p.samples,
                 cpu_ns: p.samples * period,
                 profile: pprof::encode_gzip(&p.profile),
@@ -125,14 +127,19 @@ fn trace_record(trace: &TraceProfile, frequency_hz: u64, profile: Vec<u8>) -> Tr
     let mut processes: Vec<TraceProcess> = trace
         .process_names
         .iter()
-        .map(|(pid, name)| TraceProcess {
-            pid: *pid,
-            process_name: name.clone(),
-            service: trace
-                .service_names
-                .get(pid)
-                .cloned()
-                .unwrap_or_else(|| name.clone()),
+        .map(|(pid, name)| {
+            let pod = trace.process_details.get(pid).and_then(|d| d.pod.as_ref());
+            TraceProcess {
+                pid: *pid,
+                process_name: name.clone(),
+                service: trace
+                    .service_names
+                    .get(pid)
+                    .cloned()
+                    .unwrap_or_else(|| name.clone()),
+                namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),
+                pod: pod.map(|p| p.name.clone()).unwrap_or_default(),
+            }
         })
         .collect();
     processes.sort_by_key(|p| p.pid);

@@ -15,7 +15,7 @@ use crate::{
     metrics::Metrics,
     process::ObjectStore,
     profile::{
-        Aggregate, Frame,
+        Aggregate, Frame, PodDetails, ProcessDetails,
         traces::{TraceTable, TraceTableConfig, TracedSample},
     },
     symbolize::Symbolizer,
@@ -63,6 +63,17 @@ fn record(id: u8, part: u64, first: u64, samples_seed: u64, service: &str) -> Tr
             pid: 100 + u32::from(id),
             process_name: format!("proc-{id}"),
             service: service.into(),
+            // Odd ids run in the "shop" namespace, in pod `pod-<id>`; even ones outside Kubernetes.
+            namespace: if id % 2 == 1 {
+                "shop".into()
+            } else {
+                String::new()
+            },
+            pod: if id % 2 == 1 {
+                format!("pod-{id:x}")
+            } else {
+                String::new()
+            },
         }],
         spans: vec![[id, 0, 0, 0, 0, 0, 0, 1]],
         profile: pprof::encode_gzip(&profile),
@@ -77,6 +88,16 @@ fn bucket(start: u64, pid: u32, service: &str, seed: u64) -> BucketRecord {
         pid,
         process_name: service.into(),
         service: service.into(),
+        namespace: if pid == 2 {
+            "shop".into()
+        } else {
+            String::new()
+        },
+        pod: if pid == 2 {
+            "cart-0".into()
+        } else {
+            String::new()
+        },
         samples: u64::from(synthetic::SAMPLES),
         cpu_ns: 500_000_000,
         profile: pprof::encode_gzip(&profile),
@@ -139,6 +160,27 @@ fn round_trip_and_filters() {
         ..Default::default()
     };
     assert_eq!(list(since), vec![0xbb]);
+    let by_namespace = TraceFilter {
+        namespace: Some("shop".into()),
+        ..Default::default()
+    };
+    assert_eq!(list(by_namespace), vec![0xbb]);
+    let by_pod = TraceFilter {
+        namespace: Some("shop".into()),
+        pod: Some("pod-bb".into()),
+        ..Default::default()
+    };
+    assert_eq!(list(by_pod), vec![0xbb]);
+    let other_pod = TraceFilter {
+        pod: Some("pod-aa".into()),
+        ..Default::default()
+    };
+    assert_eq!(list(other_pod), Vec::<u8>::new());
+    let (processes, _) = reader.trace_detail(&[0xbb; 16]).unwrap();
+    assert_eq!(
+        (processes[0].namespace.as_str(), processes[0].pod.as_str()),
+        ("shop", "pod-bb")
+    );
     assert!(matches!(
         reader.trace(&[0xcc; 16]),
         Err(StoreError::TraceNotFound(_))
@@ -207,9 +249,9 @@ fn windows_merge_buckets_of_a_service() {
     let reader = StoreReader::open(&dir.db()).unwrap();
     let window = Window {
         service: Some("checkout".into()),
-        pid: None,
         from_ns: T0 + 5 * NS,
         to_ns: T0 + 15 * NS,
+        ..Default::default()
     };
     let (profile, covered) = reader.window_profile(&window).unwrap();
     assert_eq!(
@@ -226,6 +268,26 @@ fn windows_merge_buckets_of_a_service() {
         Stacks::of(&profile).total_samples,
         3 * u64::from(synthetic::SAMPLES)
     );
+    let one_pod = Window {
+        namespace: Some("shop".into()),
+        pod: Some("cart-0".into()),
+        ..everything.clone()
+    };
+    let (profile, _) = reader.window_profile(&one_pod).unwrap();
+    assert_eq!(
+        Stacks::of(&profile).total_samples,
+        u64::from(synthetic::SAMPLES)
+    );
+    let no_such_pod = Window {
+        pod: Some("cart-1".into()),
+        ..one_pod
+    };
+    match reader.window_profile(&no_such_pod) {
+        Err(StoreError::NoSamples(what)) => {
+            assert_eq!(what, "namespace shop, pod cart-1 in that window", "{what}")
+        }
+        other => panic!("{other:?}"),
+    }
     let empty = Window {
         from_ns: T0 + 50 * NS,
         to_ns: T0 + 60 * NS,
@@ -450,6 +512,16 @@ fn sink_writes_traces_and_buckets_through_its_writer() {
     });
     let mut aggregate = Aggregate::default();
     let now = crate::query::unix_ns(std::time::SystemTime::now());
+    let details = Arc::new(ProcessDetails {
+        exe_name: "app".into(),
+        context_service_name: Some("svc".into()),
+        pod: Some(PodDetails {
+            namespace: "shop".into(),
+            name: "app-0".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     let mut add = |table: &mut TraceTable, t: u64| {
         let stack = aggregate.add(5, 6, vec![Frame::Kernel { address: 1 }], Some(&context), t);
         table.add(TracedSample {
@@ -458,7 +530,7 @@ fn sink_writes_traces_and_buckets_through_its_writer() {
             tid: 6,
             thread_name: "w",
             process_name: "app",
-            service_name: Some("svc"),
+            details: &details,
             stack: aggregate.stacks.shared(stack),
             unix_ns: t,
         });
@@ -501,4 +573,38 @@ fn sink_writes_traces_and_buckets_through_its_writer() {
         .collect();
     assert_eq!(labels["traced"], "true");
     assert_eq!(labels["process_name"], "app");
+}
+
+#[test]
+fn a_version_1_store_is_upgraded_by_the_agent_and_refused_by_readers_until_then() {
+    let dir = TempDir::new("migrate");
+    let store = Store::open(&dir.db()).unwrap();
+    drop(store);
+    // Take the version 2 additions back out: what a version 1 agent left.
+    let conn = rusqlite::Connection::open(dir.db()).unwrap();
+    conn.execute_batch(
+        "DROP INDEX trace_processes_by_pod;
+         ALTER TABLE trace_processes DROP COLUMN namespace;
+         ALTER TABLE trace_processes DROP COLUMN pod;
+         ALTER TABLE buckets DROP COLUMN namespace;
+         ALTER TABLE buckets DROP COLUMN pod;
+         INSERT INTO trace_processes (trace_id, pid, service, process_name)
+           VALUES (x'aa', 1, 'old', 'old');
+         PRAGMA user_version = 1;",
+    )
+    .unwrap();
+    drop(conn);
+    match StoreReader::open(&dir.db()) {
+        Err(e @ StoreError::Outdated { version: 1, .. }) => {
+            assert!(e.to_string().contains("upgrades it when it starts"), "{e}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a version 1 store was read as version 2"),
+    }
+    let mut store = Store::open(&dir.db()).unwrap();
+    store.write(&[record(0xbb, T0, T0, 1, "new")], &[]).unwrap();
+    let reader = StoreReader::open(&dir.db()).unwrap();
+    let (processes, _) = reader.trace_detail(&[0xbb; 16]).unwrap();
+    assert_eq!(processes[0].namespace, "shop");
+    drop(store);
 }

@@ -9,8 +9,8 @@ use std::{
 use rusqlite::{Connection, OpenFlags, Transaction, params};
 
 use super::{
-    Result, SCHEMA, SCHEMA_VERSION, StoreError, WriterLock, check_identity, check_integrity,
-    open_connection, sql_ns,
+    MIGRATIONS, Result, SCHEMA, SCHEMA_VERSION, StoreError, WriterLock, check_identity,
+    check_integrity, open_connection, sql_ns,
 };
 
 /// A process a trace ran in.
@@ -18,8 +18,12 @@ use super::{
 pub struct TraceProcess {
     pub pid: u32,
     pub process_name: String,
-    /// `service.name`, or the process name when the process published none.
+    /// `service.name` (the process context, `OTEL_SERVICE_NAME`, the pod's
+    /// `app.kubernetes.io/name`, or the executable name).
     pub service: String,
+    /// The Kubernetes namespace and pod, empty outside Kubernetes.
+    pub namespace: String,
+    pub pod: String,
 }
 
 /// One incarnation of a trace, as the collector hands it out (the whole profile so far).
@@ -46,6 +50,9 @@ pub struct BucketRecord {
     pub pid: u32,
     pub process_name: String,
     pub service: String,
+    /// The Kubernetes namespace and pod, empty outside Kubernetes.
+    pub namespace: String,
+    pub pod: String,
     pub samples: u64,
     pub cpu_ns: u64,
     pub profile: Vec<u8>,
@@ -94,7 +101,8 @@ impl Store {
                 | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         let err = |e| StoreError::sqlite(path, e);
-        let fresh = check_identity(&conn, path, true)?;
+        let version = check_identity(&conn, path, true)?;
+        let fresh = version == 0;
         if fresh {
             // auto_vacuum must be chosen before the first table exists.
             conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
@@ -123,6 +131,17 @@ impl Store {
                 super::APPLICATION_ID
             ))
             .map_err(err)?;
+        }
+        for (from, migration) in MIGRATIONS.iter().enumerate() {
+            let from = from as i32 + 1;
+            if !fresh && version == from {
+                conn.execute_batch(&format!(
+                    "BEGIN; {migration} PRAGMA user_version = {}; COMMIT;",
+                    from + 1
+                ))
+                .map_err(err)?;
+                tracing::info!(path = %path.display(), from, to = from + 1, "store schema upgraded");
+            }
         }
         // Fails now, with a clear error, when another process holds the write lock.
         conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
@@ -295,11 +314,18 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
         t.profile,
     ])?;
     let mut process = tx.prepare_cached(
-        "INSERT OR IGNORE INTO trace_processes (trace_id, pid, service, process_name) \
-         VALUES (?1, ?2, ?3, ?4)",
+        "INSERT OR IGNORE INTO trace_processes (trace_id, pid, service, process_name, \
+         namespace, pod) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
     for p in &t.processes {
-        process.execute(params![id, p.pid, p.service, p.process_name])?;
+        process.execute(params![
+            id,
+            p.pid,
+            p.service,
+            p.process_name,
+            p.namespace,
+            p.pod
+        ])?;
     }
     let mut span =
         tx.prepare_cached("INSERT OR IGNORE INTO trace_spans (trace_id, span_id) VALUES (?1, ?2)")?;
@@ -322,8 +348,8 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
 
 fn put_bucket(tx: &Transaction<'_>, b: &BucketRecord) -> rusqlite::Result<()> {
     tx.prepare_cached(
-        "INSERT INTO buckets (start_ns, end_ns, pid, service, process_name, samples, cpu_ns, \
-         bytes, profile) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        "INSERT INTO buckets (start_ns, end_ns, pid, service, process_name, namespace, pod, \
+         samples, cpu_ns, bytes, profile) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
         sql_ns(b.start_ns),
@@ -331,6 +357,8 @@ fn put_bucket(tx: &Transaction<'_>, b: &BucketRecord) -> rusqlite::Result<()> {
         b.pid,
         b.service,
         b.process_name,
+        b.namespace,
+        b.pod,
         sql_ns(b.samples),
         sql_ns(b.cpu_ns),
         b.profile.len() as i64,

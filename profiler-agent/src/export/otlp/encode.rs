@@ -184,8 +184,9 @@ impl ProcessInput {
 
 /// Resource attributes: what the agent knows of the process, then what the process published
 /// in its context (OTEP 4719) under other keys. `service.name` follows the process context,
-/// then `OTEL_SERVICE_NAME`, then the executable name; `host.name` and `container.id` from the
-/// process context win over the agent's.
+/// then `OTEL_SERVICE_NAME`, then the pod's `app.kubernetes.io/name`, then the executable name;
+/// `host.name`, `container.id` and the pod's `k8s.*` attributes from the process context win
+/// over the agent's.
 fn resource_attributes(
     pid: u32,
     details: &ProcessDetails,
@@ -215,6 +216,13 @@ fn resource_attributes(
     ] {
         if let Some(value) = value.filter(|_| !published(key)) {
             attrs.push((key.to_owned(), AttrValue::Str(value.to_owned())));
+        }
+    }
+    // The pod (k8s.namespace.name, k8s.pod.name, k8s.deployment.name, …), unless the process
+    // published its own.
+    for (key, value) in details.pod.iter().flat_map(|p| &p.attributes) {
+        if !published(key) && !attrs.iter().any(|(k, _)| k == key) {
+            attrs.push((key.clone(), AttrValue::Str(value.clone())));
         }
     }
     for (key, value) in &details.resource_attributes {
@@ -801,6 +809,26 @@ mod tests {
                 ..Default::default()
             }),
         );
+        agg.process_details.insert(
+            20,
+            Arc::new(ProcessDetails {
+                exe_name: "other".into(),
+                pod: Some(crate::profile::PodDetails {
+                    namespace: "shop".into(),
+                    name: "storefront-7d9f-x2".into(),
+                    container: Some("web".into()),
+                    app_name: Some("storefront".into()),
+                    attributes: vec![
+                        ("k8s.namespace.name".into(), "shop".into()),
+                        ("k8s.pod.name".into(), "storefront-7d9f-x2".into()),
+                        ("k8s.deployment.name".into(), "storefront".into()),
+                        ("k8s.container.name".into(), "web".into()),
+                        ("container.id".into(), "beef".into()),
+                    ],
+                }),
+                ..Default::default()
+            }),
+        );
         agg
     }
 
@@ -855,9 +883,14 @@ mod tests {
                 .unwrap()
                 .attributes,
         );
-        assert_eq!(str_value(&other["service.name"]), "other");
+        // No process context, no OTEL_SERVICE_NAME: the pod's app.kubernetes.io/name.
+        assert_eq!(str_value(&other["service.name"]), "storefront");
         assert_eq!(str_value(&other["host.name"]), "host-1");
-        assert!(!other.contains_key("container.id"));
+        assert_eq!(str_value(&other["container.id"]), "beef");
+        assert_eq!(str_value(&other["k8s.namespace.name"]), "shop");
+        assert_eq!(str_value(&other["k8s.pod.name"]), "storefront-7d9f-x2");
+        assert_eq!(str_value(&other["k8s.deployment.name"]), "storefront");
+        assert_eq!(str_value(&other["k8s.container.name"]), "web");
 
         let profile = &app.scope_profiles[0].profiles[0];
         let vt = |v: &Option<ValueType>| {
