@@ -63,6 +63,9 @@ const BUDGET_STORE_QUERY_P50_MS: f64 = 20.0;
 /// Timed queries in the store benchmark.
 const STORE_QUERIES: u32 = 500;
 
+/// The fixture's requests: this many ~5 ms bursts of CPU per trace (≈ 50 ms of CPU per request,
+/// about 5 samples per trace at 99 Hz).
+const BURSTS_PER_REQUEST: u32 = 10;
 /// The second frequency our agent runs at (the production default).
 const LOW_FREQUENCY: u64 = 19;
 /// Our agent's interval in the bench; its warm-up covers the first flush (the cold
@@ -150,14 +153,14 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     let mut fixtures = (0..instances)
         .map(|i| {
             Fixture::start(
-                Command::new(&fixture_bin).args(["-t", "2", "-r"]),
+                Command::new(&fixture_bin).args(["-t", "2", "-r", &BURSTS_PER_REQUEST.to_string()]),
                 &logs.join(format!("fixture-{i}.log")),
             )
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     progress(&format!(
-        "fixture: {instances} × OTEP 4947 driver (2 threads each, a new trace per ~5 ms \
-         request), pids {:?}",
+        "fixture: {instances} × OTEP 4947 driver (2 threads each, a new trace every \
+         {BURSTS_PER_REQUEST} bursts of ~5 ms), pids {:?}",
         fixtures.iter().map(|f| f.process.pid()).collect::<Vec<_>>()
     ));
 
@@ -1533,7 +1536,8 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
         "- run: {} round(s) × {{none, ours, bpftrace, perf, ours @{LOW_FREQUENCY} Hz}} (order \
          rotated per round), {} s windows after {} s warm-up ({} s for ours: its first {} s \
          interval flush included), {} Hz per CPU; fixture: the OTEP 4947 driver (2 threads per \
-         instance, a new trace per ~5 ms request) keeping every CPU busy; commit {}",
+         instance, a new trace every {BURSTS_PER_REQUEST} bursts of ~5 ms CPU) keeping every \
+         CPU busy; commit {}",
         ctx.rounds,
         ctx.window_secs,
         ctx.warmup_secs,
