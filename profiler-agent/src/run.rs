@@ -117,7 +117,12 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
         per_trace_dir = ?options.per_trace_dir,
         store = ?options.store.as_ref().map(|s| &s.path),
         workload_filter = workloads.as_ref().map(|w| format!("{:?}", w.mode())),
-        "profiling"
+        "{}",
+        if workloads.is_some() {
+            "profiling the selected workloads on this machine"
+        } else {
+            "profiling every process on this machine"
+        }
     );
     announce(&options, api.as_ref().map(|a| a.addr));
     let mut tick = tokio::time::interval(options.interval);

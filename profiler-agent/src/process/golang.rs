@@ -175,8 +175,12 @@ pub fn inspect_file(file: &File) -> Result<Option<GoBinary>, GoError> {
     inspect(&cache)
 }
 
-/// Inspects an ELF object: `Ok(None)` when it is not a Go binary.
+/// Inspects an ELF object: `Ok(None)` when it is not a Go binary (nor an ELF file at all: code
+/// mapped executable from another kind of file is no Go binary either).
 pub fn inspect<'data, R: ReadRef<'data>>(data: R) -> Result<Option<GoBinary>, GoError> {
+    if data.read_bytes_at(0, 4).ok() != Some(&b"\x7fELF"[..]) {
+        return Ok(None);
+    }
     let file = object::File::parse(data)?;
     let image = Image::new(&file, data);
     let Some(info) = read_buildinfo(&file, &image)? else {
@@ -789,7 +793,11 @@ mod tests {
 
     #[test]
     fn garbage_objects_are_errors_or_not_go() {
-        assert!(inspect(&[0u8; 100][..]).is_err());
+        // Not an ELF file (code mapped executable from some other file): no Go binary, and no
+        // warning about it.
+        assert!(matches!(inspect(&[0u8; 100][..]), Ok(None)));
+        assert!(matches!(inspect(&b"#!/bin/sh\n"[..]), Ok(None)));
+        // A truncated ELF file is an error.
         assert!(inspect(&b"\x7fELF\x02\x01\x01"[..]).is_err());
         // The test binary is an ELF file but not a Go binary.
         let own = std::fs::read("/proc/self/exe").unwrap();
