@@ -190,6 +190,7 @@ impl Collector {
                 }
             }
             Message::Record(Record::MmapExec { tgid }) => {
+                self.processes.on_new_code(tgid);
                 if let Some(sources) = &mut self.sources {
                     sources.on_new_code(tgid);
                 }

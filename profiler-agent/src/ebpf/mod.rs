@@ -186,17 +186,20 @@ impl Sampler {
             sync_cgroup_filter(&mut ebpf, ids)?;
         }
 
-        for (program, event) in [
-            (names::ON_PROCESS_EXEC, "sched_process_exec"),
-            (names::ON_PROCESS_EXIT, "sched_process_exit"),
+        for (program, category, event) in [
+            (names::ON_PROCESS_EXEC, "sched", "sched_process_exec"),
+            (names::ON_PROCESS_EXIT, "sched", "sched_process_exit"),
+            // Executable mappings (dlopen): a trace-context writer library may have arrived,
+            // and addresses in the new code need the process's maps re-read.
+            (names::ON_MMAP, "syscalls", "sys_enter_mmap"),
         ] {
             let tp: &mut TracePoint = ebpf
                 .program_mut(program)
                 .with_context(|| format!("program {program} missing"))?
                 .try_into()?;
             tp.load().with_context(|| format!("load {program}"))?;
-            tp.attach("sched", event)
-                .with_context(|| format!("attach sched/{event}"))?;
+            tp.attach(category, event)
+                .with_context(|| format!("attach {category}/{event}"))?;
         }
 
         // Context readers first: the sampler tail-calls into them by context kind.

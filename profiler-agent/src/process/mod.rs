@@ -23,8 +23,13 @@ use objects::{ObjectKey, clean_path};
 
 use crate::{k8s::cgroup::CgroupIdentity, metrics::Metrics, profile::Frame};
 
-/// A process's maps are re-read at most this often when addresses miss.
+/// After new executable code is mapped (the kernel's mmap event), a miss re-reads the maps at
+/// most this often.
 const REFRESH_INTERVAL: Duration = Duration::from_millis(100);
+/// Without such an event, a miss re-reads them at most this often: addresses that miss are
+/// mostly frame-pointer walks through code built without frame pointers, or JIT code, which no
+/// re-read resolves; the slow re-read covers mmap events lost to a full ring buffer.
+const UNANNOUNCED_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// How long an exited process's mappings stay, for samples still in flight.
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 /// Upper bound of objects kept open.
@@ -42,6 +47,8 @@ struct Process {
     /// Executable mappings, sorted by start.
     mappings: Vec<Mapping>,
     refreshed_at: Instant,
+    /// Executable code was mapped since the maps were read.
+    new_code: bool,
     exited_at: Option<Instant>,
     /// Executable name from `/proc/<pid>/exe` (falls back to the command name).
     name: String,
@@ -108,6 +115,14 @@ impl ProcessTable {
         self.processes.remove(&pid);
     }
 
+    /// The process mapped executable code (dlopen, a JIT's file-backed code): the next miss
+    /// re-reads its maps.
+    pub fn on_new_code(&mut self, pid: u32) {
+        if let Some(p) = self.processes.get_mut(&pid) {
+            p.new_code = true;
+        }
+    }
+
     pub fn on_exit(&mut self, pid: u32) {
         if let Some(p) = self.processes.get_mut(&pid) {
             p.exited_at = Some(Instant::now());
@@ -149,10 +164,12 @@ impl ProcessTable {
             return frame;
         }
         // A library mapped after we last read the maps (dlopen)? Re-read, rate-limited.
-        let stale = self
-            .processes
-            .get(&pid)
-            .is_some_and(|p| p.exited_at.is_none() && p.refreshed_at.elapsed() >= REFRESH_INTERVAL);
+        let stale = self.processes.get(&pid).is_some_and(|p| {
+            let since = p.refreshed_at.elapsed();
+            p.exited_at.is_none()
+                && (since >= UNANNOUNCED_REFRESH_INTERVAL
+                    || (p.new_code && since >= REFRESH_INTERVAL))
+        });
         if stale {
             self.refresh(pid, None);
             if let Some(frame) = self.lookup(pid, addr) {
@@ -240,6 +257,7 @@ impl ProcessTable {
             Process {
                 mappings,
                 refreshed_at: Instant::now(),
+                new_code: false,
                 exited_at: previous.and_then(|p| p.exited_at),
                 name,
                 exe_path,
