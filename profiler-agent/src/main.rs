@@ -58,6 +58,10 @@ enum Command {
     /// Store benchmark (used by `cargo xtask bench`): query latency among N stored traces.
     #[command(hide = true)]
     BenchStore(BenchStoreArgs),
+    /// Symbolization benchmark (used by `cargo xtask bench`): addresses per second, cold and
+    /// warm.
+    #[command(hide = true)]
+    BenchSymbolize(BenchSymbolizeArgs),
 }
 
 #[derive(Args)]
@@ -403,6 +407,20 @@ struct BenchStoreArgs {
     queries: u32,
 }
 
+#[derive(Args)]
+struct BenchSymbolizeArgs {
+    /// Addresses to resolve, spread over the functions of the executable and of libc.
+    #[arg(long, default_value_t = 20_000)]
+    addresses: usize,
+    /// The executable to take addresses from, besides the libc the agent runs with [default:
+    /// the agent's own executable].
+    #[arg(long)]
+    exe: Option<PathBuf>,
+    /// Rounds, each with a fresh symbolizer; the report gives the medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+}
+
 /// A byte size: a number with an optional unit (B, KB, MB, GB: powers of 1000; KiB, MiB, GiB:
 /// powers of 1024).
 fn parse_bytes(text: &str) -> Result<u64, String> {
@@ -584,6 +602,13 @@ fn main() -> ExitCode {
             }),
             Command::BenchStore(args) => {
                 let report = profiler_agent::store::bench(&args.path, args.traces, args.queries)?;
+                println!("{}", serde_json::to_string(&report)?);
+                Ok(())
+            }
+            Command::BenchSymbolize(args) => {
+                use profiler_agent::symbolize::bench;
+                let binaries = bench::default_binaries(args.exe)?;
+                let report = bench::bench(&binaries, args.addresses, args.rounds)?;
                 println!("{}", serde_json::to_string(&report)?);
                 Ok(())
             }

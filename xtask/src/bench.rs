@@ -62,6 +62,8 @@ const BUDGET_OTLP_BYTES_PER_SAMPLE: f64 = 40.0;
 const BUDGET_STORE_QUERY_P50_MS: f64 = 20.0;
 /// Timed queries in the store benchmark.
 const STORE_QUERIES: u32 = 500;
+/// Addresses resolved by the symbolization benchmark, cold and warm.
+const SYMBOLIZE_ADDRESSES: u32 = 20_000;
 
 /// The fixture's requests: this many ~5 ms bursts of CPU per trace (≈ 50 ms of CPU per request,
 /// about 5 samples per trace at 99 Hz).
@@ -144,6 +146,7 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         load_after: String::new(),
         clock_tick_ms: 1000.0 / clock_ticks_per_second()? as f64,
         store: None,
+        symbolize: None,
     };
 
     let _stats = BpfStatsGuard::enable()?;
@@ -200,6 +203,10 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         args.store_traces
     ));
     context.store = Some(store_bench(&tools.agent, &tmp.0, args.store_traces)?);
+    progress(&format!(
+        "symbolization: {SYMBOLIZE_ADDRESSES} addresses, cold and warm"
+    ));
+    context.symbolize = Some(symbolize_bench(&tools.agent)?);
     context.load_after = load_average();
 
     let mut report = render_report(&context, &measurements);
@@ -1385,6 +1392,8 @@ pub(crate) struct ReportContext {
     pub clock_tick_ms: f64,
     /// The store-query benchmark (None when it did not run).
     pub store: Option<StoreBench>,
+    /// The symbolization benchmark (None when it did not run).
+    pub symbolize: Option<SymbolizeBench>,
 }
 
 /// `profiler-agent bench-store`'s report (the fields the table shows).
@@ -1429,6 +1438,69 @@ fn store_bench(agent: &Path, tmp: &Path, traces: u32) -> anyhow::Result<StoreBen
             .args(["--queries", &STORE_QUERIES.to_string()]),
     )?;
     StoreBench::parse(&out)
+}
+
+/// `profiler-agent bench-symbolize`'s report (the fields the table shows).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct SymbolizeBench {
+    pub addresses: u64,
+    pub symbolized: u64,
+    pub rounds: u64,
+    pub cold_addresses_per_sec: f64,
+    pub warm_addresses_per_sec: f64,
+    /// Where the addresses came from: `name (DWARF)` or `name (symbols)`, one per binary.
+    pub binaries: Vec<String>,
+}
+
+impl SymbolizeBench {
+    pub(crate) fn parse(json: &str) -> anyhow::Result<Self> {
+        let v: Value = serde_json::from_str(json.trim())
+            .with_context(|| format!("bench-symbolize printed {json:?}"))?;
+        let f = |key: &str| {
+            v[key]
+                .as_f64()
+                .ok_or_else(|| anyhow!("bench-symbolize report lacks {key}: {v}"))
+        };
+        let binaries = v["binaries"]
+            .as_array()
+            .ok_or_else(|| anyhow!("bench-symbolize report lacks binaries: {v}"))?
+            .iter()
+            .map(|b| {
+                let path = b["path"].as_str().unwrap_or("?");
+                let name = path.rsplit('/').next().unwrap_or(path);
+                let what = if b["dwarf"].as_bool() == Some(true) {
+                    "DWARF"
+                } else {
+                    "symbols"
+                };
+                format!("{name} ({what})")
+            })
+            .collect();
+        Ok(Self {
+            addresses: f("addresses")? as u64,
+            symbolized: f("symbolized")? as u64,
+            rounds: f("rounds")? as u64,
+            cold_addresses_per_sec: f("cold_addresses_per_sec")?,
+            warm_addresses_per_sec: f("warm_addresses_per_sec")?,
+            binaries,
+        })
+    }
+}
+
+/// Runs the agent's symbolization benchmark (no privileges, no eBPF). The addresses come from
+/// a binary with DWARF, the most expensive kind to symbolize: this xtask's own executable (a
+/// debug build), and from the libc the agent runs with. The release agent itself has only a
+/// symbol table.
+fn symbolize_bench(agent: &Path) -> anyhow::Result<SymbolizeBench> {
+    let exe = std::env::current_exe().context("find the xtask executable")?;
+    let out = output_of(
+        Command::new(agent)
+            .arg("bench-symbolize")
+            .arg("--exe")
+            .arg(&exe)
+            .args(["--addresses", &SYMBOLIZE_ADDRESSES.to_string()]),
+    )?;
+    SymbolizeBench::parse(&out)
 }
 
 type RowValue = fn(&Measurement, Option<&Measurement>) -> Option<f64>;
@@ -1570,20 +1642,21 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
         out.push('\n');
     }
 
+    // Rows measured for ours alone (no profiler running), n/a in every other column.
+    let row = |label: String, ours: String| {
+        let cells: Vec<&str> = Profiler::ALL
+            .iter()
+            .map(|p| {
+                if *p == Profiler::Ours {
+                    ours.as_str()
+                } else {
+                    "n/a"
+                }
+            })
+            .collect();
+        format!("| {label} | {} |\n", cells.join(" | "))
+    };
     if let Some(store) = &ctx.store {
-        let row = |label: String, ours: String| {
-            let cells: Vec<&str> = Profiler::ALL
-                .iter()
-                .map(|p| {
-                    if *p == Profiler::Ours {
-                        ours.as_str()
-                    } else {
-                        "n/a"
-                    }
-                })
-                .collect();
-            format!("| {label} | {} |\n", cells.join(" | "))
-        };
         out.push_str(&row(
             format!(
                 "store query latency p50 / p99 (ms), one trace among {} (open, look up, read, \
@@ -1602,6 +1675,23 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
                 "{:.0} ({:.0})",
                 store.bytes_per_trace, store.profile_bytes_per_trace
             ),
+        ));
+    }
+    if let Some(sym) = &ctx.symbolize {
+        out.push_str(&row(
+            format!(
+                "symbolization, cold (addresses/s), a fresh symbolizer, median of {}: {} addresses \
+                 ({} named) in {}",
+                sym.rounds,
+                sym.addresses,
+                sym.symbolized,
+                sym.binaries.join(" and ")
+            ),
+            format!("{:.0}", sym.cold_addresses_per_sec),
+        ));
+        out.push_str(&row(
+            "symbolization, warm (addresses/s), the same addresses again (cache hits)".into(),
+            format!("{:.0}", sym.warm_addresses_per_sec),
         ));
     }
 
@@ -1960,6 +2050,17 @@ mod tests {
                 )
                 .unwrap(),
             ),
+            symbolize: Some(
+                SymbolizeBench::parse(
+                    r#"{"addresses":20000,"symbolized":19876,"rounds":3,"cold_secs":0.5,
+                        "warm_secs":0.004,"cold_addresses_per_sec":40000.4,
+                        "warm_addresses_per_sec":5000000.0,"warm_cache_misses":0,
+                        "binaries":[{"path":"/work/target/debug/xtask","functions":90000,
+                        "addresses":19500,"dwarf":true},{"path":"/usr/lib/libc.so.6",
+                        "functions":2000,"addresses":500,"dwarf":false}]}"#,
+                )
+                .unwrap(),
+            ),
         };
         let report = render_report(&ctx, &ms);
         let row = |prefix: &str| {
@@ -2010,5 +2111,15 @@ mod tests {
         );
         assert!(row("store bytes per trace").ends_with("| n/a | 3100 (2500) | n/a | n/a | n/a |"));
         assert!(report.contains("among 10000: 1.25 ms → **PASS**"));
+        assert_eq!(
+            row("symbolization, cold (addresses/s)"),
+            "| symbolization, cold (addresses/s), a fresh symbolizer, median of 3: 20000 \
+             addresses (19876 named) in xtask (DWARF) and libc.so.6 (symbols) | n/a | 40000 | \
+             n/a | n/a | n/a |"
+        );
+        assert!(
+            row("symbolization, warm (addresses/s)")
+                .ends_with("| n/a | 5000000 | n/a | n/a | n/a |")
+        );
     }
 }

@@ -151,25 +151,30 @@ pub fn comm_to_string(comm: &[u8; COMM_LEN]) -> String {
     String::from_utf8_lossy(&comm[..end]).into_owned()
 }
 
+/// A sample record as the kernel emits it: `header`, then `frames` (user frames, then kernel
+/// frames, as the header counts them), then the context payload. The inverse of [`decode`],
+/// for tests and the micro-benchmarks; the agent itself never builds records.
+#[doc(hidden)]
+pub fn encode_sample(header: &SampleHeader, frames: &[u64], context: &[u8]) -> Vec<u8> {
+    // SAFETY: SampleHeader is repr(C) without padding: every byte is initialized.
+    let head = unsafe {
+        std::slice::from_raw_parts(
+            (header as *const SampleHeader).cast::<u8>(),
+            size_of::<SampleHeader>(),
+        )
+    };
+    let mut out = Vec::with_capacity(head.len() + frames.len() * 8 + context.len());
+    out.extend_from_slice(head);
+    for f in frames {
+        out.extend_from_slice(&f.to_ne_bytes());
+    }
+    out.extend_from_slice(context);
+    out
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-
-    pub(crate) fn encode_sample(header: SampleHeader, frames: &[u64], context: &[u8]) -> Vec<u8> {
-        // SAFETY: SampleHeader is repr(C) without padding.
-        let head = unsafe {
-            std::slice::from_raw_parts(
-                (&header as *const SampleHeader).cast::<u8>(),
-                size_of::<SampleHeader>(),
-            )
-        };
-        let mut out = head.to_vec();
-        for f in frames {
-            out.extend_from_slice(&f.to_ne_bytes());
-        }
-        out.extend_from_slice(context);
-        out
-    }
 
     pub(crate) fn header(user: u16, kernel: u16, context_len: u16) -> SampleHeader {
         let mut comm = [0u8; COMM_LEN];
@@ -196,7 +201,7 @@ pub(crate) mod tests {
 
     #[test]
     fn decodes_stacks_and_context() {
-        let bytes = encode_sample(header(2, 1, 3), &[0x10, 0x20, 0xffff_0000], &[7, 8, 9]);
+        let bytes = encode_sample(&header(2, 1, 3), &[0x10, 0x20, 0xffff_0000], &[7, 8, 9]);
         let Record::Sample(s) = decode(&bytes).unwrap() else {
             panic!("not a sample")
         };
@@ -210,7 +215,7 @@ pub(crate) mod tests {
 
     #[test]
     fn rejects_lies_about_length() {
-        let bytes = encode_sample(header(3, 0, 0), &[1, 2], &[]);
+        let bytes = encode_sample(&header(3, 0, 0), &[1, 2], &[]);
         assert_eq!(
             decode(&bytes),
             Err(DecodeError::LengthMismatch {
@@ -218,7 +223,7 @@ pub(crate) mod tests {
                 actual: 16
             })
         );
-        let bytes = encode_sample(header(200, 0, 0), &[], &[]);
+        let bytes = encode_sample(&header(200, 0, 0), &[], &[]);
         assert_eq!(decode(&bytes), Err(DecodeError::TooManyFrames(200)));
         assert_eq!(decode(&[1]), Err(DecodeError::TooShort(1)));
         assert_eq!(decode(&[9, 0, 0, 0]), Err(DecodeError::UnknownKind(9)));

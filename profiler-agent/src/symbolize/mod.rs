@@ -11,6 +11,7 @@
 //!
 //! A frame that cannot be symbolized is data: it gets the name `[unknown] module+0xoffset`.
 
+pub mod bench;
 mod demangle;
 pub mod gopclntab;
 
