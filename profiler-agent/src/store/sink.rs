@@ -24,6 +24,9 @@ const QUEUE: usize = 1024;
 const BATCH: usize = 256;
 /// How often retention runs (and once at start).
 const RETENTION_EVERY: Duration = Duration::from_secs(10);
+/// How long the writer gathers records after the first before it commits them together: one
+/// transaction (and one WAL commit) per half second rather than per trace.
+const BATCH_WAIT: Duration = Duration::from_millis(500);
 
 enum Record {
     Trace(TraceRecord),
@@ -171,13 +174,22 @@ fn write_loop(
         match rx.recv_timeout(RETENTION_EVERY) {
             Ok(first) => {
                 let mut batch = vec![first];
+                let deadline = Instant::now() + BATCH_WAIT;
+                let mut disconnected = false;
                 while batch.len() < BATCH {
-                    match rx.try_recv() {
+                    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
                         Ok(r) => batch.push(r),
-                        Err(_) => break,
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => {
+                            disconnected = true;
+                            break;
+                        }
                     }
                 }
                 write_batch(&mut store, batch, metrics);
+                if disconnected {
+                    break;
+                }
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
