@@ -10,12 +10,25 @@
 //! not name.
 //!
 //! A frame that cannot be symbolized is data: it gets the name `[unknown] module+0xoffset`.
+//!
+//! Kernel frames are named from a snapshot of `/proc/kallsyms` in a memfd, refreshed every
+//! few minutes (modules come and go): blazesym keys its kallsyms cache on the file's metadata,
+//! and procfs reports a new modification time at every `stat`, so pointing it at
+//! `/proc/kallsyms` itself re-parsed the whole symbol table (~10 ms) at every interval.
 
 pub mod bench;
 mod demangle;
 pub mod gopclntab;
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::{Seek as _, Write as _},
+    os::fd::{AsRawFd as _, FromRawFd as _},
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use blazesym::{
     MaybeDefault,
@@ -57,10 +70,53 @@ pub struct Symbolizer {
     cache: HashMap<Frame, Arc<SymbolizedFrame>>,
     strings: HashMap<String, Arc<str>>,
     kernel: Source<'static>,
+    /// What `kernel` reads kernel symbols from (`None`: `/proc/kallsyms` directly).
+    kallsyms: Option<KallsymsSnapshot>,
     /// Go pclntab per object, parsed when blazesym first leaves a frame of it unnamed; `None`
     /// when the object has none.
     go_tables: HashMap<ObjectId, Option<GoPclntab>>,
     metrics: Metrics,
+}
+
+/// How often the kallsyms snapshot is refreshed (loaded modules change it).
+const KALLSYMS_REFRESH: Duration = Duration::from_secs(300);
+
+/// `/proc/kallsyms`, copied into an anonymous in-memory file whose metadata changes only when
+/// it is rewritten, so blazesym parses it once per refresh.
+struct KallsymsSnapshot {
+    file: File,
+    taken_at: Instant,
+}
+
+impl KallsymsSnapshot {
+    fn take() -> std::io::Result<Self> {
+        // SAFETY: a valid NUL-terminated name; the returned fd is owned by the File below.
+        let fd = unsafe { libc::memfd_create(c"profiler-kallsyms".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        let mut snapshot = Self {
+            file,
+            taken_at: Instant::now(),
+        };
+        snapshot.refresh()?;
+        Ok(snapshot)
+    }
+
+    fn refresh(&mut self) -> std::io::Result<()> {
+        let content = std::fs::read("/proc/kallsyms")?;
+        self.file.set_len(0)?;
+        self.file.rewind()?;
+        self.file.write_all(&content)?;
+        self.taken_at = Instant::now();
+        Ok(())
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
 }
 
 impl Symbolizer {
@@ -71,17 +127,20 @@ impl Symbolizer {
             .enable_code_info(true)
             .enable_inlined_fns(true)
             .build();
-        let kernel = Source::Kernel(Kernel {
-            kallsyms: MaybeDefault::Default,
-            vmlinux: MaybeDefault::None,
-            debug_syms: false,
-            ..Kernel::default()
-        });
+        let kallsyms = match KallsymsSnapshot::take() {
+            Ok(snapshot) => Some(snapshot),
+            Err(e) => {
+                tracing::debug!(error = %e, "no kallsyms snapshot: blazesym reads /proc/kallsyms");
+                None
+            }
+        };
+        let kernel = kernel_source(kallsyms.as_ref());
         Self {
             blazesym,
             cache: HashMap::new(),
             strings: HashMap::new(),
             kernel,
+            kallsyms,
             go_tables: HashMap::new(),
             metrics,
         }
@@ -198,6 +257,12 @@ impl Symbolizer {
     }
 
     fn resolve_kernel(&mut self, addresses: &[u64]) {
+        if let Some(snapshot) = &mut self.kallsyms
+            && snapshot.taken_at.elapsed() >= KALLSYMS_REFRESH
+            && let Err(e) = snapshot.refresh()
+        {
+            tracing::debug!(error = %e, "kallsyms snapshot not refreshed");
+        }
         let results = match self
             .blazesym
             .symbolize(&self.kernel, Input::AbsAddr(addresses))
@@ -326,4 +391,61 @@ fn owned_levels(results: Vec<Symbolized<'_>>) -> Vec<Option<Vec<Level>>> {
             Symbolized::Unknown(_) => None,
         })
         .collect()
+}
+
+fn kernel_source(kallsyms: Option<&KallsymsSnapshot>) -> Source<'static> {
+    Source::Kernel(Kernel {
+        kallsyms: match kallsyms {
+            Some(snapshot) => MaybeDefault::Some(snapshot.path()),
+            None => MaybeDefault::Default,
+        },
+        vmlinux: MaybeDefault::None,
+        debug_syms: false,
+        ..Kernel::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A kernel text symbol with a real address (kallsyms shows zeros without CAP_SYSLOG).
+    fn kernel_function() -> Option<(u64, String)> {
+        let kallsyms = std::fs::read_to_string("/proc/kallsyms").ok()?;
+        kallsyms.lines().find_map(|line| {
+            let mut parts = line.split_whitespace();
+            let address = u64::from_str_radix(parts.next()?, 16).ok()?;
+            let kind = parts.next()?;
+            let name = parts.next()?;
+            (address != 0 && kind == "T" && parts.next().is_none() && name == "schedule")
+                .then(|| (address, name.to_owned()))
+        })
+    }
+
+    #[test]
+    fn kernel_frames_are_named_from_the_kallsyms_snapshot() {
+        let mut symbolizer = Symbolizer::new(Metrics::default());
+        let snapshot = symbolizer.kallsyms.as_ref().expect("memfd snapshot");
+        let copied = std::fs::read(snapshot.path()).unwrap();
+        assert!(copied.len() > 1000, "{} bytes", copied.len());
+        let Some((address, name)) = kernel_function() else {
+            // Not root: kallsyms has no addresses to name anything with.
+            assert_ne!(
+                unsafe { libc::geteuid() },
+                0,
+                "root sees kallsyms addresses"
+            );
+            return;
+        };
+        let objects = ObjectStore::new(16, Metrics::default());
+        for _ in 0..2 {
+            let frame = symbolizer.get(
+                Frame::Kernel {
+                    address: address + 1,
+                },
+                &objects,
+            );
+            assert_eq!(&*frame.lines.last().unwrap().function, name.as_str());
+        }
+    }
 }
