@@ -111,7 +111,13 @@ fn not_go_and_garbage() {
     let c = profiler_tests::burn_c();
     let file = std::fs::File::open(&c).unwrap();
     assert!(matches!(golang::inspect_file(&file), Ok(None)));
-    assert!(golang::inspect(&b"not an ELF file at all"[..]).is_err());
+    // Not an ELF file (code mapped executable from another kind of file): no Go binary either.
+    assert!(matches!(
+        golang::inspect(&b"not an ELF file at all"[..]),
+        Ok(None)
+    ));
+    // An ELF file cut short is an error.
+    assert!(golang::inspect(&b"\x7fELF\x02\x01\x01\x00"[..]).is_err());
 }
 
 /// Text symbols as `go tool nm -size` lists them: address → (size, names).

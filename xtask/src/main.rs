@@ -95,7 +95,13 @@ fn main() -> anyhow::Result<()> {
             cargo(&unit)?;
             // Tier 2: real eBPF programs against real processes, as root, one at a time so the
             // fixtures do not compete for the two CPUs.
-            let mut integration = [&["test"][..], &SELECTION, &["--test", "*"]].concat();
+            // Every test binary runs even after a failure, so one run shows every failure.
+            let mut integration = [
+                &["test"][..],
+                &SELECTION,
+                &["--no-fail-fast", "--test", "*"],
+            ]
+            .concat();
             integration.extend(filter.as_deref());
             integration.extend(["--", "--test-threads=1"]);
             cargo(&integration)
