@@ -198,8 +198,20 @@ impl Sampler {
                 .with_context(|| format!("program {program} missing"))?
                 .try_into()?;
             tp.load().with_context(|| format!("load {program}"))?;
-            tp.attach(category, event)
-                .with_context(|| format!("attach {category}/{event}"))?;
+            match tp.attach(category, event) {
+                Ok(_) => {}
+                // Kernels built without syscall tracepoints (CONFIG_FTRACE_SYSCALLS): still
+                // profile, without noticing libraries loaded after a process's first sample.
+                Err(e) if program == names::ON_MMAP => tracing::warn!(
+                    error = %e,
+                    "no {category}/{event} tracepoint: a trace-context writer loaded with dlopen \
+                     after a process was first sampled is not found, and its code is symbolized \
+                     only after the 30 s maps re-read"
+                ),
+                Err(e) => {
+                    return Err(e).with_context(|| format!("attach {category}/{event}"));
+                }
+            }
         }
 
         // Context readers first: the sampler tail-calls into them by context kind.
