@@ -260,6 +260,36 @@ pub async fn sample_until(
     }
 }
 
+/// As [`sample_until`], after a warm-up that ends with the first sample carrying a trace
+/// context. Until the agent has inspected a new process (one ring-buffer drain and one look at
+/// its objects after its first sample) the kernel has no context source for it, and its samples
+/// carry no context by design (counted as `context_no_source`); they are discarded here, so
+/// attribution checks measure the steady state.
+pub async fn sample_traced_until(
+    recording: &Recording,
+    cap: Duration,
+    done: impl Fn(&[SymbolizedSample]) -> bool,
+) -> (Vec<SymbolizedSample>, bool) {
+    let deadline = Instant::now() + cap;
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let snapshot = recording.snapshot().await.expect("snapshot");
+        if snapshot.iter().any(|s| s.context.is_some()) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return (snapshot, false);
+        }
+    }
+    recording.flush(|_| ()).await.expect("flush the warm-up");
+    sample_until(
+        recording,
+        deadline.saturating_duration_since(Instant::now()),
+        done,
+    )
+    .await
+}
+
 /// Number of samples whose leaf function is `leaf`.
 pub fn leaf_count(samples: &[SymbolizedSample], leaf: &str) -> u64 {
     samples

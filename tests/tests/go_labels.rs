@@ -72,7 +72,7 @@ async fn check(toolchain: &GoToolchain, variant: GoVariant) {
         },
     )
     .expect("start recording");
-    let (samples, done) = sample_until(&recording, CAP, |s| {
+    let (samples, done) = sample_traced_until(&recording, CAP, |s| {
         FUNCTIONS
             .iter()
             .all(|(f, _)| leaf_count(s, f) >= MIN_SAMPLES)

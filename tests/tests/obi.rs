@@ -110,7 +110,7 @@ async fn samples_carry_obi_contexts() {
                 .map(|x| x.count)
                 .sum()
         };
-    let (samples, done) = sample_until(&recording, Duration::from_secs(30), |s| {
+    let (samples, done) = sample_traced_until(&recording, Duration::from_secs(30), |s| {
         traced(s, "burn_a", trace_a) >= 300 && traced(s, "burn_b", trace_b) >= 300
     })
     .await;

@@ -44,7 +44,7 @@ async fn profile(mut command: Command, label: &str, extra: Option<&Fixture>) -> 
     let recording =
         Recording::start_with(&sampler_config(Some(pids), 99), CollectOptions::default())
             .expect("start recording");
-    let (samples, done) = sample_until(&recording, CAP, |s| {
+    let (samples, done) = sample_traced_until(&recording, CAP, |s| {
         leaf_count(s, "burn_for_trace_a") >= MIN_SAMPLES
             && leaf_count(s, "burn_for_trace_b") >= MIN_SAMPLES
     })

@@ -97,7 +97,7 @@ async fn profile(binary: &str, label: &str) -> (Expected, PathBuf) {
         },
     )
     .expect("start recording");
-    let (samples, done) = sample_until(&recording, CAP, |s| {
+    let (samples, done) = sample_traced_until(&recording, CAP, |s| {
         leaf_count(s, "burn_for_trace_a") >= MIN_SAMPLES
             && leaf_count(s, "burn_for_trace_b") >= MIN_SAMPLES
     })
