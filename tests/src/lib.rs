@@ -290,6 +290,24 @@ pub async fn sample_traced_until(
     .await
 }
 
+/// The bar every trace-context test holds a function to: at least 95% of its `total` samples
+/// carry its own trace (`own`), at most 1% another (`other`).
+pub fn assert_attributed(label: &str, function: &str, total: u64, own: u64, other: u64) {
+    println!(
+        "{label}: {function}: {total} samples, {own} ({:.1}%) with its trace, {other} ({:.1}%) with another",
+        100.0 * own as f64 / total.max(1) as f64,
+        100.0 * other as f64 / total.max(1) as f64,
+    );
+    assert!(
+        own as f64 >= 0.95 * total as f64,
+        "{label}: {function} attributed to its trace {own}/{total}"
+    );
+    assert!(
+        other as f64 <= 0.01 * total as f64,
+        "{label}: {function} attributed to another trace {other}/{total}"
+    );
+}
+
 /// Number of samples whose leaf function is `leaf`.
 pub fn leaf_count(samples: &[SymbolizedSample], leaf: &str) -> u64 {
     samples

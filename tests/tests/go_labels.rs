@@ -96,22 +96,11 @@ async fn check(toolchain: &GoToolchain, variant: GoVariant) {
             .filter(|(n, _)| n.as_str() != name)
             .map(|(_, other)| with_trace(&samples, function, other))
             .sum();
-        println!(
-            "{label}: {function}: {total} samples, {right} ({:.1}%) with its trace, {wrong} with another",
-            100.0 * right as f64 / total.max(1) as f64
-        );
         assert!(
             done,
             "{label}: fewer than {MIN_SAMPLES} samples per function within {CAP:?}"
         );
-        assert!(
-            right as f64 >= 0.95 * total as f64,
-            "{label}: {function} {right}/{total}"
-        );
-        assert!(
-            wrong as f64 <= 0.01 * total as f64,
-            "{label}: {function} on other traces {wrong}/{total}"
-        );
+        assert_attributed(&label, function, total, right, wrong);
     }
     // The per-trace pprof of A, filtered on A's trace id, shows A's function only.
     let a = &ids["A"];

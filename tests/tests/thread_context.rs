@@ -69,22 +69,11 @@ async fn profile(mut command: Command, label: &str, extra: Option<&Fixture>) -> 
         let total = leaf_count(&samples, leaf);
         let right = with_trace(&samples, leaf, own);
         let wrong = with_trace(&samples, leaf, other);
-        println!(
-            "{label}: {leaf}: {total} samples, {right} ({:.1}%) with its trace, {wrong} with the other",
-            100.0 * right as f64 / total.max(1) as f64
-        );
         assert!(
             done,
             "{label}: fewer than {MIN_SAMPLES} samples per function within {CAP:?}"
         );
-        assert!(
-            right as f64 >= 0.95 * total as f64,
-            "{label}: {leaf} attributed to its trace {right}/{total}"
-        );
-        assert!(
-            wrong as f64 <= 0.01 * total as f64,
-            "{label}: {leaf} attributed to the other trace {wrong}/{total}"
-        );
+        assert_attributed(label, leaf, total, right, wrong);
     }
     Outcome { samples, kernel }
 }
