@@ -30,7 +30,8 @@ use profiler_common::ContextKind;
 
 /// Messages the collector handles, in order.
 pub enum Message {
-    Record(Record),
+    /// One ring-buffer drain's records, in ring order (one wake-up per drain, not per record).
+    Records(Vec<Record>),
     /// Periodic: flush idle traces, housekeeping.
     Tick,
     /// Symbolize what has been aggregated so far and return it, keeping the aggregate.
@@ -43,9 +44,9 @@ pub enum Message {
     FlushTraces,
 }
 
-impl From<Record> for Message {
-    fn from(r: Record) -> Self {
-        Message::Record(r)
+impl From<Vec<Record>> for Message {
+    fn from(records: Vec<Record>) -> Self {
+        Message::Records(records)
     }
 }
 
@@ -174,25 +175,9 @@ impl Collector {
 
     fn handle(&mut self, message: Message) {
         match message {
-            Message::Record(Record::Sample(sample)) => self.add_sample(sample),
-            Message::Record(Record::Exec { tgid, .. }) => {
-                self.notify(ProcessNote::Exec(tgid));
-                self.processes.on_exec(tgid);
-                if let Some(sources) = &mut self.sources {
-                    sources.on_exec(tgid);
-                }
-            }
-            Message::Record(Record::Exit { tgid, .. }) => {
-                self.notify(ProcessNote::Exit(tgid));
-                self.processes.on_exit(tgid);
-                if let Some(sources) = &mut self.sources {
-                    sources.on_exit(tgid);
-                }
-            }
-            Message::Record(Record::MmapExec { tgid }) => {
-                self.processes.on_new_code(tgid);
-                if let Some(sources) = &mut self.sources {
-                    sources.on_new_code(tgid);
+            Message::Records(records) => {
+                for record in records {
+                    self.handle_record(record);
                 }
             }
             Message::Tick => {
@@ -229,6 +214,32 @@ impl Collector {
                 });
             }
             Message::FlushTraces => self.flush_traces(FlushTraces::All),
+        }
+    }
+
+    fn handle_record(&mut self, record: Record) {
+        match record {
+            Record::Sample(sample) => self.add_sample(sample),
+            Record::Exec { tgid, .. } => {
+                self.notify(ProcessNote::Exec(tgid));
+                self.processes.on_exec(tgid);
+                if let Some(sources) = &mut self.sources {
+                    sources.on_exec(tgid);
+                }
+            }
+            Record::Exit { tgid, .. } => {
+                self.notify(ProcessNote::Exit(tgid));
+                self.processes.on_exit(tgid);
+                if let Some(sources) = &mut self.sources {
+                    sources.on_exit(tgid);
+                }
+            }
+            Record::MmapExec { tgid } => {
+                self.processes.on_new_code(tgid);
+                if let Some(sources) = &mut self.sources {
+                    sources.on_new_code(tgid);
+                }
+            }
         }
     }
 

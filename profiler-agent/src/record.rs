@@ -18,8 +18,11 @@ use crate::{
     profile::traces::TraceTableConfig,
 };
 
-/// Depth of the queue between the ring-buffer reader and the collector.
-const COLLECTOR_QUEUE: usize = 16_384;
+/// Depth of the queue between the ring-buffer reader and the collector, in messages (a
+/// message is one drain's batch of at most `RECORDS_PER_BATCH` records): 25 s of drains on a
+/// small machine, 65,536 records at most, while a slow flush (a cold symbolization) holds the
+/// collector.
+const COLLECTOR_QUEUE: usize = 256;
 
 /// How often the collector flushes idle traces and does its housekeeping.
 const TICK: Duration = Duration::from_secs(1);

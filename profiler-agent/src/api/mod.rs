@@ -377,7 +377,7 @@ async fn window_view(
     Ok(response)
 }
 
-/// Streams `view` of the gzip pprof `raw`, rendered on a blocking thread.
+/// Streams `view` of the stored pprof `raw` (gzip or not), rendered on a blocking thread.
 fn render(view: View, content_type: &'static str, raw: Vec<u8>, title: String) -> Response {
     if view == View::Pprof {
         return ([(header::CONTENT_TYPE, content_type)], raw).into_response();

@@ -172,7 +172,7 @@ pub fn render(
             ),
             (
                 "profiler_store_profile_bytes",
-                "Bytes of the stored profiles (gzip pprof).",
+                "Bytes of the stored profiles (pprof, gzip-compressed unless small).",
                 s.profile_bytes,
             ),
             ("profiler_store_traces", "Traces in the store.", s.traces),

@@ -207,6 +207,30 @@ pub fn encode_gzip(profile: &pb::Profile) -> Vec<u8> {
     gzip(&profile.encode_to_vec())
 }
 
+/// Encoded profiles up to this size are stored without compression: a trace's profile of a
+/// few samples shrinks by about a fifth under gzip, which cost more CPU than its whole
+/// storage. `decode` reads both forms.
+const STORE_RAW_UP_TO: usize = 4096;
+
+/// Serialized for the store: raw when small, gzip-compressed otherwise.
+pub fn encode_for_store(profile: &pb::Profile) -> Vec<u8> {
+    let raw = profile.encode_to_vec();
+    if raw.len() <= STORE_RAW_UP_TO {
+        raw
+    } else {
+        gzip(&raw)
+    }
+}
+
+/// `bytes` gzip-compressed, unless they already are (a stored profile, either form).
+pub fn ensure_gzip(bytes: Vec<u8>) -> Vec<u8> {
+    if is_gzip(&bytes) { bytes } else { gzip(&bytes) }
+}
+
+fn is_gzip(bytes: &[u8]) -> bool {
+    bytes.starts_with(&[0x1f, 0x8b])
+}
+
 thread_local! {
     /// One deflate state per thread, reset for each profile: a new one allocates and clears
     /// some 300 KiB, which cost more than compressing a small trace profile.
@@ -244,7 +268,7 @@ fn gzip(raw: &[u8]) -> Vec<u8> {
 
 /// Decodes a (possibly gzip-compressed) pprof profile.
 pub fn decode(bytes: &[u8]) -> anyhow::Result<pb::Profile> {
-    let raw = if bytes.starts_with(&[0x1f, 0x8b]) {
+    let raw = if is_gzip(bytes) {
         let mut out = Vec::new();
         std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes), &mut out)?;
         out

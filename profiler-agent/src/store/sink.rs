@@ -5,7 +5,7 @@
 //! every [`RETENTION_EVERY`].
 
 use std::{
-    sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError},
+    sync::mpsc::{self, RecvTimeoutError, SyncSender, TryRecvError, TrySendError},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -25,8 +25,12 @@ const BATCH: usize = 256;
 /// How often retention runs (and once at start).
 const RETENTION_EVERY: Duration = Duration::from_secs(10);
 /// How long the writer gathers records after the first before it commits them together: one
-/// transaction (and one WAL commit) per half second rather than per trace.
-const BATCH_WAIT: Duration = Duration::from_millis(500);
+/// transaction (and one WAL commit, which rewrites every index page it touched) per two
+/// seconds rather than per trace. Traces reach the store after they went idle anyway.
+const BATCH_WAIT: Duration = Duration::from_secs(2);
+/// While gathering, the queue is emptied this often: `QUEUE` records per poll is room for
+/// 4,000 traces a second.
+const GATHER_POLL: Duration = Duration::from_millis(250);
 
 enum Record {
     Trace(TraceRecord),
@@ -77,7 +81,7 @@ impl Sink for StoreSink {
         self.send(Record::Trace(trace_record(
             trace,
             cx.frequency_hz,
-            pprof::encode_gzip(&profile),
+            pprof::encode_for_store(&profile),
         )));
     }
 
@@ -103,7 +107,7 @@ impl Sink for StoreSink {
                 pod: p.pod.map(|p| p.1).unwrap_or_default(),
                 samples: p.samples,
                 cpu_ns: p.samples * period,
-                profile: pprof::encode_gzip(&p.profile),
+                profile: pprof::encode_for_store(&p.profile),
             }));
         }
     }
@@ -173,18 +177,32 @@ fn write_loop(
     loop {
         match rx.recv_timeout(RETENTION_EVERY) {
             Ok(first) => {
+                // Gathered by polling, not by waking for each record: the collector hands
+                // over a burst of traces per flush.
                 let mut batch = vec![first];
                 let deadline = Instant::now() + BATCH_WAIT;
                 let mut disconnected = false;
-                while batch.len() < BATCH {
-                    match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                        Ok(r) => batch.push(r),
-                        Err(RecvTimeoutError::Timeout) => break,
-                        Err(RecvTimeoutError::Disconnected) => {
-                            disconnected = true;
-                            break;
+                'gather: while batch.len() < BATCH {
+                    loop {
+                        match rx.try_recv() {
+                            Ok(r) => {
+                                batch.push(r);
+                                if batch.len() == BATCH {
+                                    break 'gather;
+                                }
+                            }
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Disconnected) => {
+                                disconnected = true;
+                                break 'gather;
+                            }
                         }
                     }
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    std::thread::sleep(left.min(GATHER_POLL));
                 }
                 write_batch(&mut store, batch, metrics);
                 if disconnected {

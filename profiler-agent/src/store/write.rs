@@ -333,16 +333,43 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
         span.execute(params![id, &s[..]])?;
     }
     // The index row is the aggregate of the parts (one part unless the trace came back after
-    // the agent's late window or a restart).
+    // the agent's late window or a restart). Three plain statements rather than one
+    // INSERT … SELECT with a subquery: SQLite re-prepared that one at every execution.
+    let (first_ns, last_ns, samples, cpu_ns, bytes, parts): (i64, i64, i64, i64, i64, i64) = tx
+        .prepare_cached(
+            "SELECT min(first_ns), max(last_ns), sum(samples), sum(cpu_ns), sum(bytes), count(*) \
+             FROM trace_parts WHERE trace_id = ?1",
+        )?
+        .query_row([id], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                r.get(4)?,
+                r.get(5)?,
+            ))
+        })?;
+    let services: Vec<String> = tx
+        .prepare_cached(
+            "SELECT DISTINCT service FROM trace_processes WHERE trace_id = ?1 ORDER BY service",
+        )?
+        .query_map([id], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
     tx.prepare_cached(
         "INSERT OR REPLACE INTO traces (trace_id, first_ns, last_ns, samples, cpu_ns, bytes, \
-         parts, services)
-         SELECT ?1, min(first_ns), max(last_ns), sum(samples), sum(cpu_ns), sum(bytes), count(*),
-           (SELECT coalesce(group_concat(service, char(10)), '') FROM
-             (SELECT DISTINCT service FROM trace_processes WHERE trace_id = ?1 ORDER BY service))
-         FROM trace_parts WHERE trace_id = ?1",
+         parts, services) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
-    .execute([id])?;
+    .execute(params![
+        id,
+        first_ns,
+        last_ns,
+        samples,
+        cpu_ns,
+        bytes,
+        parts,
+        services.join("\n")
+    ])?;
     Ok(())
 }
 
