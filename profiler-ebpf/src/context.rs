@@ -58,17 +58,30 @@ pub fn read_go_labels(
     let Some(g) = read_pointer(g_slot) else {
         return (ContextKind::None, 0);
     };
-    let Some(m) = read_pointer(g + u64::from(offsets.g_m)) else {
-        return (ContextKind::None, 0);
-    };
-    // In the scheduler (g0) there is no current user goroutine, so no labels.
-    let Some(curg) = read_pointer(m + u64::from(offsets.m_curg)) else {
-        count(Counter::ContextNoneActive);
-        return (ContextKind::None, 0);
-    };
-    let Some(labels) = read_pointer(curg + u64::from(offsets.g_labels)) else {
-        count(Counter::ContextNoneActive);
-        return (ContextKind::None, 0);
+    // Labels are only ever set on user goroutines, and a user goroutine that runs is its
+    // M's curg: labels found on g need no g → m → curg walk (two dependent reads saved on
+    // most samples). None on g: g is g0 or gsignal (runtime code on behalf of curg), or a
+    // goroutine without labels; m.curg tells.
+    let labels = match read_pointer(g + u64::from(offsets.g_labels)) {
+        Some(labels) => labels,
+        None => {
+            let Some(m) = read_pointer(g + u64::from(offsets.g_m)) else {
+                return (ContextKind::None, 0);
+            };
+            // In the scheduler (g0) there may be no current user goroutine, so no labels.
+            let curg = match read_pointer(m + u64::from(offsets.m_curg)) {
+                Some(curg) if curg != g => curg,
+                _ => {
+                    count(Counter::ContextNoneActive);
+                    return (ContextKind::None, 0);
+                }
+            };
+            let Some(labels) = read_pointer(curg + u64::from(offsets.g_labels)) else {
+                count(Counter::ContextNoneActive);
+                return (ContextKind::None, 0);
+            };
+            labels
+        }
     };
     let Some(wanted) = LABEL_KEYS.get(0) else {
         return (ContextKind::None, 0);
@@ -400,7 +413,16 @@ pub fn read_thread_context(
         return (ContextKind::None, 0);
     };
     let header_len = core::mem::size_of::<ThreadContextHeader>();
-    let ret = unsafe { probe_read_user_raw(dest.cast(), header_len as u32, record as *const _) };
+    // Header and attributes in one read when a whole maximal record lies within the record's
+    // page (most records: a read cannot fault on a page the record itself is on); else the
+    // header first, then exactly the declared attributes.
+    let in_one_read = 4096 - (record & 4095) >= (header_len + MAX_THREAD_CONTEXT_ATTRS) as u64;
+    let first_read = if in_one_read {
+        header_len + MAX_THREAD_CONTEXT_ATTRS
+    } else {
+        header_len
+    };
+    let ret = unsafe { probe_read_user_raw(dest.cast(), first_read as u32, record as *const _) };
     if ret < 0 {
         count(Counter::ContextReadFault);
         return (ContextKind::None, 0);
@@ -416,7 +438,7 @@ pub fn read_thread_context(
     } else {
         declared
     };
-    if attrs > 0 {
+    if attrs > 0 && !in_one_read {
         let ret = unsafe {
             probe_read_user_raw(
                 dest.add(header_len).cast(),

@@ -511,7 +511,9 @@ impl Merger {
 mod tests {
     use std::io::Read as _;
 
-    use super::gzip;
+    use prost::Message as _;
+
+    use super::{decode, encode_for_store, ensure_gzip, gzip, is_gzip, pb};
 
     fn gunzip(bytes: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -547,5 +549,30 @@ mod tests {
             assert_eq!(&packed[..3], &[0x1f, 0x8b, 8]);
         }
         assert!(gzip(&noisy).len() < noisy.len(), "it compresses");
+    }
+
+    #[test]
+    fn stored_profiles_are_raw_when_small_gzip_when_large_and_always_served_as_gzip() {
+        let small = pb::Profile {
+            string_table: vec![String::new(), "cpu".into()],
+            ..Default::default()
+        };
+        let stored = encode_for_store(&small);
+        assert!(!is_gzip(&stored));
+        assert_eq!(decode(&stored).unwrap(), small);
+        assert_eq!(gunzip(&ensure_gzip(stored)), small.encode_to_vec());
+
+        let large = pb::Profile {
+            string_table: (0..2000).map(|i| format!("function_{i}")).collect(),
+            ..Default::default()
+        };
+        let stored = encode_for_store(&large);
+        assert!(is_gzip(&stored) && stored.len() < large.encoded_len());
+        assert_eq!(decode(&stored).unwrap(), large);
+        assert_eq!(
+            ensure_gzip(stored.clone()),
+            stored,
+            "already gzip: unchanged"
+        );
     }
 }
