@@ -153,15 +153,15 @@ fn go_map_labels(
     let Some(hmap) = read_pointer(labels) else {
         return 0;
     };
-    let (Ok(b), Ok(buckets)) = (unsafe {
-        (
-            bpf_probe_read_user((hmap + go::HMAP_B_OFFSET) as *const u8),
-            bpf_probe_read_user((hmap + go::HMAP_BUCKETS_OFFSET) as *const u64),
-        )
-    }) else {
+    // hmap's head up to `buckets` in one read (B and buckets are 7 bytes apart).
+    const HEAD_WORDS: usize = (go::HMAP_BUCKETS_OFFSET / 8 + 1) as usize;
+    const _: () = assert!(go::HMAP_BUCKETS_OFFSET.is_multiple_of(8));
+    let Ok(head) = (unsafe { bpf_probe_read_user(hmap as *const [u64; HEAD_WORDS]) }) else {
         count(Counter::ContextReadFault);
         return 0;
     };
+    let b = (head[(go::HMAP_B_OFFSET / 8) as usize] >> (8 * (go::HMAP_B_OFFSET % 8))) as u8;
+    let buckets = head[HEAD_WORDS - 1];
     let bucket_count = if b > 3 { go::MAX_BUCKETS } else { 1u64 << b };
     let mut pos = 0usize;
     for bucket_index in 0..go::MAX_BUCKETS {
