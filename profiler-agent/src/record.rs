@@ -11,7 +11,7 @@ use crate::{
         Collector, CollectorConfig, Flushed, Message, ProcessNote, Sink, SymbolizedSample,
     },
     context::IdLabels,
-    ebpf::{KernelCounters, Sampler, SamplerConfig, spawn_reader},
+    ebpf::{KernelCounters, Sampler, SamplerConfig, drain_interval, spawn_reader},
     export::{self, Format},
     k8s::PodMetadataHandle,
     metrics::Metrics,
@@ -87,7 +87,13 @@ impl Recording {
         )
         .context("start the collector thread")?;
         let (stop, stop_rx) = watch::channel(false);
-        let reader = spawn_reader(channels.ring, inbox.clone(), metrics.clone(), stop_rx);
+        let reader = spawn_reader(
+            channels.ring,
+            inbox.clone(),
+            drain_interval(config.frequency_hz),
+            metrics.clone(),
+            stop_rx,
+        );
         let ticker = {
             let inbox = inbox.clone();
             tokio::spawn(async move {

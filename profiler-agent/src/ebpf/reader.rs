@@ -9,9 +9,18 @@ use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
 use super::decode::{Record, decode};
 use crate::metrics::Metrics;
 
-/// How often the ring buffer is drained when nothing wakes the reader. At 99 Hz that is
-/// about 10 samples per CPU per drain; the ring holds seconds of them.
-const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
+/// The ring buffer is drained when about this many samples per CPU are waiting (or when the
+/// kernel wakes the reader): every ~100 ms at 99 Hz, ~500 ms at 19 Hz. The ring holds
+/// seconds of samples; fewer drains are fewer wake-ups of the reader and the collector.
+const SAMPLES_PER_CPU_PER_DRAIN: u64 = 10;
+const MIN_DRAIN_INTERVAL: Duration = Duration::from_millis(50);
+const MAX_DRAIN_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How often the ring buffer is drained when nothing wakes the reader, at `frequency_hz`.
+pub fn drain_interval(frequency_hz: u64) -> Duration {
+    let millis = SAMPLES_PER_CPU_PER_DRAIN * 1000 / frequency_hz.max(1);
+    Duration::from_millis(millis).clamp(MIN_DRAIN_INTERVAL, MAX_DRAIN_INTERVAL)
+}
 
 /// Records per message to the collector: a drain is handed over in batches of at most this
 /// many, so the collector wakes once per drain instead of once per record.
@@ -21,6 +30,7 @@ pub const RECORDS_PER_BATCH: usize = 256;
 pub fn spawn_reader<T: From<Vec<Record>> + Send + 'static>(
     ring: RingBuf<MapData>,
     records: mpsc::Sender<T>,
+    drain_every: Duration,
     metrics: Metrics,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> JoinHandle<anyhow::Result<()>> {
@@ -28,7 +38,7 @@ pub fn spawn_reader<T: From<Vec<Record>> + Send + 'static>(
         // SAFETY: the ring buffer owns its map fd, and the AsyncFd owns the ring buffer until the
         // task ends: the fd is neither closed nor replaced while registered.
         let mut fd = unsafe { AsyncFd::register(ring)? };
-        let mut tick = tokio::time::interval(DRAIN_INTERVAL);
+        let mut tick = tokio::time::interval(drain_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -88,5 +98,19 @@ fn hand_over<T: From<Vec<Record>>>(
             true
         }
         Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drains_about_ten_samples_per_cpu_within_bounds() {
+        assert_eq!(drain_interval(99), Duration::from_millis(101));
+        assert_eq!(drain_interval(19), Duration::from_millis(500));
+        assert_eq!(drain_interval(1000), MIN_DRAIN_INTERVAL);
+        assert_eq!(drain_interval(1), MAX_DRAIN_INTERVAL);
+        assert_eq!(drain_interval(0), MAX_DRAIN_INTERVAL);
     }
 }
