@@ -209,7 +209,8 @@ pub struct ContextSource {
 }
 const _: () = assert!(core::mem::size_of::<ContextSource>() == 32);
 
-/// Reader programs, by their index in the `CONTEXT_READERS` program array.
+/// How a process's context is read: by the sampler itself (`ThreadContext`), or by the reader
+/// program at this index in the `CONTEXT_READERS` program array.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ContextReader {
@@ -342,7 +343,6 @@ pub mod names {
     pub const ON_MMAP: &str = "on_mmap";
     pub const CONTEXT_READERS: &str = "CONTEXT_READERS";
     /// Tail-call targets, by the [`super::ContextKind`] they read.
-    pub const READ_THREAD_CONTEXT: &str = "read_thread_context";
     pub const READ_GO_LABELS_MAP: &str = "read_go_labels_map";
     pub const READ_GO_LABELS_SLICE: &str = "read_go_labels_slice";
     pub const READ_CUSTOM_LABELS: &str = "read_custom_labels";

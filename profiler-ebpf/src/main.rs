@@ -22,8 +22,9 @@ use aya_ebpf::{
     programs::{PerfEventContext, TracePointContext},
 };
 use profiler_common::{
-    ContextKind, ContextSource, Counter, EbpfConfig, MAX_CONTEXT_BYTES, MAX_FILTERED_CGROUPS,
-    NUM_COUNTERS, ProcessEvent, RecordKind, STACK_BYTES, SampleHeader, SampleScratch, sample_flags,
+    ContextKind, ContextReader, ContextSource, Counter, EbpfConfig, MAX_CONTEXT_BYTES,
+    MAX_FILTERED_CGROUPS, NUM_COUNTERS, ProcessEvent, RecordKind, STACK_BYTES, SampleHeader,
+    SampleScratch, sample_flags,
 };
 
 mod arch;
@@ -62,7 +63,7 @@ static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(MAX_FILTERED_
 #[map]
 static CONTEXT_SOURCES: HashMap<u32, ContextSource> = HashMap::with_max_entries(16384, 0);
 
-/// Context readers by `ContextKind`, for tail calls from the sampler; filled by user space.
+/// Label readers by `ContextReader`, for tail calls from the sampler; filled by user space.
 #[map]
 static CONTEXT_READERS: ProgramArray = ProgramArray::with_max_entries(8, 0);
 
@@ -182,14 +183,38 @@ fn sample(ctx: &PerfEventContext) {
     header._pad = 0;
     header.context_len = 0;
 
-    // Trace context right after the frames, read by a program of its own per source (each is
-    // verified on its own, which keeps every program within the verifier's limits). A failed
-    // tail call falls through: the sample goes out without the process's own context.
+    // Trace context right after the frames. The OTEP 4947 thread context, the native case and
+    // a short read, is read here: a tail call and the second look-up of the source cost more
+    // than the read itself on a cold cache. Label-based sources are read by a program of
+    // their own each (verified on its own, which keeps every program within the verifier's
+    // limits). A failed tail call falls through: the sample goes out without the process's
+    // own context.
     match unsafe { CONTEXT_SOURCES.get(tgid) } {
+        Some(source) if source.reader == ContextReader::ThreadContext as u8 => {
+            let dest = unsafe { scratch.data.as_mut_ptr().add(user_bytes + kernel_bytes) };
+            let (kind, len) = timed_context_read(|| {
+                context::read_thread_context(&source.tls, config.task_fsbase_offset, dest)
+            });
+            finish_sample(scratch, pid_tgid, &config, kind, len);
+            return;
+        }
         Some(source) => unsafe { CONTEXT_READERS.tail_call(ctx, u32::from(source.reader)) },
         None => count(Counter::ContextNoSource),
     }
     finish_sample(scratch, pid_tgid, &config, ContextKind::None, 0);
+}
+
+/// Runs one context read, counting the attempt and its time (`context_read_ns`).
+#[inline(always)]
+fn timed_context_read(read: impl FnOnce() -> (ContextKind, usize)) -> (ContextKind, usize) {
+    let start = unsafe { bpf_ktime_get_ns() };
+    let result = read();
+    add(
+        Counter::ContextReadNs,
+        unsafe { bpf_ktime_get_ns() } - start,
+    );
+    count(Counter::ContextReadAttempts);
+    result
 }
 
 /// Appends OBI's context when none was found (lowest precedence), then emits the record.
@@ -244,31 +269,17 @@ fn read_context_and_finish(
     }
     let (kind, len) = match unsafe { CONTEXT_SOURCES.get(tgid) } {
         Some(source) => {
-            let start = unsafe { bpf_ktime_get_ns() };
             let dest = unsafe { scratch.data.as_mut_ptr().add(frames) };
             let work = context::Workspace {
                 cursor: context::Cursor(&raw mut scratch.cursor),
                 go_labels: &raw mut scratch.go_labels,
             };
-            let read = reader(source, config.task_fsbase_offset, dest, work);
-            add(
-                Counter::ContextReadNs,
-                unsafe { bpf_ktime_get_ns() } - start,
-            );
-            count(Counter::ContextReadAttempts);
-            read
+            timed_context_read(|| reader(source, config.task_fsbase_offset, dest, work))
         }
         None => (ContextKind::None, 0),
     };
     finish_sample(scratch, pid_tgid, &config, kind, len);
     0
-}
-
-#[perf_event]
-pub fn read_thread_context(_ctx: PerfEventContext) -> u32 {
-    read_context_and_finish(|source, fsbase, dest, _| {
-        context::read_thread_context(&source.tls, fsbase, dest)
-    })
 }
 
 #[perf_event]

@@ -214,10 +214,10 @@ impl Sampler {
             }
         }
 
-        // Context readers first: the sampler tail-calls into them by context kind.
+        // Context readers first: the sampler tail-calls into them by context kind (the OTEP
+        // 4947 thread context it reads itself).
         let mut readers = Vec::new();
         for (kind, name) in [
-            (ContextReader::ThreadContext, names::READ_THREAD_CONTEXT),
             (ContextReader::GoLabelsMap, names::READ_GO_LABELS_MAP),
             (ContextReader::GoLabelsSlice, names::READ_GO_LABELS_SLICE),
             (ContextReader::CustomLabels, names::READ_CUSTOM_LABELS),
