@@ -196,6 +196,7 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     let costs = crate::bench_context::measure(
         root,
         &root.join("target/release/profiler-agent"),
+        &tools.bpftool,
         &bench_dir,
         settings.context_windows,
         settings.context_window,
@@ -743,7 +744,7 @@ impl Fixture {
     }
 }
 
-fn retry<T>(mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
+pub(crate) fn retry<T>(mut f: impl FnMut() -> anyhow::Result<T>) -> anyhow::Result<T> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match f() {
@@ -923,7 +924,7 @@ fn runs(path: &Path, args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-struct Bpftool(PathBuf);
+pub(crate) struct Bpftool(PathBuf);
 
 impl Bpftool {
     fn json(&self, args: &[&str]) -> anyhow::Result<Value> {
@@ -932,12 +933,12 @@ impl Bpftool {
             .with_context(|| format!("bpftool {} -j: bad JSON", args.join(" ")))
     }
 
-    fn prog_stats(&self, id: u32) -> anyhow::Result<ProgStats> {
+    pub(crate) fn prog_stats(&self, id: u32) -> anyhow::Result<ProgStats> {
         parse_prog_stats(&self.json(&["prog", "show", "id", &id.to_string()])?)
     }
 
     /// The perf_event program of `pid` (named `name` if given).
-    fn find_prog(&self, pid: u32, name: Option<&str>) -> anyhow::Result<u32> {
+    pub(crate) fn find_prog(&self, pid: u32, name: Option<&str>) -> anyhow::Result<u32> {
         let owned = owned_bpf_ids(pid)?;
         select_bpf_object(
             &self.json(&["prog", "show"])?,
@@ -1070,7 +1071,7 @@ pub(crate) struct ProgStats {
 
 impl ProgStats {
     /// Mean µs per run since `before`; None when the program did not run.
-    fn us_per_run_since(&self, before: &ProgStats) -> Option<f64> {
+    pub(crate) fn us_per_run_since(&self, before: &ProgStats) -> Option<f64> {
         let runs = self
             .run_cnt
             .checked_sub(before.run_cnt)

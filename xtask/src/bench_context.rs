@@ -12,24 +12,40 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
+use profiler_common::names;
+
+use crate::bench::{Bpftool, fmt_spread, retry, signal, spread};
 
 /// Budget for the OTEP 4947 read (the three dependent reads cost about 1 µs here).
 const BUDGET_THREAD_CONTEXT_NS: f64 = 1500.0;
-/// Budget for a Go labels read: the issue allows Go targets the native floor plus 3 µs per
-/// sample, and the read is what a Go target adds.
-const BUDGET_GO_LABELS_NS: f64 = 3000.0;
+/// The issue allows Go targets the native floor plus 3 µs per sample: the whole sampler run on
+/// a Go target against the same run on an untraced one.
+const BUDGET_GO_OVER_FLOOR_US: f64 = 3.0;
+/// `record` runs this long before the measured window (load, attach, first context lookups).
+const RECORD_WARMUP: Duration = Duration::from_secs(1);
 
 pub struct ContextCost {
     pub target: String,
-    /// ns per read attempt, one value per window.
-    pub windows: Vec<f64>,
-    pub budget_ns: Option<f64>,
+    /// ns per read attempt, one value per window (none for the untraced floor).
+    pub read_ns: Vec<f64>,
+    /// The sampler's whole run per sample (µs, bpf_stats), read included, one value per window.
+    pub ebpf_us: Vec<f64>,
+    pub budget: Budget,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum Budget {
+    /// The untraced target every other per-sample cost is compared with.
+    Floor,
+    ReadNs(f64),
+    OverFloorUs(f64),
 }
 
 /// Measures every target over `windows` windows of `window` each.
 pub fn measure(
     root: &Path,
     agent: &Path,
+    bpftool: &Bpftool,
     out_dir: &Path,
     windows: u32,
     window: Duration,
@@ -37,33 +53,41 @@ pub fn measure(
 ) -> anyhow::Result<Vec<ContextCost>> {
     let targets = [
         (
+            "untraced C (the floor: no context source)",
+            build_untraced(root, out_dir)?,
+            Budget::Floor,
+        ),
+        (
             "OTEP 4947 thread context (C)",
             build_thread_context(root, out_dir)?,
-            Some(BUDGET_THREAD_CONTEXT_NS),
+            Budget::ReadNs(BUDGET_THREAD_CONTEXT_NS),
         ),
         (
             "Go 1.19 pprof labels (map)",
             build_go(root, out_dir, "/usr/lib/go-1.19".into(), "1.19")?,
-            Some(BUDGET_GO_LABELS_NS),
+            Budget::OverFloorUs(BUDGET_GO_OVER_FLOOR_US),
         ),
         (
             "Go 1.24 pprof labels (slice)",
             build_go(root, out_dir, go_bin(root, "1.24")?, "1.24")?,
-            Some(BUDGET_GO_LABELS_NS),
+            Budget::OverFloorUs(BUDGET_GO_OVER_FLOOR_US),
         ),
     ];
     let mut costs = Vec::new();
-    for (target, binary, budget_ns) in targets {
+    for (target, binary, budget) in targets {
         crate::bench::progress(&format!("context read cost: {target}"));
         let fixture = Started::start(&binary)?;
-        let mut values = Vec::new();
+        let (mut read_ns, mut ebpf_us) = (Vec::new(), Vec::new());
         for _ in 0..windows {
-            values.push(one_window(agent, fixture.pid, window, frequency)?);
+            let (read, sample) = one_window(agent, bpftool, fixture.pid, window, frequency)?;
+            read_ns.extend(read);
+            ebpf_us.push(sample);
         }
         costs.push(ContextCost {
             target: target.to_owned(),
-            windows: values,
-            budget_ns,
+            read_ns,
+            ebpf_us,
+            budget,
         });
     }
     Ok(costs)
@@ -71,54 +95,88 @@ pub fn measure(
 
 pub fn render(costs: &[ContextCost]) -> String {
     let mut out = String::from(
-        "\n### Trace-context read cost (kernel, per read attempt)\n\n\
-         | target | ns per read, median [min–max] | windows | budget |\n|---|---|---|---|\n",
+        "\n### Trace-context read cost (kernel, per sample of the target alone)\n\n\
+         | target | context read (ns per attempt) | eBPF time per sample (µs), read included | \
+         windows | budget |\n|---|---|---|---|---|\n",
     );
+    let floor = costs
+        .iter()
+        .find(|c| c.budget == Budget::Floor)
+        .and_then(|c| spread(&c.ebpf_us))
+        .map(|s| s.median);
     for c in costs {
-        let mut v = c.windows.clone();
-        v.sort_by(f64::total_cmp);
-        let median = v[v.len() / 2];
-        let verdict = match c.budget_ns {
-            Some(b) if median <= b => format!("≤ {b:.0} ns: PASS"),
-            Some(b) => format!("≤ {b:.0} ns: MISS by {:.0} ns", median - b),
-            None => "reported".into(),
+        let (read, sample) = (spread(&c.read_ns), spread(&c.ebpf_us));
+        let verdict = match (c.budget, read, sample) {
+            (Budget::Floor, _, _) => "the floor".to_owned(),
+            (Budget::ReadNs(b), Some(r), _) => pass_or_miss(r.median, b, "ns", 0),
+            (Budget::OverFloorUs(b), _, Some(s)) => match floor {
+                Some(f) => format!(
+                    "≤ floor + {b} µs: {}",
+                    pass_or_miss(s.median - f, b, "µs over the floor", 2)
+                ),
+                None => "n/a (no floor)".into(),
+            },
+            _ => "n/a".into(),
         };
         let _ = writeln!(
             out,
-            "| {} | {median:.0} [{:.0}–{:.0}] | {} | {verdict} |",
+            "| {} | {} | {} | {} | {verdict} |",
             c.target,
-            v[0],
-            v[v.len() - 1],
-            v.len()
+            fmt_spread(read, 0, false),
+            fmt_spread(sample, 2, false),
+            c.ebpf_us.len()
         );
     }
     out
 }
 
-fn one_window(agent: &Path, pid: u32, window: Duration, frequency: u32) -> anyhow::Result<f64> {
-    let output = Command::new(agent)
-        .args([
-            "record",
-            "--format",
-            "folded",
-            "-o",
-            "/dev/null",
-            "--pid",
-            &pid.to_string(),
-        ])
-        .args([
-            "-F",
-            &frequency.to_string(),
-            "-d",
-            &format!("{}ms", window.as_millis()),
-        ])
-        .output()
+fn pass_or_miss(value: f64, budget: f64, unit: &str, decimals: usize) -> String {
+    if value <= budget {
+        format!("{value:.decimals$} {unit} → PASS")
+    } else {
+        format!(
+            "{value:.decimals$} {unit} → MISS by {:.decimals$}",
+            value - budget
+        )
+    }
+}
+
+/// One `record` of the target: the sampler's eBPF time per sample over `window` (after a
+/// warm-up), and the kernel's context read time per attempt over the whole recording.
+fn one_window(
+    agent: &Path,
+    bpftool: &Bpftool,
+    pid: u32,
+    window: Duration,
+    frequency: u32,
+) -> anyhow::Result<(Option<f64>, f64)> {
+    let child = Command::new(agent)
+        .args(["record", "--format", "folded", "-o", "/dev/null"])
+        .args(["--pid", &pid.to_string(), "-F", &frequency.to_string()])
+        // Stopped with SIGINT after the window; the duration is only a backstop.
+        .args(["-d", &format!("{}s", window.as_secs() + 60)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
         .context("run profiler-agent record")?;
+    let record = child.id();
+    let measured = (|| {
+        let prog = retry(|| bpftool.find_prog(record, Some(names::ON_CPU_SAMPLE)))?;
+        std::thread::sleep(RECORD_WARMUP);
+        let before = bpftool.prog_stats(prog)?;
+        std::thread::sleep(window);
+        let after = bpftool.prog_stats(prog)?;
+        after
+            .us_per_run_since(&before)
+            .context("the sampler did not run in the window")
+    })();
+    let _ = signal(record, libc::SIGINT);
+    let output = child.wait_with_output().context("wait for record")?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {
         bail!("profiler-agent record failed: {stderr}");
     }
-    parse_ns_per_attempt(&stderr).with_context(|| format!("no context line in:\n{stderr}"))
+    Ok((parse_ns_per_attempt(&stderr), measured?))
 }
 
 /// `context: … , 1234 ns per attempt, …` from `record`'s summary.
@@ -126,6 +184,19 @@ fn parse_ns_per_attempt(stderr: &str) -> Option<f64> {
     let line = stderr.lines().find(|l| l.starts_with("context: "))?;
     let before = line.split(" ns per attempt").next()?;
     before.rsplit(' ').next()?.parse().ok()
+}
+
+/// Two threads burning CPU with no trace context: the per-sample floor.
+fn build_untraced(root: &Path, out_dir: &Path) -> anyhow::Result<PathBuf> {
+    let out = out_dir.join("burn-untraced");
+    crate::run(
+        Command::new("gcc")
+            .args(["-O2", "-g", "-fno-omit-frame-pointer", "-pthread"])
+            .arg(root.join("tests/fixtures/burn.c"))
+            .arg("-o")
+            .arg(&out),
+    )?;
+    Ok(out)
 }
 
 pub(crate) fn build_thread_context(root: &Path, out_dir: &Path) -> anyhow::Result<PathBuf> {
@@ -233,6 +304,44 @@ impl Drop for Started {
 
 #[cfg(test)]
 mod tests {
+    use super::{Budget, ContextCost, render};
+
+    #[test]
+    fn go_targets_are_judged_against_the_untraced_floor() {
+        let cost = |target: &str, read_ns: Vec<f64>, ebpf_us: Vec<f64>, budget| ContextCost {
+            target: target.into(),
+            read_ns,
+            ebpf_us,
+            budget,
+        };
+        let table = render(&[
+            cost("floor", vec![], vec![6.0, 6.5, 7.0], Budget::Floor),
+            cost("otep", vec![1200.0], vec![7.0], Budget::ReadNs(1500.0)),
+            cost(
+                "go ok",
+                vec![2000.0],
+                vec![8.5, 9.0, 9.5],
+                Budget::OverFloorUs(3.0),
+            ),
+            cost(
+                "go slow",
+                vec![4000.0],
+                vec![10.0],
+                Budget::OverFloorUs(3.0),
+            ),
+        ]);
+        assert!(
+            table.contains("| floor | n/a | 6.50 [6.00–7.00] | 3 | the floor |"),
+            "{table}"
+        );
+        assert!(table.contains("1200 ns → PASS"), "{table}");
+        assert!(table.contains("2.50 µs over the floor → PASS"), "{table}");
+        assert!(
+            table.contains("3.50 µs over the floor → MISS by 0.50"),
+            "{table}"
+        );
+    }
+
     #[test]
     fn parses_the_summary_line() {
         let stderr = "wrote x\ncontext: 640 read attempts, 630 read, 5 none active, 0 invalid, 0 faults, 1234 ns per attempt, 629 samples traced\n";
