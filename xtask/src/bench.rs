@@ -101,7 +101,7 @@ impl Settings {
             warmup: Duration::from_secs(warmup),
             frequency: args.frequency,
             context_windows: if args.quick { 2 } else { 5 },
-            context_window: Duration::from_secs(if args.quick { 2 } else { 5 }),
+            context_window: Duration::from_secs(if args.quick { 2 } else { 4 }),
         };
         if settings.window.is_zero() || settings.rounds == 0 || settings.frequency == 0 {
             bail!("--window-secs, --rounds and --frequency must be positive");
