@@ -144,7 +144,7 @@ pub fn format_time(unix_ns: u64) -> String {
 }
 
 /// Writes `profile` as `view`. `raw` is the profile's stored pprof bytes when there are any
-/// (written as they are for [`View::Pprof`]).
+/// (written gzip-compressed for [`View::Pprof`], as they are if they already are).
 pub fn write_view(
     view: View,
     profile: &pb::Profile,
@@ -155,7 +155,7 @@ pub fn write_view(
 ) -> std::io::Result<()> {
     match view {
         View::Pprof => match raw {
-            Some(bytes) => w.write_all(bytes),
+            Some(bytes) => w.write_all(&pprof::ensure_gzip(bytes)),
             None => w.write_all(&pprof::encode_gzip(profile)),
         },
         View::Folded => Stacks::of(profile).write_folded(w),

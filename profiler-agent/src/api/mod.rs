@@ -380,7 +380,8 @@ async fn window_view(
 /// Streams `view` of the stored pprof `raw` (gzip or not), rendered on a blocking thread.
 fn render(view: View, content_type: &'static str, raw: Vec<u8>, title: String) -> Response {
     if view == View::Pprof {
-        return ([(header::CONTENT_TYPE, content_type)], raw).into_response();
+        let file = pprof::ensure_gzip(&raw).into_owned();
+        return ([(header::CONTENT_TYPE, content_type)], file).into_response();
     }
     body::stream(content_type, move |w| {
         let profile = pprof::decode(&raw).map_err(std::io::Error::other)?;

@@ -24,7 +24,7 @@ pub fn drain_interval(frequency_hz: u64) -> Duration {
 
 /// Records per message to the collector: a drain is handed over in batches of at most this
 /// many, so the collector wakes once per drain instead of once per record.
-pub const RECORDS_PER_BATCH: usize = 256;
+const RECORDS_PER_BATCH: usize = 256;
 
 /// Spawns the drain task. It stops when `records` is closed or `stop` fires, after a last drain.
 pub fn spawn_reader<T: From<Vec<Record>> + Send + 'static>(

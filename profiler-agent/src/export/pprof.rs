@@ -6,7 +6,7 @@
 //! its mapping is the object (identity mapping of file offsets), so profiles of processes that
 //! have exited still say which binary and build id each frame came from.
 
-use std::{cell::RefCell, collections::HashMap, sync::Arc};
+use std::{borrow::Cow, cell::RefCell, collections::HashMap, sync::Arc};
 
 use flate2::{Compress, Compression, Crc, FlushCompress, Status};
 use prost::Message as _;
@@ -222,9 +222,14 @@ pub fn encode_for_store(profile: &pb::Profile) -> Vec<u8> {
     }
 }
 
-/// `bytes` gzip-compressed, unless they already are (a stored profile, either form).
-pub fn ensure_gzip(bytes: Vec<u8>) -> Vec<u8> {
-    if is_gzip(&bytes) { bytes } else { gzip(&bytes) }
+/// A stored profile (either form) as a `.pb.gz` file holds it: gzip-compressed, unless it
+/// already is.
+pub fn ensure_gzip(bytes: &[u8]) -> Cow<'_, [u8]> {
+    if is_gzip(bytes) {
+        Cow::Borrowed(bytes)
+    } else {
+        Cow::Owned(gzip(bytes))
+    }
 }
 
 fn is_gzip(bytes: &[u8]) -> bool {
@@ -560,7 +565,7 @@ mod tests {
         let stored = encode_for_store(&small);
         assert!(!is_gzip(&stored));
         assert_eq!(decode(&stored).unwrap(), small);
-        assert_eq!(gunzip(&ensure_gzip(stored)), small.encode_to_vec());
+        assert_eq!(gunzip(&ensure_gzip(&stored)), small.encode_to_vec());
 
         let large = pb::Profile {
             string_table: (0..2000).map(|i| format!("function_{i}")).collect(),
@@ -570,7 +575,7 @@ mod tests {
         assert!(is_gzip(&stored) && stored.len() < large.encoded_len());
         assert_eq!(decode(&stored).unwrap(), large);
         assert_eq!(
-            ensure_gzip(stored.clone()),
+            ensure_gzip(&stored).as_ref(),
             stored,
             "already gzip: unchanged"
         );

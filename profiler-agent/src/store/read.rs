@@ -248,12 +248,12 @@ impl StoreReader {
         Ok((processes, spans))
     }
 
-    /// The trace's pprof, gzip-compressed (small ones are stored raw); its parts merged when
-    /// there are several.
+    /// The trace's pprof as stored (raw when small, else gzip; `pprof::decode` reads both,
+    /// `pprof::ensure_gzip` makes a `.pb.gz` of it); its parts merged when there are several.
     pub fn trace_pprof(&self, trace_id: &[u8; 16]) -> Result<Vec<u8>> {
         let mut parts = self.trace_parts(trace_id)?;
         if parts.len() == 1 {
-            return Ok(pprof::ensure_gzip(parts.remove(0)));
+            return Ok(parts.remove(0));
         }
         Ok(pprof::encode_gzip(&self.merge(&parts)?))
     }

@@ -182,27 +182,21 @@ fn write_loop(
                 let mut batch = vec![first];
                 let deadline = Instant::now() + BATCH_WAIT;
                 let mut disconnected = false;
-                'gather: while batch.len() < BATCH {
-                    loop {
-                        match rx.try_recv() {
-                            Ok(r) => {
-                                batch.push(r);
-                                if batch.len() == BATCH {
-                                    break 'gather;
-                                }
+                while batch.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(TryRecvError::Disconnected) => {
+                            disconnected = true;
+                            break;
+                        }
+                        Err(TryRecvError::Empty) => {
+                            let left = deadline.saturating_duration_since(Instant::now());
+                            if left.is_zero() {
+                                break;
                             }
-                            Err(TryRecvError::Empty) => break,
-                            Err(TryRecvError::Disconnected) => {
-                                disconnected = true;
-                                break 'gather;
-                            }
+                            std::thread::sleep(left.min(GATHER_POLL));
                         }
                     }
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    std::thread::sleep(left.min(GATHER_POLL));
                 }
                 write_batch(&mut store, batch, metrics);
                 if disconnected {
