@@ -65,6 +65,9 @@ pub trait Sink: Send {
     /// Every sample of an interval, traced or not.
     fn interval(&mut self, _aggregate: &Aggregate, _window: (u64, u64), _cx: &mut SinkContext<'_>) {
     }
+    /// Once a second, after idle traces went out: a sink that batches hands over what has
+    /// waited long enough.
+    fn tick(&mut self) {}
 }
 
 /// What a flush callback gets to work with.
@@ -182,6 +185,9 @@ impl Collector {
             }
             Message::Tick => {
                 self.flush_traces(FlushTraces::Idle);
+                for sink in &mut self.sinks {
+                    sink.tick();
+                }
                 self.processes.collect_garbage();
                 if let Some(sources) = &mut self.sources {
                     for pid in self.stale_key_maps.drain() {

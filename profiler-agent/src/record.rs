@@ -19,8 +19,8 @@ use crate::{
 };
 
 /// Depth of the queue between the ring-buffer reader and the collector, in messages (a
-/// message is one drain's batch of at most `RECORDS_PER_BATCH` records): 25 s of drains on a
-/// small machine, 65,536 records at most, while a slow flush (a cold symbolization) holds the
+/// message is one drain's batch of at most `RECORDS_PER_BATCH` records): two minutes of drains
+/// on a small machine, 65,536 records at most, while a slow flush (a cold symbolization) holds the
 /// collector.
 const COLLECTOR_QUEUE: usize = 256;
 

@@ -13,6 +13,7 @@ use std::{
     fs::File,
     path::{Path, PathBuf},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use object::read::ReadCache;
@@ -90,9 +91,16 @@ pub struct ContextSources {
     objects: HashMap<(i32, i32, u64), Option<ObjectSources>>,
     processes: HashMap<u32, ProcessState>,
     contexts: HashMap<u32, (ProcessContextReader, Arc<ProcessMeta>)>,
+    /// When a process without a published context was last searched for one because its
+    /// samples named attribute keys (a search reads its whole maps file).
+    context_searched: HashMap<u32, Instant>,
     proc_root: PathBuf,
     metrics: Metrics,
 }
+
+/// A process whose samples name attribute keys but which published no process context is
+/// searched for one at most this often.
+const CONTEXT_SEARCH_EVERY: Duration = Duration::from_secs(10);
 
 impl ContextSources {
     pub fn new(map: ContextSourceMap, metrics: Metrics) -> Self {
@@ -101,6 +109,7 @@ impl ContextSources {
             objects: HashMap::new(),
             processes: HashMap::new(),
             contexts: HashMap::new(),
+            context_searched: HashMap::new(),
             proc_root: PathBuf::from("/proc"),
             metrics,
         }
@@ -167,14 +176,29 @@ impl ContextSources {
     }
 
     /// A sample named an attribute key index the cached key map does not have: the process may
-    /// have published a longer map.
+    /// have published a longer map. A context already found is re-read by [`tick`](Self::tick)
+    /// when its timestamp changes, which is how a writer announces a new map; a process
+    /// without one is searched again at most every [`CONTEXT_SEARCH_EVERY`].
     pub fn refresh_process_context(&mut self, pid: u32) {
+        if self.contexts.contains_key(&pid) {
+            return;
+        }
+        let now = Instant::now();
+        if self
+            .context_searched
+            .get(&pid)
+            .is_some_and(|at| now.duration_since(*at) < CONTEXT_SEARCH_EVERY)
+        {
+            return;
+        }
+        self.context_searched.insert(pid, now);
         self.read_process_context(pid);
     }
 
     fn forget(&mut self, pid: u32) {
         self.processes.remove(&pid);
         self.contexts.remove(&pid);
+        self.context_searched.remove(&pid);
         self.map.remove(pid);
     }
 

@@ -50,7 +50,9 @@ pub use write::{BucketRecord, Retention, RetentionOutcome, Store, TraceProcess, 
 /// `PRAGMA application_id` of a profiler store ("PRFL"): tells it from other SQLite files.
 const APPLICATION_ID: i32 = 0x5052_464c;
 /// `PRAGMA user_version`: the schema below.
-const SCHEMA_VERSION: i32 = 2;
+const SCHEMA_VERSION: i32 = 3;
+/// The oldest schema readers accept: version 3 only dropped indexes that no query used.
+const MIN_READABLE_VERSION: i32 = 2;
 /// What brings a store of each older version to the next one (index 0: version 1 → 2). The
 /// agent applies them when it opens the store; readers refuse an older schema until then.
 const MIGRATIONS: &[&str] = &[
@@ -60,6 +62,13 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX trace_processes_by_pod ON trace_processes (namespace, pod, trace_id);
      ALTER TABLE buckets ADD COLUMN namespace TEXT NOT NULL DEFAULT '';
      ALTER TABLE buckets ADD COLUMN pod TEXT NOT NULL DEFAULT '';",
+    // 3: no secondary indexes on trace_processes and trace_spans. Every filter is checked
+    // per trace with the primary key (trace_id, …) while the listing walks traces_by_last,
+    // and each index cost a random-key B-tree insert per trace written.
+    "DROP INDEX IF EXISTS trace_processes_by_service;
+     DROP INDEX IF EXISTS trace_processes_by_pid;
+     DROP INDEX IF EXISTS trace_processes_by_pod;
+     DROP INDEX IF EXISTS trace_spans_by_span;",
 ];
 const _: () = assert!(MIGRATIONS.len() as i32 == SCHEMA_VERSION - 1);
 /// How long a statement waits for another connection's lock before failing as locked.
@@ -97,15 +106,11 @@ CREATE TABLE trace_processes (
     pod TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (trace_id, pid)
 ) WITHOUT ROWID;
-CREATE INDEX trace_processes_by_service ON trace_processes (service, trace_id);
-CREATE INDEX trace_processes_by_pid ON trace_processes (pid, trace_id);
-CREATE INDEX trace_processes_by_pod ON trace_processes (namespace, pod, trace_id);
 CREATE TABLE trace_spans (
     trace_id BLOB NOT NULL,
     span_id BLOB NOT NULL,
     PRIMARY KEY (trace_id, span_id)
 ) WITHOUT ROWID;
-CREATE INDEX trace_spans_by_span ON trace_spans (span_id);
 CREATE TABLE buckets (
     id INTEGER PRIMARY KEY,
     start_ns INTEGER NOT NULL,
@@ -143,8 +148,8 @@ pub enum StoreError {
     #[error("{path} is not a profiler store ({detail}); refusing to touch it")]
     Foreign { path: PathBuf, detail: String },
     #[error(
-        "store {path} has schema {version}, older than this reader's {SCHEMA_VERSION}: the agent \
-         upgrades it when it starts (`profiler-agent run --store {path}`)"
+        "store {path} has schema {version}; this reader needs {MIN_READABLE_VERSION} or newer: \
+         the agent upgrades it when it starts (`profiler-agent run --store {path}`)"
     )]
     Outdated { path: PathBuf, version: i32 },
     #[error("trace {0} is not in the store")]

@@ -132,7 +132,7 @@ impl StoreReader {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         let version = check_identity(&conn, path, false)?;
-        if version < super::SCHEMA_VERSION {
+        if version < super::MIN_READABLE_VERSION {
             return Err(StoreError::Outdated {
                 path: path.to_owned(),
                 version,

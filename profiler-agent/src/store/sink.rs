@@ -1,11 +1,12 @@
 //! The store as a collector sink. On the collector thread it only encodes (the symbolizer
-//! lives there) and hands records to its writer thread through a bounded queue; a full queue
-//! drops the record and counts it (`store_dropped_queue_full`), so sampling never waits for
-//! the disk. The writer batches whatever is queued into one transaction and runs retention
-//! every [`RETENTION_EVERY`].
+//! lives there) and gathers records into a batch; a batch goes to the writer thread once it is
+//! [`BATCH_WAIT`] old (checked at the collector's tick) or [`BATCH`] records long, through a
+//! bounded queue. A full queue drops the batch and counts its records
+//! (`store_dropped_queue_full`), so sampling never waits for the disk. The writer commits each
+//! batch as one transaction and runs retention every [`RETENTION_EVERY`].
 
 use std::{
-    sync::mpsc::{self, RecvTimeoutError, SyncSender, TryRecvError, TrySendError},
+    sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -18,19 +19,16 @@ use crate::{
     profile::{Aggregate, traces::TraceProfile},
 };
 
-/// Records waiting for the writer at most.
-const QUEUE: usize = 1024;
-/// Records written in one transaction at most.
-const BATCH: usize = 256;
+/// Records per batch (one transaction) at most.
+const BATCH: usize = 512;
+/// Batches waiting for the writer at most: 16 × 2 s of a busy machine while the disk stalls.
+const QUEUE_BATCHES: usize = 16;
+/// How long a batch gathers records before it goes to the writer: one transaction (and one WAL
+/// commit, which rewrites every index page it touched) and one wake-up of the writer per two
+/// seconds, rather than per trace. Traces reach the store after they went idle anyway.
+const BATCH_WAIT: Duration = Duration::from_secs(2);
 /// How often retention runs (and once at start).
 const RETENTION_EVERY: Duration = Duration::from_secs(10);
-/// How long the writer gathers records after the first before it commits them together: one
-/// transaction (and one WAL commit, which rewrites every index page it touched) per two
-/// seconds rather than per trace. Traces reach the store after they went idle anyway.
-const BATCH_WAIT: Duration = Duration::from_secs(2);
-/// While gathering, the queue is emptied this often: `QUEUE` records per poll is room for
-/// 4,000 traces a second.
-const GATHER_POLL: Duration = Duration::from_millis(250);
 
 enum Record {
     Trace(TraceRecord),
@@ -38,7 +36,10 @@ enum Record {
 }
 
 pub struct StoreSink {
-    queue: Option<SyncSender<Record>>,
+    queue: Option<SyncSender<Vec<Record>>>,
+    /// The batch being gathered, and when its first record came.
+    pending: Vec<Record>,
+    pending_since: Instant,
     writer: Option<JoinHandle<()>>,
     metrics: Metrics,
 }
@@ -46,24 +47,45 @@ pub struct StoreSink {
 impl StoreSink {
     /// Starts the writer thread, which owns `store` from now on.
     pub fn start(store: Store, retention: Retention, metrics: Metrics) -> std::io::Result<Self> {
-        let (queue, rx) = mpsc::sync_channel(QUEUE);
+        let (queue, rx) = mpsc::sync_channel(QUEUE_BATCHES);
         let writer_metrics = metrics.clone();
         let writer = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || write_loop(store, retention, &rx, &writer_metrics))?;
         Ok(Self {
             queue: Some(queue),
+            pending: Vec::new(),
+            pending_since: Instant::now(),
             writer: Some(writer),
             metrics,
         })
     }
 
-    fn send(&self, record: Record) {
+    fn send(&mut self, record: Record) {
+        if self.pending.is_empty() {
+            self.pending_since = Instant::now();
+        }
+        self.pending.push(record);
+        if self.pending.len() >= BATCH {
+            self.hand_over();
+        }
+    }
+
+    fn hand_over(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.pending);
         let Some(queue) = &self.queue else { return };
-        match queue.try_send(record) {
+        match queue.try_send(batch) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => self.metrics.inc("store_dropped_queue_full"),
-            Err(TrySendError::Disconnected(_)) => self.metrics.inc("store_dropped_writer_gone"),
+            Err(TrySendError::Full(b)) => {
+                self.metrics.add("store_dropped_queue_full", b.len() as u64);
+            }
+            Err(TrySendError::Disconnected(b)) => {
+                self.metrics
+                    .add("store_dropped_writer_gone", b.len() as u64);
+            }
         }
     }
 }
@@ -83,6 +105,12 @@ impl Sink for StoreSink {
             cx.frequency_hz,
             pprof::encode_for_store(&profile),
         )));
+    }
+
+    fn tick(&mut self) {
+        if self.pending_since.elapsed() >= BATCH_WAIT {
+            self.hand_over();
+        }
     }
 
     fn interval(&mut self, aggregate: &Aggregate, window: (u64, u64), cx: &mut SinkContext<'_>) {
@@ -114,9 +142,11 @@ impl Sink for StoreSink {
 }
 
 impl Drop for StoreSink {
-    /// Closes the queue and waits for the writer to store what is queued: at shutdown the
-    /// collector drops its sinks after the last flush, and nothing may be lost.
+    /// Hands over the last batch, closes the queue and waits for the writer to store what is
+    /// queued: at shutdown the collector drops its sinks after the last flush, and nothing may
+    /// be lost.
     fn drop(&mut self) {
+        self.hand_over();
         drop(self.queue.take());
         if let Some(writer) = self.writer.take()
             && writer.join().is_err()
@@ -169,40 +199,14 @@ fn trace_record(trace: &TraceProfile, frequency_hz: u64, profile: Vec<u8>) -> Tr
 fn write_loop(
     mut store: Store,
     retention: Retention,
-    rx: &mpsc::Receiver<Record>,
+    rx: &mpsc::Receiver<Vec<Record>>,
     metrics: &Metrics,
 ) {
     run_retention(&mut store, &retention, metrics);
     let mut last_retention = Instant::now();
     loop {
         match rx.recv_timeout(RETENTION_EVERY) {
-            Ok(first) => {
-                // Gathered by polling, not by waking for each record: the collector hands
-                // over a burst of traces per flush.
-                let mut batch = vec![first];
-                let deadline = Instant::now() + BATCH_WAIT;
-                let mut disconnected = false;
-                while batch.len() < BATCH {
-                    match rx.try_recv() {
-                        Ok(r) => batch.push(r),
-                        Err(TryRecvError::Disconnected) => {
-                            disconnected = true;
-                            break;
-                        }
-                        Err(TryRecvError::Empty) => {
-                            let left = deadline.saturating_duration_since(Instant::now());
-                            if left.is_zero() {
-                                break;
-                            }
-                            std::thread::sleep(left.min(GATHER_POLL));
-                        }
-                    }
-                }
-                write_batch(&mut store, batch, metrics);
-                if disconnected {
-                    break;
-                }
-            }
+            Ok(batch) => write_batch(&mut store, batch, metrics),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
         }

@@ -583,8 +583,7 @@ fn a_version_1_store_is_upgraded_by_the_agent_and_refused_by_readers_until_then(
     // Take the version 2 additions back out: what a version 1 agent left.
     let conn = rusqlite::Connection::open(dir.db()).unwrap();
     conn.execute_batch(
-        "DROP INDEX trace_processes_by_pod;
-         ALTER TABLE trace_processes DROP COLUMN namespace;
+        "ALTER TABLE trace_processes DROP COLUMN namespace;
          ALTER TABLE trace_processes DROP COLUMN pod;
          ALTER TABLE buckets DROP COLUMN namespace;
          ALTER TABLE buckets DROP COLUMN pod;
@@ -607,4 +606,64 @@ fn a_version_1_store_is_upgraded_by_the_agent_and_refused_by_readers_until_then(
     let (processes, _) = reader.trace_detail(&[0xbb; 16]).unwrap();
     assert_eq!(processes[0].namespace, "shop");
     drop(store);
+}
+
+#[test]
+fn a_version_2_store_is_read_as_it_is_and_loses_its_unused_indexes_when_the_agent_opens_it() {
+    let dir = TempDir::new("migrate3");
+    let mut store = Store::open(&dir.db()).unwrap();
+    store
+        .write(&[record(0xaa, T0, T0 + 10, 3, "checkout")], &[])
+        .unwrap();
+    drop(store);
+    // What a version 2 agent left: the same tables plus four secondary indexes.
+    let conn = rusqlite::Connection::open(dir.db()).unwrap();
+    conn.execute_batch(
+        "CREATE INDEX trace_processes_by_service ON trace_processes (service, trace_id);
+         CREATE INDEX trace_processes_by_pid ON trace_processes (pid, trace_id);
+         CREATE INDEX trace_processes_by_pod ON trace_processes (namespace, pod, trace_id);
+         CREATE INDEX trace_spans_by_span ON trace_spans (span_id);
+         PRAGMA user_version = 2;",
+    )
+    .unwrap();
+    drop(conn);
+    let indexes = |path: &std::path::Path| -> i64 {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND name IN \
+                 ('trace_processes_by_service', 'trace_processes_by_pid', \
+                  'trace_processes_by_pod', 'trace_spans_by_span')",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(indexes(&dir.db()), 4);
+    let reader = StoreReader::open(&dir.db()).unwrap();
+    let listed = reader
+        .traces(&TraceFilter {
+            service: Some("checkout".into()),
+            limit: 10,
+            ..TraceFilter::default()
+        })
+        .unwrap();
+    assert_eq!(listed.len(), 1, "a version 2 store reads as it is");
+    drop(reader);
+    let store = Store::open(&dir.db()).unwrap();
+    assert_eq!(
+        indexes(&dir.db()),
+        0,
+        "the agent dropped the unused indexes"
+    );
+    drop(store);
+    let reader = StoreReader::open(&dir.db()).unwrap();
+    let listed = reader
+        .traces(&TraceFilter {
+            service: Some("checkout".into()),
+            limit: 10,
+            ..TraceFilter::default()
+        })
+        .unwrap();
+    assert_eq!(listed.len(), 1);
 }
