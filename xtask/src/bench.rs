@@ -147,7 +147,6 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         commit: git_commit(),
         load_before: load_average(),
         load_after: String::new(),
-        clock_tick_ms: 1000.0 / clock_ticks_per_second()? as f64,
         store: None,
         symbolize: None,
     };
@@ -177,7 +176,6 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         cpus,
         logs: &logs,
         tmp: &tmp.0,
-        clock_ticks: clock_ticks_per_second()?,
     };
     let mut measurements = Vec::new();
     for round in 0..settings.rounds {
@@ -295,7 +293,6 @@ struct Run<'a> {
     cpus: u32,
     logs: &'a Path,
     tmp: &'a Path,
-    clock_ticks: u64,
 }
 
 /// What a window reads of the profiler under test.
@@ -311,11 +308,11 @@ struct Snapshot {
     at: Instant,
     monotonic_secs: f64,
     iterations: u64,
-    /// The fixtures' user + sys, in clock ticks.
-    fixture_ticks: u64,
+    /// The fixtures' CPU time (every thread), in ns.
+    fixture_cpu_ns: u64,
     prog: Option<ProgStats>,
     samples_emitted: Option<u64>,
-    cpu_ticks: Option<u64>,
+    cpu_ns: Option<u64>,
 }
 
 impl Run<'_> {
@@ -429,25 +426,24 @@ impl Run<'_> {
     fn snapshot(&mut self, target: &Option<Target<'_>>) -> anyhow::Result<Snapshot> {
         let at = Instant::now();
         let monotonic_secs = monotonic_secs();
-        let (mut iterations, mut fixture_ticks) = (0, 0);
+        let (mut iterations, mut fixture_cpu_ns) = (0, 0);
         for fixture in self.fixtures.iter_mut() {
             iterations += fixture.iterations()?;
-            let pid = fixture.process.pid();
-            fixture_ticks += parse_stat_cpu_ticks(&read(format!("/proc/{pid}/stat"))?)?;
+            fixture_cpu_ns += process_cpu_ns(fixture.process.pid())?;
         }
         let Some(target) = target else {
             return Ok(Snapshot {
                 at,
                 monotonic_secs,
                 iterations,
-                fixture_ticks,
+                fixture_cpu_ns,
                 prog: None,
                 samples_emitted: None,
-                cpu_ticks: None,
+                cpu_ns: None,
             });
         };
         let pid = target.process.pid();
-        let cpu_ticks = parse_stat_cpu_ticks(&read(format!("/proc/{pid}/stat"))?)?;
+        let cpu_ns = process_cpu_ns(pid)?;
         let prog = target
             .prog
             .map(|id| self.tools.bpftool.prog_stats(id))
@@ -465,10 +461,10 @@ impl Run<'_> {
             at,
             monotonic_secs,
             iterations,
-            fixture_ticks,
+            fixture_cpu_ns,
             prog,
             samples_emitted,
-            cpu_ticks: Some(cpu_ticks),
+            cpu_ns: Some(cpu_ns),
         })
     }
 
@@ -528,13 +524,11 @@ impl Run<'_> {
             window_secs: secs,
             monotonic_window: (start.monotonic_secs, end.monotonic_secs),
             iterations: end.iterations.saturating_sub(start.iterations),
-            fixture_cpu_ms: end.fixture_ticks.saturating_sub(start.fixture_ticks) as f64 * 1000.0
-                / self.clock_ticks as f64,
+            fixture_cpu_ms: end.fixture_cpu_ns.saturating_sub(start.fixture_cpu_ns) as f64 / 1e6,
             ebpf_run_time_ns: ebpf.map(|e| e.0),
             ebpf_run_cnt: ebpf.map(|e| e.1),
             ebpf_sub_windows,
-            cpu_ms: delta(start.cpu_ticks, end.cpu_ticks)
-                .map(|ticks| ticks as f64 * 1000.0 / self.clock_ticks as f64),
+            cpu_ms: delta(start.cpu_ns, end.cpu_ns).map(|ns| ns as f64 / 1e6),
             rss_anon_kib: rss.map(|r| r.0),
             rss_file_kib: rss.map(|r| r.1),
             samples,
@@ -1040,13 +1034,29 @@ fn git_commit() -> String {
     format!("{}{}", commit.trim(), if dirty { " (dirty)" } else { "" })
 }
 
-fn clock_ticks_per_second() -> anyhow::Result<u64> {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    u64::try_from(ticks)
-        .ok()
-        .filter(|&t| t > 0)
-        .ok_or_else(|| anyhow!("sysconf(_SC_CLK_TCK) = {ticks}"))
+/// A process's CPU time (user + system, every thread, exited ones included) in ns, from its
+/// CPU-time clock: /proc/<pid>/stat counts in 10 ms ticks, too coarse for an agent that uses a
+/// few ms a second.
+fn process_cpu_ns(pid: u32) -> anyhow::Result<u64> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `clock` is a valid out-pointer.
+    let rc = unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) };
+    if rc != 0 {
+        bail!(
+            "clock_getcpuclockid({pid}): {}",
+            std::io::Error::from_raw_os_error(rc)
+        );
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("CPU clock of process {pid}"));
+    }
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
 }
 
 /// CLOCK_MONOTONIC in seconds: the clock `perf record -k CLOCK_MONOTONIC` stamps samples with.
@@ -1192,24 +1202,6 @@ fn json_le_u64(v: &Value) -> Option<u64> {
         let b = u64::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok()?;
         (b <= 0xff).then_some(acc | (b << (8 * i)))
     })
-}
-
-/// utime + stime, in clock ticks, from /proc/<pid>/stat (fields 14 and 15; the command name,
-/// field 2, may contain spaces and parentheses, so fields are counted after the last ')').
-pub(crate) fn parse_stat_cpu_ticks(stat: &str) -> anyhow::Result<u64> {
-    let (_, rest) = stat
-        .rsplit_once(')')
-        .ok_or_else(|| anyhow!("/proc/<pid>/stat: no ')' in {stat:?}"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // fields[0] is field 3 (state): utime is field 14, stime field 15.
-    let field = |n: usize| -> anyhow::Result<u64> {
-        fields
-            .get(n - 3)
-            .ok_or_else(|| anyhow!("/proc/<pid>/stat: no field {n}"))?
-            .parse()
-            .with_context(|| format!("/proc/<pid>/stat: field {n}"))
-    };
-    Ok(field(14)? + field(15)?)
 }
 
 /// (RssAnon, RssFile) in KiB from /proc/<pid>/status.
@@ -1422,8 +1414,6 @@ pub(crate) struct ReportContext {
     pub commit: String,
     pub load_before: String,
     pub load_after: String,
-    /// One /proc/<pid>/stat clock tick, in ms: the resolution of the process CPU rows.
-    pub clock_tick_ms: f64,
     /// The store-query benchmark (None when it did not run).
     pub store: Option<StoreBench>,
     /// The symbolization benchmark (None when it did not run).
@@ -1839,11 +1829,8 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
          sampled thread; see the fixture rows). bpftrace and perf symbolize only at \
          exit, outside the window; ours symbolizes continuously, inside it, and exports every \
          interval over OTLP/HTTP to a local sink (the OTLP rows count its whole run). \
-         Process CPU is \
-         counted in {} ms clock ticks ({:.2}% of one CPU per {} s window). See BENCHMARKS.md.",
-        ctx.clock_tick_ms,
-        ctx.clock_tick_ms / (ctx.window_secs * 1000.0) * 100.0,
-        ctx.window_secs
+         Process CPU is read from each process's CPU-time clock (ns, every thread, exited \
+         ones included). See BENCHMARKS.md."
     );
     out
 }
@@ -1940,17 +1927,6 @@ mod tests {
         assert_eq!(parse_percpu_map_sums(&numeric).unwrap(), vec![0, 11]);
         let not_percpu: Value = serde_json::from_str(r#"[{"key":0,"value":5}]"#).unwrap();
         assert!(parse_percpu_map_sums(&not_percpu).is_err());
-    }
-
-    #[test]
-    fn stat_cpu_ticks() {
-        let stat = "20946 (profiler-agent) S 20945 20945 1234 0 -1 4194560 2950 0 0 0 \
-                    137 42 0 0 20 0 5 0 169600 420000000 6000 18446744073709551615";
-        assert_eq!(parse_stat_cpu_ticks(stat).unwrap(), 179);
-        // A command name with spaces and parentheses.
-        let odd = "7 (a) b (c)) R 1 7 7 0 -1 0 0 0 0 0 5 6 0 0 20 0 1 0 1 1 1";
-        assert_eq!(parse_stat_cpu_ticks(odd).unwrap(), 11);
-        assert!(parse_stat_cpu_ticks("7 (short) R 1").is_err());
     }
 
     #[test]
@@ -2090,7 +2066,6 @@ mod tests {
             commit: "abc123".into(),
             load_before: "1.00".into(),
             load_after: "2.00".into(),
-            clock_tick_ms: 10.0,
             store: Some(
                 StoreBench::parse(
                     r#"{"traces":10000,"queries":500,"write_secs":3.0,"query_p50_ms":1.25,

@@ -296,6 +296,26 @@ impl Store {
 
 fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
     let id = &t.trace_id[..];
+    // Most traces are new to the store: their index row is this part's own figures, written
+    // without reading anything back. A trace already there (a late re-flush, a new part) is
+    // re-aggregated from its parts below.
+    let mut services: Vec<&str> = t.processes.iter().map(|p| p.service.as_str()).collect();
+    services.sort_unstable();
+    services.dedup();
+    let new_trace =
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO traces (trace_id, first_ns, last_ns, samples, cpu_ns, bytes, \
+             parts, services) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7)",
+        )?
+        .execute(params![
+            id,
+            sql_ns(t.first_ns),
+            sql_ns(t.last_ns),
+            sql_ns(t.samples),
+            sql_ns(t.cpu_ns),
+            t.profile.len() as i64,
+            services.join("\n"),
+        ])? == 1;
     tx.prepare_cached(
         "INSERT INTO trace_parts (trace_id, part, first_ns, last_ns, samples, cpu_ns, bytes, \
          profile) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
@@ -331,6 +351,9 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
         tx.prepare_cached("INSERT OR IGNORE INTO trace_spans (trace_id, span_id) VALUES (?1, ?2)")?;
     for s in &t.spans {
         span.execute(params![id, &s[..]])?;
+    }
+    if new_trace {
+        return Ok(());
     }
     // The index row is the aggregate of the parts (one part unless the trace came back after
     // the agent's late window or a restart). Three plain statements rather than one
