@@ -13,8 +13,9 @@ use crate::metrics::Metrics;
 /// kernel wakes the reader): every ~500 ms at 99 Hz, every second at 19 Hz. The ring (8 MiB by
 /// default, ~400 B a sample) holds seconds of samples even on a hundred CPUs. A wake-up costs
 /// tens of microseconds in a VM (timer and IPI exits) whatever it carries: fewer drains are the
-/// largest saving in the agent's fixed cost. The price is latency only: a new process's first
-/// samples wait up to one drain for its context source to be resolved.
+/// largest saving in the agent's fixed cost. The price: a new process's samples carry no trace
+/// context until its context source is resolved, up to one drain after its first sample
+/// (counted in `context_no_source`; 100 ms at the earlier pace).
 const SAMPLES_PER_CPU_PER_DRAIN: u64 = 50;
 const MIN_DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
