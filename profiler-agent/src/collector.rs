@@ -1,7 +1,7 @@
 //! The collector owns the process table, the interval aggregate, the per-trace table, the
 //! symbolizer and the sinks. It runs on its own thread (it does blocking `/proc` and ELF reads,
 //! and blazesym's symbolizer is not `Send`), fed through one bounded channel by the ring-buffer
-//! reader, a 1 s ticker, and whoever asks it for output.
+//! reader (which also sends the 1 s housekeeping tick), and whoever asks it for output.
 
 use std::{collections::HashSet, sync::Arc, thread::JoinHandle};
 

@@ -11,7 +11,7 @@ use crate::{
         Collector, CollectorConfig, Flushed, Message, ProcessNote, Sink, SymbolizedSample,
     },
     context::IdLabels,
-    ebpf::{KernelCounters, Sampler, SamplerConfig, drain_interval, spawn_reader},
+    ebpf::{Heartbeat, KernelCounters, Sampler, SamplerConfig, drain_interval, spawn_reader},
     export::{self, Format},
     k8s::PodMetadataHandle,
     metrics::Metrics,
@@ -24,7 +24,8 @@ use crate::{
 /// collector.
 const COLLECTOR_QUEUE: usize = 256;
 
-/// How often the collector flushes idle traces and does its housekeeping.
+/// How often the collector flushes idle traces and does its housekeeping (sent by the reader
+/// after a drain: at most one drain interval late).
 const TICK: Duration = Duration::from_secs(1);
 
 /// What a recording does with what it collects.
@@ -48,7 +49,6 @@ pub struct Recording {
     sampler: Sampler,
     stop: watch::Sender<bool>,
     reader: tokio::task::JoinHandle<anyhow::Result<()>>,
-    ticker: tokio::task::JoinHandle<()>,
     inbox: mpsc::Sender<Message>,
     collector: std::thread::JoinHandle<()>,
     pub metrics: Metrics,
@@ -91,26 +91,17 @@ impl Recording {
             channels.ring,
             inbox.clone(),
             drain_interval(config.frequency_hz),
+            Some(Heartbeat {
+                every: TICK,
+                message: || Message::Tick,
+            }),
             metrics.clone(),
             stop_rx,
         );
-        let ticker = {
-            let inbox = inbox.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(TICK);
-                loop {
-                    tick.tick().await;
-                    if inbox.send(Message::Tick).await.is_err() {
-                        return;
-                    }
-                }
-            })
-        };
         Ok(Self {
             sampler,
             stop,
             reader,
-            ticker,
             inbox,
             collector,
             metrics,
@@ -161,7 +152,6 @@ impl Recording {
         let kernel = self.sampler.stop();
         let _ = self.stop.send(true);
         self.reader.await.context("ring-buffer reader panicked")??;
-        self.ticker.abort();
         self.inbox
             .send(Message::FlushTraces)
             .await

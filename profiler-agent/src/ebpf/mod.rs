@@ -28,7 +28,7 @@ use profiler_common::{
     ContextReader, ContextSource, Counter, EbpfConfig, MAX_WANTED_KEY_LEN, MAX_WANTED_KEYS,
     WantedLabelKeys, names,
 };
-pub use reader::{drain_interval, spawn_reader};
+pub use reader::{Heartbeat, drain_interval, spawn_reader};
 
 /// The object `profiler-ebpf` compiles to, built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
