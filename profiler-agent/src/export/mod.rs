@@ -231,8 +231,8 @@ pub fn trace_to_pprof(
 
 /// Each process's placement labels (pod, container, pid in its container), computed once per
 /// profile rather than once per sample.
-fn placement_labels(
-    details: &HashMap<u32, Arc<ProcessDetails>>,
+fn placement_labels<S>(
+    details: &HashMap<u32, Arc<ProcessDetails>, S>,
 ) -> HashMap<u32, Vec<(String, String)>> {
     details
         .iter()

@@ -6,7 +6,9 @@
 //! its mapping is the object (identity mapping of file offsets), so profiles of processes that
 //! have exited still say which binary and build id each frame came from.
 
-use std::{borrow::Cow, cell::RefCell, collections::HashMap, sync::Arc};
+use std::{borrow::Cow, cell::RefCell, sync::Arc};
+
+use foldhash::{HashMap, HashMapExt};
 
 use flate2::{Compress, Compression, Crc, FlushCompress, Status};
 use prost::Message as _;

@@ -4,7 +4,9 @@
 
 pub mod traces;
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
+
+use foldhash::HashMap;
 
 use crate::{context::TraceContext, process::ObjectId};
 

@@ -7,10 +7,8 @@
 //! whole trace so far and replace what they had. Memory is bounded by `max_live` and
 //! `max_retained`; evictions are counted.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::Arc,
-};
+use foldhash::{HashMap, HashMapExt};
+use std::{collections::VecDeque, sync::Arc};
 
 use super::{Frame, ProcessDetails, SampleValue};
 use crate::context::TraceContext;
