@@ -13,9 +13,9 @@ use crate::metrics::Metrics;
 /// kernel wakes the reader): every ~500 ms at 99 Hz, every second at 19 Hz. The ring (8 MiB by
 /// default, ~400 B a sample) holds seconds of samples even on a hundred CPUs. A wake-up costs
 /// tens of microseconds in a VM (timer and IPI exits) whatever it carries: fewer drains are the
-/// largest saving in the agent's fixed cost. The price: a new process's samples carry no trace
-/// context until its context source is resolved, up to one drain after its first sample
-/// (counted in `context_no_source`; 100 ms at the earlier pace).
+/// largest saving in the agent's fixed cost. A new process's samples carry no trace context
+/// until its context source is resolved (counted in `context_no_source`), so after an exec or
+/// an executable mmap the next drain comes [`MIN_DRAIN_INTERVAL`] later instead.
 const SAMPLES_PER_CPU_PER_DRAIN: u64 = 50;
 const MIN_DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
@@ -59,12 +59,19 @@ pub fn spawn_reader<T: From<Vec<Record>> + Send + 'static>(
                 _ = tick.tick() => {}
                 guard = fd.readable_mut() => { guard?.clear_ready(); }
                 _ = stop.changed() => {
-                    drain(fd.get_mut(), &records, &metrics);
+                    let _ = drain(fd.get_mut(), &records, &metrics);
                     return Ok(());
                 }
             }
-            if !drain(fd.get_mut(), &records, &metrics) {
+            let Some(new_code) = drain(fd.get_mut(), &records, &metrics) else {
                 return Ok(());
+            };
+            if new_code {
+                // A process started (or mapped new code): its first samples are what tell the
+                // collector to resolve its context source, so they are fetched soon rather
+                // than a whole drain interval later. Exec and mmap events already woke this
+                // task; this is one more drain after each, not one per sample.
+                tick.reset_after(MIN_DRAIN_INTERVAL);
             }
             if let Some(h) = &heartbeat
                 // Half a drain of slack: a heartbeat as long as the drain interval is not
@@ -80,21 +87,23 @@ pub fn spawn_reader<T: From<Vec<Record>> + Send + 'static>(
     })
 }
 
-/// Returns false when the consumer is gone.
+/// Whether the drain saw a process exec or an executable mmap; None when the consumer is gone.
 fn drain<T: From<Vec<Record>>>(
     ring: &mut RingBuf<MapData>,
     records: &mpsc::Sender<T>,
     metrics: &Metrics,
-) -> bool {
+) -> Option<bool> {
     let mut received = 0;
+    let mut new_code = false;
     let mut batch = Vec::new();
     while let Some(item) = ring.next() {
         received += 1;
         match decode(&item) {
             Ok(record) => {
+                new_code |= matches!(record, Record::Exec { .. } | Record::MmapExec { .. });
                 batch.push(record);
                 if batch.len() == RECORDS_PER_BATCH && !hand_over(&mut batch, records, metrics) {
-                    return false;
+                    return None;
                 }
             }
             Err(e) => {
@@ -104,7 +113,7 @@ fn drain<T: From<Vec<Record>>>(
         }
     }
     metrics.add("records_received", received);
-    batch.is_empty() || hand_over(&mut batch, records, metrics)
+    (batch.is_empty() || hand_over(&mut batch, records, metrics)).then_some(new_code)
 }
 
 /// Sends the batch without waiting (a full queue drops it, counted per record); false when
