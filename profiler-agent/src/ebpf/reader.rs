@@ -10,13 +10,13 @@ use super::decode::{Record, decode};
 use crate::metrics::Metrics;
 
 /// The ring buffer is drained when about this many samples per CPU are waiting (or when the
-/// kernel wakes the reader): every ~500 ms at 99 Hz, every second at 19 Hz. The ring (8 MiB by
-/// default, ~400 B a sample) holds seconds of samples even on a hundred CPUs. A wake-up costs
+/// kernel wakes the reader): every second at 99 Hz and below. The ring (8 MiB by default, ~400 B
+/// a sample) holds seconds of samples even on a hundred CPUs. A wake-up costs
 /// tens of microseconds in a VM (timer and IPI exits) whatever it carries: fewer drains are the
 /// largest saving in the agent's fixed cost. A new process's samples carry no trace context
 /// until its context source is resolved (counted in `context_no_source`), so after an exec or
 /// an executable mmap the next drain comes [`MIN_DRAIN_INTERVAL`] later instead.
-const SAMPLES_PER_CPU_PER_DRAIN: u64 = 50;
+const SAMPLES_PER_CPU_PER_DRAIN: u64 = 100;
 const MIN_DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -139,8 +139,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn drains_about_fifty_samples_per_cpu_within_bounds() {
-        assert_eq!(drain_interval(99), Duration::from_millis(505));
+    fn drains_about_a_hundred_samples_per_cpu_within_bounds() {
+        assert_eq!(drain_interval(99), MAX_DRAIN_INTERVAL);
+        assert_eq!(drain_interval(200), Duration::from_millis(500));
         assert_eq!(drain_interval(19), MAX_DRAIN_INTERVAL);
         assert_eq!(drain_interval(1000), MIN_DRAIN_INTERVAL);
         assert_eq!(drain_interval(1), MAX_DRAIN_INTERVAL);
