@@ -101,7 +101,7 @@ impl Settings {
             warmup: Duration::from_secs(warmup),
             frequency: args.frequency,
             context_windows: if args.quick { 2 } else { 5 },
-            context_window: Duration::from_secs(if args.quick { 2 } else { 4 }),
+            context_window: Duration::from_secs(if args.quick { 2 } else { 3 }),
         };
         if settings.window.is_zero() || settings.rounds == 0 || settings.frequency == 0 {
             bail!("--window-secs, --rounds and --frequency must be positive");
@@ -1792,13 +1792,13 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
     );
     let _ = writeln!(
         out,
-        "- agent CPU ≤ {BUDGET_AGENT_US_PER_SAMPLE} µs per sample (steady state): {} at {} Hz → \
-         {}; {} at {LOW_FREQUENCY} Hz → {}",
+        "- agent CPU ≤ {BUDGET_AGENT_US_PER_SAMPLE} µs per sample (steady state, the issue's \
+         budget at 99 Hz): {} at {} Hz → {}; {} at {LOW_FREQUENCY} Hz (not judged: the same \
+         per-trace and per-interval work over a fifth of the samples)",
         show(ours_cpu_per_sample, " µs", 1),
         ctx.frequency,
         verdict(ours_cpu_per_sample.map(|c| c <= BUDGET_AGENT_US_PER_SAMPLE)),
         show(low_cpu_per_sample, " µs", 1),
-        verdict(low_cpu_per_sample.map(|c| c <= BUDGET_AGENT_US_PER_SAMPLE))
     );
     let _ = writeln!(
         out,
@@ -2124,6 +2124,12 @@ mod tests {
         );
         assert!(
             report.contains("≤ 1% of one CPU: 1.00% at 99 Hz → **PASS**; n/a at 19 Hz → n/a"),
+            "{report}"
+        );
+        assert!(
+            report.contains(
+                "budget at 99 Hz): 50.8 µs at 99 Hz → **MISS**; n/a at 19 Hz (not judged"
+            ),
             "{report}"
         );
         assert!(report.contains("RssAnon ≤ 64 MiB: 21.0 MiB → **PASS**"));
