@@ -26,13 +26,14 @@ use profiler_agent::{
             DEFAULT_MAX_REQUEST_BYTES,
             encode::{EncodeOptions, LiveSymbols, build_requests, encode},
         },
-        pprof::encode_gzip,
+        pprof::{encode_for_store, encode_gzip},
+        trace_to_pprof,
     },
     metrics::Metrics,
     process::ObjectStore,
     profile::{
         Aggregate, Frame, ProcessDetails,
-        traces::{TraceTable, TraceTableConfig, TracedSample},
+        traces::{TraceProfile, TraceTable, TraceTableConfig, TracedSample},
     },
     symbolize::{
         Symbolizer,
@@ -332,6 +333,32 @@ fn aggregation(c: &mut Criterion) {
     group.finish();
 }
 
+/// Samples that make the traces of the per-trace benchmark (~5 per trace).
+const TRACE_SAMPLES: usize = 250;
+
+impl Interval {
+    /// The traces the first `n` samples make, as the trace table hands them to its sinks.
+    fn traces(&self, n: usize) -> Vec<TraceProfile> {
+        let mut table = TraceTable::new(TraceTableConfig::default());
+        for s in self.samples.iter().take(n) {
+            let details = &self.details[&s.pid];
+            table.add(TracedSample {
+                context: &self.contexts[s.context],
+                pid: s.pid,
+                tid: s.tid,
+                thread_name: Interval::thread_name(s.tid),
+                process_name: &details.exe_name,
+                details,
+                stack: self.stacks[s.stack].as_slice().into(),
+                unix_ns: s.unix_ns,
+            });
+        }
+        let mut traces = Vec::new();
+        table.flush_all(|t| traces.push(t.clone()));
+        traces
+    }
+}
+
 /// The interval's aggregate and a symbolizer that has already seen every frame in it.
 fn warm_interval() -> (Interval, Aggregate, Symbolizer) {
     let interval = Interval::new();
@@ -356,6 +383,22 @@ fn pprof(c: &mut Criterion) {
     group.bench_function("aggregate_to_pprof", |b| b.iter(&mut build));
     group.bench_function("aggregate_to_pprof_gzip", |b| {
         b.iter(|| encode_gzip(&build()))
+    });
+    // What the store sink does for every trace it is handed: the trace's symbolized pprof,
+    // encoded for the store. The traces of the interval's first samples: ~5 samples a trace,
+    // as a request of ~50 ms CPU at 99 Hz.
+    let traces = interval.traces(TRACE_SAMPLES);
+    group.throughput(Throughput::Elements(traces.len() as u64));
+    group.bench_function("trace_to_pprof_store/per_trace", |b| {
+        b.iter(|| {
+            traces
+                .iter()
+                .map(|t| {
+                    encode_for_store(&trace_to_pprof(t, FREQUENCY_HZ, &mut symbolizer, objects))
+                        .len()
+                })
+                .sum::<usize>()
+        })
     });
     group.finish();
 }

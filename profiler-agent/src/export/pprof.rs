@@ -9,6 +9,8 @@
 use std::{borrow::Cow, cell::RefCell, sync::Arc};
 
 use foldhash::{HashMap, HashMapExt};
+use hashbrown::HashTable;
+use std::hash::BuildHasher as _;
 
 use flate2::{Compress, Compression, Crc, FlushCompress, Status};
 use prost::Message as _;
@@ -29,8 +31,13 @@ pub enum LabelValue<'a> {
 
 pub struct PprofBuilder<'a> {
     profile: pb::Profile,
-    strings: HashMap<Arc<str>, i64>,
-    functions: HashMap<(Arc<str>, Option<Arc<str>>), u64>,
+    /// Indexes into `profile.string_table`, hashed by the string they name: each string is
+    /// allocated once, in the table.
+    strings: HashTable<u32>,
+    string_hasher: foldhash::fast::RandomState,
+    /// By the symbolizer's interned names (one `Arc` per distinct name and file): pointers
+    /// hash in one step where the names' bytes took most of a profile's hashing.
+    functions: HashMap<(usize, Option<usize>), u64>,
     locations: HashMap<Frame, u64>,
     mappings: HashMap<Option<ObjectId>, u64>,
     period_ns: i64,
@@ -46,12 +53,14 @@ impl<'a> PprofBuilder<'a> {
         symbolizer: &'a mut Symbolizer,
         objects: &'a ObjectStore,
     ) -> Self {
+        // Sized for a trace of a few deep stacks: no rehashing while it fills.
         let mut builder = Self {
             profile: pb::Profile::default(),
-            strings: HashMap::new(),
-            functions: HashMap::new(),
-            locations: HashMap::new(),
-            mappings: HashMap::new(),
+            strings: HashTable::with_capacity(128),
+            string_hasher: foldhash::fast::RandomState::default(),
+            functions: HashMap::with_capacity(64),
+            locations: HashMap::with_capacity(64),
+            mappings: HashMap::with_capacity(8),
             period_ns: (1_000_000_000 / frequency_hz.max(1)) as i64,
             symbolizer,
             objects,
@@ -168,7 +177,8 @@ impl<'a> PprofBuilder<'a> {
     }
 
     fn function(&mut self, name: &Arc<str>, file: Option<&Arc<str>>) -> u64 {
-        let key = (name.clone(), file.cloned());
+        let address = |s: &Arc<str>| Arc::as_ptr(s).cast::<u8>() as usize;
+        let key = (address(name), file.map(address));
         if let Some(id) = self.functions.get(&key) {
             return *id;
         }
@@ -194,13 +204,23 @@ impl<'a> PprofBuilder<'a> {
     }
 
     fn string(&mut self, s: &str) -> i64 {
-        if let Some(i) = self.strings.get(s) {
-            return *i;
+        let Self {
+            strings,
+            string_hasher,
+            profile,
+            ..
+        } = self;
+        let hash = string_hasher.hash_one(s);
+        if let Some(&i) = strings.find(hash, |&i| profile.string_table[i as usize] == s) {
+            return i64::from(i);
         }
-        let i = self.profile.string_table.len() as i64;
-        self.profile.string_table.push(s.to_owned());
-        self.strings.insert(s.into(), i);
-        i
+        let i = profile.string_table.len() as u32;
+        profile.string_table.push(s.to_owned());
+        let table = &profile.string_table;
+        strings.insert_unique(hash, i, |&j| {
+            string_hasher.hash_one(table[j as usize].as_str())
+        });
+        i64::from(i)
     }
 }
 
@@ -241,7 +261,7 @@ fn is_gzip(bytes: &[u8]) -> bool {
 thread_local! {
     /// One deflate state per thread, reset for each profile: a new one allocates and clears
     /// some 300 KiB, which cost more than compressing a small trace profile.
-    static DEFLATE: RefCell<Compress> = RefCell::new(Compress::new(Compression::default(), false));
+    static DEFLATE: RefCell<Compress> = RefCell::new(Compress::new(Compression::fast(), false));
 }
 
 /// `raw` as a gzip member (RFC 1952: header, raw deflate, CRC-32 and length).
