@@ -18,7 +18,7 @@ use crate::{
         decode::{RawSample, Record},
     },
     k8s::{PodMetadataHandle, ProcessPod},
-    metrics::Metrics,
+    metrics::{CounterBatch, Metrics},
     process::{ObjectStore, ProcessTable},
     profile::{
         Aggregate, PodDetails, ProcessDetails,
@@ -132,6 +132,8 @@ pub struct Collector {
     clock: MonotonicToUnix,
     window_start: u64,
     metrics: Metrics,
+    /// Per-sample counts, added to `metrics` once per message.
+    counts: CounterBatch,
 }
 
 impl Collector {
@@ -154,6 +156,7 @@ impl Collector {
             window_start: clock.unix_now(),
             clock,
             metrics,
+            counts: CounterBatch::default(),
         }
     }
 
@@ -182,6 +185,7 @@ impl Collector {
                 for record in records {
                     self.handle_record(record);
                 }
+                self.metrics.add_batch(&mut self.counts);
             }
             Message::Tick => {
                 self.flush_traces(FlushTraces::Idle);
@@ -347,7 +351,7 @@ impl Collector {
         let stack = self
             .aggregate
             .add(sample.tgid, sample.tid, frames, context.as_ref(), unix_ns);
-        self.metrics.inc("samples_aggregated");
+        self.counts.inc("samples_aggregated");
         if let Some(context) = &context {
             let process_name = self
                 .aggregate
@@ -366,7 +370,7 @@ impl Collector {
                 unix_ns,
             });
             if kept {
-                self.metrics.inc("samples_traced");
+                self.counts.inc("samples_traced");
             }
         }
     }
@@ -453,10 +457,10 @@ impl Collector {
                 dropped_attributes,
                 unknown_keys,
             } => {
-                self.metrics.inc(OUTCOMES[source][0]);
-                self.metrics
+                self.counts.inc(OUTCOMES[source][0]);
+                self.counts
                     .add("context_attributes_dropped", u64::from(dropped_attributes));
-                self.metrics
+                self.counts
                     .add("context_attributes_unknown_key", u64::from(unknown_keys));
                 if unknown_keys > 0 {
                     self.stale_key_maps.insert(sample.tgid);
@@ -464,12 +468,12 @@ impl Collector {
                 Some(context)
             }
             DecodeOutcome::Empty => {
-                self.metrics.inc(OUTCOMES[source][1]);
+                self.counts.inc(OUTCOMES[source][1]);
                 None
             }
             DecodeOutcome::Invalid(reason) => {
-                self.metrics.inc(OUTCOMES[source][2]);
-                self.metrics.inc(reason);
+                self.counts.inc(OUTCOMES[source][2]);
+                self.counts.inc(reason);
                 None
             }
         }
