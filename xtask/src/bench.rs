@@ -29,7 +29,10 @@ use anyhow::{Context as _, anyhow, bail};
 use profiler_common::{Counter, names};
 use serde_json::Value;
 
-use crate::otlp_sink::{OtlpSink, OtlpTally};
+use crate::{
+    bpf_stats,
+    otlp_sink::{OtlpSink, OtlpTally},
+};
 
 /// Options of `cargo xtask bench`.
 #[derive(clap::Args)]
@@ -299,9 +302,9 @@ struct Run<'a> {
 struct Target<'a> {
     process: &'a mut Guarded,
     /// The eBPF program whose run_time_ns / run_cnt is the per-sample cost.
-    prog: Option<u32>,
+    prog: Option<bpf_stats::Prog>,
     /// Our per-CPU `COUNTERS` map (samples emitted).
-    counters: Option<u32>,
+    counters: Option<bpf_stats::PerCpuCounters>,
 }
 
 struct Snapshot {
@@ -360,8 +363,8 @@ impl Run<'_> {
                 agent.sleep_while_running(self.settings.warmup.max(AGENT_WARMUP))?;
                 let target = Target {
                     process: &mut agent,
-                    prog: Some(prog),
-                    counters: Some(counters),
+                    prog: Some(bpf_stats::Prog::open(prog)?),
+                    counters: Some(bpf_stats::PerCpuCounters::open(counters)?),
                 };
                 let mut measurement = self.window(profiler, round, Some(target))?;
                 agent.stop(STOP_TIMEOUT)?;
@@ -386,7 +389,7 @@ impl Run<'_> {
                 bpftrace.sleep_while_running(self.settings.warmup)?;
                 let target = Target {
                     process: &mut bpftrace,
-                    prog: Some(prog),
+                    prog: Some(bpf_stats::Prog::open(prog)?),
                     counters: None,
                 };
                 let measurement = self.window(profiler, round, Some(target))?;
@@ -444,18 +447,12 @@ impl Run<'_> {
         };
         let pid = target.process.pid();
         let cpu_ns = process_cpu_ns(pid)?;
-        let prog = target
-            .prog
-            .map(|id| self.tools.bpftool.prog_stats(id))
-            .transpose()?;
+        // Read through the bpf(2) syscall, not bpftool: no new process in the window.
+        let prog = target.prog.as_ref().map(|p| p.stats()).transpose()?;
         let samples_emitted = target
             .counters
-            .map(|id| {
-                let sums = self.tools.bpftool.percpu_sums(id)?;
-                sums.get(Counter::SamplesEmitted as usize)
-                    .copied()
-                    .ok_or_else(|| anyhow!("COUNTERS map {id} has no samples_emitted slot"))
-            })
+            .as_ref()
+            .map(|c| c.sum(Counter::SamplesEmitted as u32))
             .transpose()?;
         Ok(Snapshot {
             at,
@@ -477,7 +474,6 @@ impl Run<'_> {
         let start = self.snapshot(&target)?;
         let deadline = start.at + self.settings.window;
         let mut rss: Option<(u64, u64)> = None;
-        let prog = target.as_ref().and_then(|t| t.prog);
         let mut sub_window = start.at;
         let mut sub_window_stats = start.prog;
         let mut ebpf_sub_windows = Vec::new();
@@ -489,11 +485,13 @@ impl Run<'_> {
                 rss = Some(rss.map_or((anon, file), |(a, f)| (a.max(anon), f.max(file))));
             }
             let now = Instant::now();
-            if let (Some(id), Some(before)) = (prog, sub_window_stats)
-                && now >= sub_window + EBPF_SUB_WINDOW
+            if let (Some(prog), Some(before)) = (
+                target.as_ref().and_then(|t| t.prog.as_ref()),
+                sub_window_stats,
+            ) && now >= sub_window + EBPF_SUB_WINDOW
                 && deadline.saturating_duration_since(now) >= EBPF_SUB_WINDOW / 2
             {
-                let after = self.tools.bpftool.prog_stats(id)?;
+                let after = prog.stats()?;
                 ebpf_sub_windows.extend(after.us_per_run_since(&before));
                 (sub_window, sub_window_stats) = (now, Some(after));
             }
@@ -927,10 +925,6 @@ impl Bpftool {
             .with_context(|| format!("bpftool {} -j: bad JSON", args.join(" ")))
     }
 
-    pub(crate) fn prog_stats(&self, id: u32) -> anyhow::Result<ProgStats> {
-        parse_prog_stats(&self.json(&["prog", "show", "id", &id.to_string()])?)
-    }
-
     /// The perf_event program of `pid` (named `name` if given).
     pub(crate) fn find_prog(&self, pid: u32, name: Option<&str>) -> anyhow::Result<u32> {
         let owned = owned_bpf_ids(pid)?;
@@ -952,10 +946,6 @@ impl Bpftool {
             |_| true,
             Some(name),
         )
-    }
-
-    fn percpu_sums(&self, id: u32) -> anyhow::Result<Vec<u64>> {
-        parse_percpu_map_sums(&self.json(&["map", "dump", "id", &id.to_string()])?)
     }
 }
 
@@ -1091,20 +1081,6 @@ impl ProgStats {
     }
 }
 
-/// `bpftool prog show id N -j`: the cumulative run time and count (present only while
-/// `kernel.bpf_stats_enabled` is or was 1 since load).
-pub(crate) fn parse_prog_stats(prog: &Value) -> anyhow::Result<ProgStats> {
-    let field = |name: &str| {
-        prog.get(name).and_then(Value::as_u64).ok_or_else(|| {
-            anyhow!("bpftool output has no {name} (is kernel.bpf_stats_enabled=1?): {prog}")
-        })
-    };
-    Ok(ProgStats {
-        run_time_ns: field("run_time_ns")?,
-        run_cnt: field("run_cnt")?,
-    })
-}
-
 /// From `bpftool prog show -j` / `bpftool map show -j` (an array), the one object that `pid`
 /// owns (by fd, or by bpftool's `pids` field when present), passes `filter`, and is named
 /// `name` when given.
@@ -1154,53 +1130,6 @@ pub(crate) fn parse_fdinfo_id(fdinfo: &str, key: &str) -> Option<u32> {
     fdinfo.lines().find_map(|line| {
         let (k, v) = line.split_once(':')?;
         (k.trim() == key).then(|| v.trim().parse().ok()).flatten()
-    })
-}
-
-/// `bpftool map dump id N -j` of a per-CPU array: the sum over CPUs of each slot, indexed by
-/// key. Keys and values are raw little-endian hex byte arrays (no BTF), or plain numbers.
-pub(crate) fn parse_percpu_map_sums(dump: &Value) -> anyhow::Result<Vec<u64>> {
-    let entries = dump
-        .as_array()
-        .ok_or_else(|| anyhow!("map dump: expected a JSON array"))?;
-    let mut sums = Vec::new();
-    for entry in entries {
-        let key = entry
-            .get("key")
-            .and_then(json_le_u64)
-            .ok_or_else(|| anyhow!("map dump: bad key in {entry}"))?;
-        let values = entry
-            .get("values")
-            .and_then(Value::as_array)
-            .ok_or_else(|| anyhow!("map dump: not a per-CPU map ({entry})"))?;
-        let mut sum = 0u64;
-        for v in values {
-            sum += v
-                .get("value")
-                .and_then(json_le_u64)
-                .ok_or_else(|| anyhow!("map dump: bad value in {entry}"))?;
-        }
-        let key = usize::try_from(key)?;
-        if sums.len() <= key {
-            sums.resize(key + 1, 0);
-        }
-        sums[key] = sum;
-    }
-    Ok(sums)
-}
-
-/// A number, or an array of "0x.." bytes read as little-endian (at most 8 bytes).
-fn json_le_u64(v: &Value) -> Option<u64> {
-    if let Some(n) = v.as_u64() {
-        return Some(n);
-    }
-    let bytes = v.as_array()?;
-    if bytes.len() > 8 {
-        return None;
-    }
-    bytes.iter().enumerate().try_fold(0u64, |acc, (i, b)| {
-        let b = u64::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok()?;
-        (b <= 0xff).then_some(acc | (b << (8 * i)))
     })
 }
 
@@ -1839,25 +1768,6 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
 mod tests {
     use super::*;
 
-    #[test]
-    fn prog_stats_from_bpftool_json() {
-        let v: Value = serde_json::from_str(
-            r#"{"id":242,"type":"perf_event","name":"on_cpu_sample","run_time_ns":6267882,
-                "run_cnt":963,"map_ids":[222,221]}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            parse_prog_stats(&v).unwrap(),
-            ProgStats {
-                run_time_ns: 6_267_882,
-                run_cnt: 963
-            }
-        );
-        let no_stats: Value = serde_json::from_str(r#"{"id":1,"name":"x"}"#).unwrap();
-        let err = parse_prog_stats(&no_stats).unwrap_err().to_string();
-        assert!(err.contains("bpf_stats_enabled"), "{err}");
-    }
-
     const PROG_LIST: &str = r#"[
         {"id":247,"type":"tracepoint","name":"on_process_exec"},
         {"id":249,"type":"perf_event","name":"on_cpu_sample","run_time_ns":1,"run_cnt":1},
@@ -1902,31 +1812,6 @@ mod tests {
             parse_fdinfo_id("map_type:\t6\nmap_id:\t230\n", "map_id"),
             Some(230)
         );
-    }
-
-    #[test]
-    fn percpu_map_dump_sums() {
-        // Raw bpftool output without BTF (as for our COUNTERS map), and the numeric form.
-        let raw: Value = serde_json::from_str(
-            r#"[{"key":["0x00","0x00","0x00","0x00"],"values":[
-                   {"cpu":0,"value":["0x25","0x04","0x00","0x00","0x00","0x00","0x00","0x00"]},
-                   {"cpu":1,"value":["0x24","0x04","0x00","0x00","0x00","0x00","0x00","0x00"]}]},
-                {"key":["0x04","0x00","0x00","0x00"],"values":[
-                   {"cpu":0,"value":["0x01","0x00","0x00","0x00","0x00","0x00","0x01","0x00"]},
-                   {"cpu":1,"value":["0x02","0x00","0x00","0x00","0x00","0x00","0x00","0x00"]}]}]"#,
-        )
-        .unwrap();
-        assert_eq!(
-            parse_percpu_map_sums(&raw).unwrap(),
-            vec![0x425 + 0x424, 0, 0, 0, 3 + (1 << 48)]
-        );
-        let numeric: Value = serde_json::from_str(
-            r#"[{"key":1,"values":[{"cpu":0,"value":5},{"cpu":1,"value":6}]}]"#,
-        )
-        .unwrap();
-        assert_eq!(parse_percpu_map_sums(&numeric).unwrap(), vec![0, 11]);
-        let not_percpu: Value = serde_json::from_str(r#"[{"key":0,"value":5}]"#).unwrap();
-        assert!(parse_percpu_map_sums(&not_percpu).is_err());
     }
 
     #[test]

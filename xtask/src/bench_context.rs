@@ -193,10 +193,11 @@ fn one_window(
     let record = child.id();
     let measured = (|| {
         let prog = retry(|| bpftool.find_prog(record, Some(names::ON_CPU_SAMPLE)))?;
+        let prog = crate::bpf_stats::Prog::open(prog)?;
         std::thread::sleep(RECORD_WARMUP);
-        let before = bpftool.prog_stats(prog)?;
+        let before = prog.stats()?;
         std::thread::sleep(window);
-        let after = bpftool.prog_stats(prog)?;
+        let after = prog.stats()?;
         after
             .us_per_run_since(&before)
             .context("the sampler did not run in the window")

@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_context;
+mod bpf_stats;
 mod otlp_sink;
 
 #[derive(Parser)]
