@@ -32,14 +32,16 @@ impl TraceContext {
     }
 }
 
+/// Lowercase hex, two digits a byte. (By table: the formatting machinery per byte showed in the
+/// collector's profile, for the span ids of every trace sample and every build id.)
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 /// Parses a lowercase or uppercase hex trace id (32 digits).
@@ -67,6 +69,8 @@ mod tests {
     fn hex_round_trip() {
         let id = [0xab; 16];
         assert_eq!(parse_trace_id(&hex(&id)), Some(id));
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
+        assert_eq!(hex(&[]), "");
         assert_eq!(parse_trace_id("zz"), None);
         assert_eq!(parse_trace_id(&"0".repeat(31)), None);
         assert_eq!(

@@ -57,9 +57,7 @@ impl Object {
     }
 
     pub fn build_id_hex(&self) -> Option<String> {
-        self.build_id
-            .as_ref()
-            .map(|b| b.iter().map(|x| format!("{x:02x}")).collect())
+        self.build_id.as_deref().map(crate::context::hex)
     }
 }
 
