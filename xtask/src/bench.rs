@@ -73,10 +73,11 @@ const SYMBOLIZE_ADDRESSES: u32 = 20_000;
 const BURSTS_PER_REQUEST: u32 = 10;
 /// The second frequency our agent runs at (the production default).
 const LOW_FREQUENCY: u64 = 19;
-/// Our agent's interval in the bench; its warm-up covers the first flush (the cold
-/// symbolization of every binary on the machine), so the window sees the steady state.
-const AGENT_INTERVAL: Duration = Duration::from_secs(5);
-const AGENT_WARMUP: Duration = Duration::from_secs(7);
+/// Our agent's interval in the bench: its default (`run --interval`), as deployed. The warm-up
+/// covers the first flush (the cold symbolization of every binary on the machine), so the
+/// window sees the steady state.
+const AGENT_INTERVAL: Duration = Duration::from_secs(10);
+const AGENT_WARMUP: Duration = Duration::from_secs(12);
 const STATUS_POLL: Duration = Duration::from_millis(200);
 /// The eBPF time per sample is also read over sub-windows of this length (4 per 20 s window):
 /// its budget is a median over at least 5 windows of the same run.
