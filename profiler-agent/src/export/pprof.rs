@@ -29,6 +29,9 @@ pub enum LabelValue<'a> {
     Num(i64),
 }
 
+/// A function's id, and the interned name and file its key points at (kept alive).
+type FunctionEntry = (u64, Arc<str>, Option<Arc<str>>);
+
 pub struct PprofBuilder<'a> {
     profile: pb::Profile,
     /// Indexes into `profile.string_table`, hashed by the string they name: each string is
@@ -36,8 +39,10 @@ pub struct PprofBuilder<'a> {
     strings: HashTable<u32>,
     string_hasher: foldhash::fast::RandomState,
     /// By the symbolizer's interned names (one `Arc` per distinct name and file): pointers
-    /// hash in one step where the names' bytes took most of a profile's hashing.
-    functions: HashMap<(usize, Option<usize>), u64>,
+    /// hash in one step where the names' bytes took most of a profile's hashing. The value
+    /// holds the names, so no address in a key can be freed and reused while the profile is
+    /// built. (Two `Arc`s of equal text only make two equal functions, never a wrong one.)
+    functions: HashMap<(usize, Option<usize>), FunctionEntry>,
     locations: HashMap<Frame, u64>,
     mappings: HashMap<Option<ObjectId>, u64>,
     period_ns: i64,
@@ -179,7 +184,7 @@ impl<'a> PprofBuilder<'a> {
     fn function(&mut self, name: &Arc<str>, file: Option<&Arc<str>>) -> u64 {
         let address = |s: &Arc<str>| Arc::as_ptr(s).cast::<u8>() as usize;
         let key = (address(name), file.map(address));
-        if let Some(id) = self.functions.get(&key) {
+        if let Some((id, ..)) = self.functions.get(&key) {
             return *id;
         }
         let id = self.profile.function.len() as u64 + 1;
@@ -192,7 +197,8 @@ impl<'a> PprofBuilder<'a> {
             filename,
             start_line: 0,
         });
-        self.functions.insert(key, id);
+        self.functions
+            .insert(key, (id, name.clone(), file.cloned()));
         id
     }
 
