@@ -11,7 +11,7 @@ use crate::{
         Collector, CollectorConfig, Flushed, Message, ProcessNote, Sink, SymbolizedSample,
     },
     context::IdLabels,
-    ebpf::{Heartbeat, KernelCounters, Sampler, SamplerConfig, drain_interval, spawn_reader},
+    ebpf::{DrainRequest, Heartbeat, KernelCounters, Sampler, SamplerConfig, spawn_reader},
     export::{self, Format},
     k8s::PodMetadataHandle,
     metrics::Metrics,
@@ -48,6 +48,8 @@ pub struct CollectOptions {
 pub struct Recording {
     sampler: Sampler,
     stop: watch::Sender<bool>,
+    /// Drain requests to the ring-buffer reader.
+    drains: mpsc::Sender<DrainRequest>,
     reader: tokio::task::JoinHandle<anyhow::Result<()>>,
     inbox: mpsc::Sender<Message>,
     collector: std::thread::JoinHandle<()>,
@@ -87,10 +89,12 @@ impl Recording {
         )
         .context("start the collector thread")?;
         let (stop, stop_rx) = watch::channel(false);
+        let (drains, drain_requests) = mpsc::channel(4);
         let reader = spawn_reader(
             channels.ring,
             inbox.clone(),
-            drain_interval(config.frequency_hz),
+            channels.drain_every,
+            drain_requests,
             Some(Heartbeat {
                 every: TICK,
                 message: || Message::Tick,
@@ -101,6 +105,7 @@ impl Recording {
         Ok(Self {
             sampler,
             stop,
+            drains,
             reader,
             inbox,
             collector,
@@ -117,8 +122,14 @@ impl Recording {
         self.sampler.counters()
     }
 
-    /// The samples so far, symbolized.
+    /// The samples so far, symbolized: the ring is drained first (drains otherwise come about
+    /// once a second).
     pub async fn snapshot(&self) -> anyhow::Result<Vec<SymbolizedSample>> {
+        let (drained, done) = oneshot::channel();
+        if self.drains.send(drained).await.is_ok() {
+            // Dropped unanswered only when the reader stopped: there is nothing left to drain.
+            let _ = done.await;
+        }
         let (tx, rx) = oneshot::channel();
         self.inbox
             .send(Message::Snapshot(tx))

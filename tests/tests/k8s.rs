@@ -6,7 +6,11 @@
 
 use std::{collections::BTreeSet, path::PathBuf, process::Command, time::Duration};
 
-use profiler_agent::{ebpf::drain_interval, k8s::cgroup, record::Recording};
+use profiler_agent::{
+    ebpf::{SamplerConfig, drain_interval},
+    k8s::cgroup,
+    record::Recording,
+};
 use profiler_common::Counter;
 use profiler_tests::{otel_ctx::builds, *};
 
@@ -83,7 +87,7 @@ async fn cgroup_filter_skips_unselected_workloads_in_the_kernel() {
     selected.adopt(inside.pid);
     excluded.adopt(outside.pid);
 
-    let config = profiler_agent::ebpf::SamplerConfig {
+    let config = SamplerConfig {
         frequency_hz: 99,
         cgroups: Some(BTreeSet::from([selected.id()])),
         ..Default::default()
@@ -119,8 +123,9 @@ async fn cgroup_filter_skips_unselected_workloads_in_the_kernel() {
     // snapshot) may be ahead by the samples still in the ring buffer: at most one drain's
     // worth of every CPU.
     let emitted = phase1.get(Counter::SamplesEmitted);
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let in_ring = (99.0 * cpus * drain_interval(99).as_secs_f64()).ceil() as u64 + 20;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let drain = drain_interval(99, cpus as u64, config.ring_buffer_bytes);
+    let in_ring = (99.0 * cpus as f64 * drain.as_secs_f64()).ceil() as u64 + 20;
     assert!(
         (from_inside..=from_inside + in_ring).contains(&emitted),
         "kernel emitted {emitted}, the selected fixture has {from_inside}"
@@ -140,7 +145,7 @@ async fn cgroup_filter_skips_unselected_workloads_in_the_kernel() {
         .expect("replace the filter");
     assert_eq!(changed, 2, "one removed, one added");
     // Let samples taken before the switch drain into the aggregate that is dropped here.
-    tokio::time::sleep(drain_interval(99) + Duration::from_millis(300)).await;
+    tokio::time::sleep(drain + Duration::from_millis(300)).await;
     let _ = recording.flush(|_| ()).await;
     let (samples, done) =
         sample_until(&recording, CAP, |s| samples_of(s, outside.pid) >= 100).await;

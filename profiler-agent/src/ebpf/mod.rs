@@ -28,7 +28,7 @@ use profiler_common::{
     ContextReader, ContextSource, Counter, EbpfConfig, MAX_WANTED_KEY_LEN, MAX_WANTED_KEYS,
     WantedLabelKeys, names,
 };
-pub use reader::{Heartbeat, drain_interval, spawn_reader};
+pub use reader::{DrainRequest, Heartbeat, drain_interval, spawn_reader};
 
 /// The object `profiler-ebpf` compiles to, built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
@@ -91,6 +91,8 @@ fn wanted_label_keys(keys: &[String]) -> WantedLabelKeys {
 /// per-process context-source map to fill.
 pub struct KernelChannels {
     pub ring: RingBuf<MapData>,
+    /// How often to drain `ring`: see [`drain_interval`].
+    pub drain_every: std::time::Duration,
     pub context_sources: ContextSourceMap,
 }
 
@@ -245,6 +247,11 @@ impl Sampler {
             .try_into()?;
         sampler.load().context("load the sampler (verifier)")?;
         let cpus = online_cpus().map_err(|(path, e)| anyhow::anyhow!("read {path}: {e}"))?;
+        let drain_every = drain_interval(
+            config.frequency_hz,
+            cpus.len() as u64,
+            config.ring_buffer_bytes,
+        );
         for cpu in cpus {
             sampler
                 .attach(
@@ -271,6 +278,7 @@ impl Sampler {
             Self { ebpf, counters },
             KernelChannels {
                 ring,
+                drain_every,
                 context_sources,
             },
         ))

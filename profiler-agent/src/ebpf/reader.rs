@@ -4,26 +4,38 @@
 use std::time::Duration;
 
 use aya::maps::{MapData, RingBuf};
-use tokio::{io::unix::AsyncFd, sync::mpsc, task::JoinHandle};
+use tokio::{
+    io::unix::AsyncFd,
+    sync::{mpsc, oneshot},
+    task::JoinHandle,
+};
 
 use super::decode::{Record, decode};
 use crate::metrics::Metrics;
 
 /// The ring buffer is drained when about this many samples per CPU are waiting (or when the
-/// kernel wakes the reader): every second at 99 Hz and below. The ring (8 MiB by default, ~400 B
-/// a sample) holds seconds of samples even on a hundred CPUs. A wake-up costs
+/// kernel wakes the reader): every second at 99 Hz and below on most machines. A wake-up costs
 /// tens of microseconds in a VM (timer and IPI exits) whatever it carries: fewer drains are the
-/// largest saving in the agent's fixed cost. A new process's samples carry no trace context
-/// until its context source is resolved (counted in `context_no_source`), so after an exec or
-/// an executable mmap the next drain comes [`MIN_DRAIN_INTERVAL`] later instead.
+/// largest saving in the agent's fixed cost. On a machine with many CPUs the drains come sooner,
+/// so that one drain's worth of samples never fills more than half the ring (at
+/// [`SAMPLE_BYTES_BOUND`] a sample: with the default 8 MiB ring, from ~100 CPUs at 99 Hz). A new
+/// process's samples carry no trace context until its context source is resolved (counted in
+/// `context_no_source`), so after an exec or an executable mmap the next drain comes
+/// [`MIN_DRAIN_INTERVAL`] later instead.
 const SAMPLES_PER_CPU_PER_DRAIN: u64 = 100;
 const MIN_DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 const MAX_DRAIN_INTERVAL: Duration = Duration::from_secs(1);
+/// Ring bytes one sample may take: deep user and kernel stacks and a trace context.
+const SAMPLE_BYTES_BOUND: u64 = 400;
 
-/// How often the ring buffer is drained when nothing wakes the reader, at `frequency_hz`.
-pub fn drain_interval(frequency_hz: u64) -> Duration {
-    let millis = SAMPLES_PER_CPU_PER_DRAIN * 1000 / frequency_hz.max(1);
-    Duration::from_millis(millis).clamp(MIN_DRAIN_INTERVAL, MAX_DRAIN_INTERVAL)
+/// How often the ring buffer is drained when nothing wakes the reader, at `frequency_hz` on
+/// `cpus` CPUs with a ring of `ring_bytes`.
+pub fn drain_interval(frequency_hz: u64, cpus: u64, ring_bytes: u32) -> Duration {
+    let hz = frequency_hz.max(1);
+    let by_samples = SAMPLES_PER_CPU_PER_DRAIN * 1000 / hz;
+    let ring_fill_per_second = hz * cpus.max(1) * SAMPLE_BYTES_BOUND;
+    let by_ring = u64::from(ring_bytes) / 2 * 1000 / ring_fill_per_second;
+    Duration::from_millis(by_samples.min(by_ring)).clamp(MIN_DRAIN_INTERVAL, MAX_DRAIN_INTERVAL)
 }
 
 /// Records per message to the collector: a drain is handed over in batches of at most this
@@ -38,11 +50,18 @@ pub struct Heartbeat<T> {
     pub message: fn() -> T,
 }
 
+/// Asks the reader for a drain now; answered once the drained records are queued to the
+/// consumer, so whatever the asker sends the consumer next comes after them. (Samples are
+/// submitted without waking the reader, and a process event submitted behind them does not
+/// wake it either: the ring only signals a reader that has caught up.)
+pub type DrainRequest = oneshot::Sender<()>;
+
 /// Spawns the drain task. It stops when `records` is closed or `stop` fires, after a last drain.
 pub fn spawn_reader<T: From<Vec<Record>> + Send + 'static>(
     ring: RingBuf<MapData>,
     records: mpsc::Sender<T>,
     drain_every: Duration,
+    mut drain_requests: mpsc::Receiver<DrainRequest>,
     heartbeat: Option<Heartbeat<T>>,
     metrics: Metrics,
     mut stop: tokio::sync::watch::Receiver<bool>,
@@ -55,9 +74,11 @@ pub fn spawn_reader<T: From<Vec<Record>> + Send + 'static>(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heartbeat = tokio::time::Instant::now();
         loop {
+            let mut asked = None;
             tokio::select! {
                 _ = tick.tick() => {}
                 guard = fd.readable_mut() => { guard?.clear_ready(); }
+                Some(reply) = drain_requests.recv() => { asked = Some(reply); }
                 _ = stop.changed() => {
                     let _ = drain(fd.get_mut(), &records, &metrics);
                     return Ok(());
@@ -66,6 +87,9 @@ pub fn spawn_reader<T: From<Vec<Record>> + Send + 'static>(
             let Some(new_code) = drain(fd.get_mut(), &records, &metrics) else {
                 return Ok(());
             };
+            if let Some(reply) = asked {
+                let _ = reply.send(());
+            }
             if new_code {
                 // A process started (or mapped new code): its first samples are what tell the
                 // collector to resolve its context source, so they are fetched soon rather
@@ -140,11 +164,24 @@ mod tests {
 
     #[test]
     fn drains_about_a_hundred_samples_per_cpu_within_bounds() {
-        assert_eq!(drain_interval(99), MAX_DRAIN_INTERVAL);
-        assert_eq!(drain_interval(200), Duration::from_millis(500));
-        assert_eq!(drain_interval(19), MAX_DRAIN_INTERVAL);
-        assert_eq!(drain_interval(1000), MIN_DRAIN_INTERVAL);
-        assert_eq!(drain_interval(1), MAX_DRAIN_INTERVAL);
-        assert_eq!(drain_interval(0), MAX_DRAIN_INTERVAL);
+        const RING: u32 = 8 << 20;
+        assert_eq!(drain_interval(99, 2, RING), MAX_DRAIN_INTERVAL);
+        assert_eq!(drain_interval(200, 2, RING), Duration::from_millis(500));
+        assert_eq!(drain_interval(19, 2, RING), MAX_DRAIN_INTERVAL);
+        assert_eq!(drain_interval(1000, 2, RING), MIN_DRAIN_INTERVAL);
+        assert_eq!(drain_interval(1, 2, RING), MAX_DRAIN_INTERVAL);
+        assert_eq!(drain_interval(0, 2, RING), MAX_DRAIN_INTERVAL);
+    }
+
+    #[test]
+    fn drains_sooner_when_many_cpus_would_fill_half_the_ring() {
+        const RING: u32 = 8 << 20;
+        // 200 CPUs at 99 Hz: 7.9 MB of samples a second at the bound; half the ring lasts 529 ms.
+        assert_eq!(drain_interval(99, 200, RING), Duration::from_millis(529));
+        assert_eq!(drain_interval(99, 100, RING), MAX_DRAIN_INTERVAL);
+        // More CPUs than the ring can follow: the floor, and drops are counted (ringbuf_full).
+        assert_eq!(drain_interval(99, 100_000, RING), MIN_DRAIN_INTERVAL);
+        // A larger ring keeps the longer interval.
+        assert_eq!(drain_interval(99, 200, 32 << 20), MAX_DRAIN_INTERVAL);
     }
 }
