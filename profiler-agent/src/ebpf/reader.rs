@@ -1,5 +1,7 @@
 //! Drains the ring buffer. The kernel side submits samples without waking us, so the reader
-//! drains on a short tick, and also whenever the kernel does signal (process events wake it).
+//! drains on a tick, on request, and whenever the kernel does signal: a process event submitted
+//! into a drained ring wakes it (one behind undrained samples does not: the ring signals only a
+//! reader that has caught up).
 
 use std::time::Duration;
 
