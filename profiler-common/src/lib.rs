@@ -257,7 +257,8 @@ pub mod go {
     pub const BUCKET_SIZE: u64 = 8 + 8 * 16 + 8 * 16 + 8;
     /// `tophash` values below this mark empty or evacuated slots.
     pub const MIN_TOP_HASH: u8 = 5;
-    /// Buckets read at most (8 slots each; a map of up to 26 labels has at most 4).
+    /// Buckets read at most, overflow buckets included (8 slots each; a map of up to 26
+    /// labels has at most 4 main buckets, and more than 8 keys can hash into one of them).
     pub const MAX_BUCKETS: u64 = 4;
     /// Slice labels read at most (their headers fill the scratch buffer).
     pub const MAX_SLICE_LABELS: u64 = 16;

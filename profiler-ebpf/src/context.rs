@@ -140,8 +140,10 @@ fn go_slice_labels(
 }
 
 /// Go ≤ 1.23: `labels` points to the map word of a `map[string]string`. Labels maps are built
-/// once and never grow afterwards, so the buckets (not `oldbuckets`) hold every entry; overflow
-/// buckets are not followed. Each bucket is copied in one read.
+/// once and never grow afterwards, so the buckets (not `oldbuckets`) hold every entry. A bucket
+/// whose 8 slots filled chains to an overflow bucket, which is read next (a 12-label map puts
+/// more than 8 keys into one of its 2 buckets about one time in seven). Each bucket is copied in
+/// one read; at most `MAX_BUCKETS` reads in all.
 #[inline(always)]
 fn go_map_labels(
     labels: u64,
@@ -164,17 +166,23 @@ fn go_map_labels(
     let buckets = head[HEAD_WORDS - 1];
     let bucket_count = if b > 3 { go::MAX_BUCKETS } else { 1u64 << b };
     let mut pos = 0usize;
-    for bucket_index in 0..go::MAX_BUCKETS {
-        if bucket_index >= bucket_count {
+    let (mut next_main, mut overflow) = (0u64, 0u64);
+    for _ in 0..go::MAX_BUCKETS {
+        let bucket = if overflow != 0 {
+            overflow
+        } else if next_main < bucket_count {
+            next_main += 1;
+            buckets + (next_main - 1) * go::BUCKET_SIZE
+        } else {
             break;
-        }
-        let bucket = buckets + bucket_index * go::BUCKET_SIZE;
+        };
         let bytes = (go::BUCKET_WORDS * 8) as u32;
         if unsafe { probe_read_user_raw(buffer.as_mut_ptr().cast(), bytes, bucket as *const _) } < 0
         {
             count(Counter::ContextReadFault);
             break;
         }
+        overflow = buffer[go::BUCKET_WORDS - 1];
         let tophash = buffer[0].to_ne_bytes();
         #[expect(
             clippy::needless_range_loop,

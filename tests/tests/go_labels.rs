@@ -58,9 +58,11 @@ async fn check(toolchain: &GoToolchain, variant: GoVariant) {
     let label = format!("{} {}", toolchain.version, variant.name());
     let fixture = Fixture::start(Command::new(build_go_fixture(toolchain, variant)));
     let ids = traces(&fixture);
+    // One directory per test: the tests run in parallel, and each removes its own at the end.
     let dir = std::env::temp_dir().join(format!(
-        "profiler-go-{}-{}",
+        "profiler-go-{}-{}-{}",
         std::process::id(),
+        toolchain.version,
         variant.name()
     ));
     let _ = std::fs::remove_dir_all(&dir);
