@@ -313,17 +313,7 @@ fn aggregation(c: &mut Criterion) {
             || TraceTable::new(TraceTableConfig::default()),
             |mut table| {
                 for s in &interval.samples {
-                    let details = &interval.details[&s.pid];
-                    table.add(TracedSample {
-                        context: &interval.contexts[s.context],
-                        pid: s.pid,
-                        tid: s.tid,
-                        thread_name: Interval::thread_name(s.tid),
-                        process_name: &details.exe_name,
-                        details,
-                        stack: shared[s.stack].clone(),
-                        unix_ns: s.unix_ns,
-                    });
+                    table.add(interval.traced(s, shared[s.stack].clone()));
                 }
                 table
             },
@@ -337,21 +327,26 @@ fn aggregation(c: &mut Criterion) {
 const TRACE_SAMPLES: usize = 250;
 
 impl Interval {
+    /// `s` as the collector hands it to the trace table.
+    fn traced<'a>(&'a self, s: &Sample, stack: Arc<[Frame]>) -> TracedSample<'a> {
+        let details = &self.details[&s.pid];
+        TracedSample {
+            context: &self.contexts[s.context],
+            pid: s.pid,
+            tid: s.tid,
+            thread_name: Interval::thread_name(s.tid),
+            process_name: &details.exe_name,
+            details,
+            stack,
+            unix_ns: s.unix_ns,
+        }
+    }
+
     /// The traces the first `n` samples make, as the trace table hands them to its sinks.
     fn traces(&self, n: usize) -> Vec<TraceProfile> {
         let mut table = TraceTable::new(TraceTableConfig::default());
         for s in self.samples.iter().take(n) {
-            let details = &self.details[&s.pid];
-            table.add(TracedSample {
-                context: &self.contexts[s.context],
-                pid: s.pid,
-                tid: s.tid,
-                thread_name: Interval::thread_name(s.tid),
-                process_name: &details.exe_name,
-                details,
-                stack: self.stacks[s.stack].as_slice().into(),
-                unix_ns: s.unix_ns,
-            });
+            table.add(self.traced(s, self.stacks[s.stack].as_slice().into()));
         }
         let mut traces = Vec::new();
         table.flush_all(|t| traces.push(t.clone()));
