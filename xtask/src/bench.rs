@@ -1128,10 +1128,7 @@ pub(crate) fn select_bpf_object(
 
 /// `prog_id:\t42` / `map_id:\t7` in a /proc/<pid>/fdinfo file.
 pub(crate) fn parse_fdinfo_id(fdinfo: &str, key: &str) -> Option<u32> {
-    fdinfo.lines().find_map(|line| {
-        let (k, v) = line.split_once(':')?;
-        (k.trim() == key).then(|| v.trim().parse().ok()).flatten()
-    })
+    bpf_stats::fdinfo_value(fdinfo, key).and_then(|id| u32::try_from(id).ok())
 }
 
 /// (RssAnon, RssFile) in KiB from /proc/<pid>/status.

@@ -84,17 +84,20 @@ impl Prog {
 /// `run_time_ns:` and `run_cnt:` of a program's fdinfo.
 pub fn parse_fdinfo_stats(fdinfo: &str) -> anyhow::Result<ProgStats> {
     let field = |key: &str| {
-        fdinfo
-            .lines()
-            .find_map(|line| {
-                let (k, v) = line.split_once(':')?;
-                (k.trim() == key).then(|| v.trim().parse::<u64>().ok())?
-            })
+        fdinfo_value(fdinfo, key)
             .ok_or_else(|| anyhow!("no {key} in the program's fdinfo (kernel older than 5.1?)"))
     };
     Ok(ProgStats {
         run_time_ns: field("run_time_ns")?,
         run_cnt: field("run_cnt")?,
+    })
+}
+
+/// The number after `key:` in a `/proc/<pid>/fdinfo/<fd>` file (`prog_id:\t42`).
+pub fn fdinfo_value(fdinfo: &str, key: &str) -> Option<u64> {
+    fdinfo.lines().find_map(|line| {
+        let (k, v) = line.split_once(':')?;
+        (k.trim() == key).then(|| v.trim().parse().ok())?
     })
 }
 
