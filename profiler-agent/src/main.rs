@@ -658,8 +658,10 @@ fn print_summary(output: &std::path::Path, summary: &profiler_agent::record::Rec
             .unwrap_or(0),
     );
     let attempts = k.get(Counter::ContextReadAttempts);
-    if let Some(ns_per_attempt) = k.get(Counter::ContextReadNs).checked_div(attempts) {
-        // The kernel times each read of a process's own context source (OBI lookups aside).
+    let timed = k.get(Counter::ContextReadsTimed);
+    if let Some(ns_per_attempt) = k.get(Counter::ContextReadNs).checked_div(timed) {
+        // The kernel times one read in CONTEXT_READ_TIMING_EVERY of a process's own context
+        // source (OBI lookups aside).
         eprintln!(
             "context: {attempts} read attempts, {} read, {} none active, {} invalid, {} faults, {} ns per attempt, {} samples traced",
             k.get(Counter::ContextRead),

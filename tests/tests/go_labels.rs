@@ -87,7 +87,7 @@ async fn check(toolchain: &GoToolchain, variant: GoVariant) {
         k.get(Counter::ContextRead),
         k.get(Counter::ContextNoneActive),
         k.get(Counter::ContextReadFault),
-        k.get(Counter::ContextReadNs) / k.get(Counter::ContextReadAttempts).max(1)
+        k.get(Counter::ContextReadNs) / k.get(Counter::ContextReadsTimed).max(1)
     );
     for (function, name) in FUNCTIONS {
         let own = &ids[name];

@@ -59,7 +59,7 @@ async fn profile(mut command: Command, label: &str, extra: Option<&Fixture>) -> 
         kernel.get(Counter::ContextTlsUnallocated),
         kernel.get(Counter::ContextNoneActive),
         kernel.get(Counter::ContextNoSource),
-        kernel.get(Counter::ContextReadNs) / kernel.get(Counter::ContextReadAttempts).max(1),
+        kernel.get(Counter::ContextReadNs) / kernel.get(Counter::ContextReadsTimed).max(1),
         finished.metrics.snapshot(),
     );
     for (leaf, own, other) in [
