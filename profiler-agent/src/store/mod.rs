@@ -16,8 +16,9 @@
 //!   replaces its row; a new incarnation (after that window, or after a restart) adds one, and
 //!   queries merge the parts. So late samples always merge into the stored trace.
 //! - `traces`: the index, one row per trace (times, samples, CPU, bytes, services), kept equal
-//!   to the aggregate of its parts; `trace_processes` (pid, process, service, Kubernetes
-//!   namespace and pod) and `trace_spans` (span ids) index the rest.
+//!   to the aggregate of its parts, with the processes it ran in (pid, process, service,
+//!   Kubernetes namespace and pod; JSON) and its span ids in the same row: a new trace is two
+//!   random-key B-tree inserts (`traces`, the `trace_parts` key), each a page the WAL rewrites.
 //! - `buckets`: one row per process per agent interval with every sample of that interval
 //!   (traced ones labelled `traced=true`, without their ids), for time-window flame graphs.
 //!
@@ -50,9 +51,10 @@ pub use write::{BucketRecord, Retention, RetentionOutcome, Store, TraceProcess, 
 /// `PRAGMA application_id` of a profiler store ("PRFL"): tells it from other SQLite files.
 const APPLICATION_ID: i32 = 0x5052_464c;
 /// `PRAGMA user_version`: the schema below.
-const SCHEMA_VERSION: i32 = 3;
-/// The oldest schema readers accept: version 3 only dropped indexes that no query used.
-const MIN_READABLE_VERSION: i32 = 2;
+const SCHEMA_VERSION: i32 = 4;
+/// The oldest schema readers accept: version 4 moved the processes and spans of a trace into
+/// its `traces` row.
+const MIN_READABLE_VERSION: i32 = 4;
 /// What brings a store of each older version to the next one (index 0: version 1 → 2). The
 /// agent applies them when it opens the store; readers refuse an older schema until then.
 const MIGRATIONS: &[&str] = &[
@@ -69,6 +71,19 @@ const MIGRATIONS: &[&str] = &[
      DROP INDEX IF EXISTS trace_processes_by_pid;
      DROP INDEX IF EXISTS trace_processes_by_pod;
      DROP INDEX IF EXISTS trace_spans_by_span;",
+    // 4: a trace's processes and spans in its `traces` row: a new trace dirtied four
+    // random-key B-tree pages (traces, trace_parts' key, trace_processes, trace_spans), now
+    // two. The primary keys give the rows in pid and span id order, as the agent writes them.
+    "ALTER TABLE traces ADD COLUMN processes TEXT NOT NULL DEFAULT '[]';
+     ALTER TABLE traces ADD COLUMN spans TEXT NOT NULL DEFAULT '';
+     UPDATE traces SET
+       processes = (SELECT json_group_array(json_object('pid', pid, 'process_name', process_name,
+                      'service', service, 'namespace', namespace, 'pod', pod))
+                    FROM trace_processes p WHERE p.trace_id = traces.trace_id),
+       spans = coalesce((SELECT group_concat(lower(hex(span_id)), ' ')
+                         FROM trace_spans s WHERE s.trace_id = traces.trace_id), '');
+     DROP TABLE trace_processes;
+     DROP TABLE trace_spans;",
 ];
 const _: () = assert!(MIGRATIONS.len() as i32 == SCHEMA_VERSION - 1);
 /// How long a statement waits for another connection's lock before failing as locked.
@@ -83,7 +98,9 @@ CREATE TABLE traces (
     cpu_ns INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
     parts INTEGER NOT NULL,
-    services TEXT NOT NULL
+    services TEXT NOT NULL,
+    processes TEXT NOT NULL DEFAULT '[]',
+    spans TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 CREATE INDEX traces_by_last ON traces (last_ns);
 CREATE TABLE trace_parts (
@@ -97,20 +114,6 @@ CREATE TABLE trace_parts (
     profile BLOB NOT NULL,
     PRIMARY KEY (trace_id, part)
 );
-CREATE TABLE trace_processes (
-    trace_id BLOB NOT NULL,
-    pid INTEGER NOT NULL,
-    service TEXT NOT NULL,
-    process_name TEXT NOT NULL,
-    namespace TEXT NOT NULL DEFAULT '',
-    pod TEXT NOT NULL DEFAULT '',
-    PRIMARY KEY (trace_id, pid)
-) WITHOUT ROWID;
-CREATE TABLE trace_spans (
-    trace_id BLOB NOT NULL,
-    span_id BLOB NOT NULL,
-    PRIMARY KEY (trace_id, span_id)
-) WITHOUT ROWID;
 CREATE TABLE buckets (
     id INTEGER PRIMARY KEY,
     start_ns INTEGER NOT NULL,

@@ -56,7 +56,7 @@ impl TraceSummary {
 }
 
 /// A process a trace ran in, for the trace's detail.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcessRow {
     pub pid: u32,
     pub process_name: String,
@@ -149,46 +149,57 @@ impl StoreReader {
     }
 
     /// Calls `f` with each matching trace, most recent last sample first, until `f` returns
-    /// false or `filter.limit` traces were seen (so a caller can stream a long list).
+    /// false or `filter.limit` traces were seen (so a caller can stream a long list). The
+    /// listing walks `traces_by_last`; the filters are checked on each row (its services,
+    /// processes and spans), the processes parsed only when a process filter is set.
     pub fn for_each_trace(
         &self,
         filter: &TraceFilter,
         mut f: impl FnMut(TraceSummary) -> bool,
     ) -> Result<()> {
+        if filter.limit == 0 {
+            return Ok(());
+        }
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT t.trace_id, t.first_ns, t.last_ns, t.samples, t.cpu_ns, t.bytes, t.parts,
-                        t.services
-                 FROM traces t
-                 WHERE t.last_ns >= ?1
-                   AND (?2 IS NULL OR EXISTS (SELECT 1 FROM trace_processes p
-                                              WHERE p.trace_id = t.trace_id AND p.service = ?2))
-                   AND (?3 IS NULL OR EXISTS (SELECT 1 FROM trace_processes p
-                                              WHERE p.trace_id = t.trace_id AND p.pid = ?3))
-                   AND (?4 IS NULL OR EXISTS (SELECT 1 FROM trace_spans s
-                                              WHERE s.trace_id = t.trace_id AND s.span_id = ?4))
-                   AND (?6 IS NULL AND ?7 IS NULL OR EXISTS (
-                          SELECT 1 FROM trace_processes p
-                          WHERE p.trace_id = t.trace_id AND (?6 IS NULL OR p.namespace = ?6)
-                            AND (?7 IS NULL OR p.pod = ?7)))
-                 ORDER BY t.last_ns DESC LIMIT ?5",
+                "SELECT trace_id, first_ns, last_ns, samples, cpu_ns, bytes, parts, services,
+                        processes, spans
+                 FROM traces WHERE last_ns >= ?1 ORDER BY last_ns DESC",
             )
             .map_err(self.err())?;
-        let span = filter.span_id.map(|s| s.to_vec());
+        let span = filter.span_id.map(|s| hex(&s));
+        let by_process = filter.pid.is_some() || filter.namespace.is_some() || filter.pod.is_some();
         let mut rows = stmt
-            .query(params![
-                sql_ns(filter.since_ns.unwrap_or(0)),
-                filter.service,
-                filter.pid,
-                span,
-                i64::try_from(filter.limit).unwrap_or(i64::MAX),
-                filter.namespace,
-                filter.pod,
-            ])
+            .query(params![sql_ns(filter.since_ns.unwrap_or(0))])
             .map_err(self.err())?;
+        let mut seen = 0;
         while let Some(row) = rows.next().map_err(self.err())? {
-            if !f(summary(row).map_err(self.err())?) {
+            let summary = summary(row).map_err(self.err())?;
+            if let Some(service) = &filter.service
+                && !summary.services.iter().any(|s| s == service)
+            {
+                continue;
+            }
+            if let Some(span) = &span {
+                let spans: String = row.get(9).map_err(self.err())?;
+                if !spans.split_whitespace().any(|s| s == span) {
+                    continue;
+                }
+            }
+            if by_process {
+                let processes: String = row.get(8).map_err(self.err())?;
+                let matches = parse_processes(&processes).iter().any(|p| {
+                    filter.pid.is_none_or(|pid| p.pid == pid)
+                        && filter.namespace.as_ref().is_none_or(|n| &p.namespace == n)
+                        && filter.pod.as_ref().is_none_or(|n| &p.pod == n)
+                });
+                if !matches {
+                    continue;
+                }
+            }
+            seen += 1;
+            if !f(summary) || seen >= filter.limit {
                 break;
             }
         }
@@ -218,34 +229,19 @@ impl StoreReader {
 
     /// The processes a trace ran in and its span ids.
     pub fn trace_detail(&self, trace_id: &[u8; 16]) -> Result<(Vec<ProcessRow>, Vec<String>)> {
-        let mut stmt = self
+        let (processes, spans): (String, String) = self
             .conn
-            .prepare_cached(
-                "SELECT pid, process_name, service, namespace, pod FROM trace_processes
-                 WHERE trace_id = ?1 ORDER BY pid",
-            )
-            .map_err(self.err())?;
-        let processes = stmt
-            .query_map([&trace_id[..]], |r| {
-                Ok(ProcessRow {
-                    pid: r.get(0)?,
-                    process_name: r.get(1)?,
-                    service: r.get(2)?,
-                    namespace: r.get(3)?,
-                    pod: r.get(4)?,
-                })
-            })
-            .and_then(Iterator::collect)
-            .map_err(self.err())?;
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT span_id FROM trace_spans WHERE trace_id = ?1 ORDER BY span_id")
-            .map_err(self.err())?;
-        let spans = stmt
-            .query_map([&trace_id[..]], |r| r.get::<_, Vec<u8>>(0))
-            .and_then(|rows| rows.map(|s| s.map(|s| hex(&s))).collect())
-            .map_err(self.err())?;
-        Ok((processes, spans))
+            .prepare_cached("SELECT processes, spans FROM traces WHERE trace_id = ?1")
+            .and_then(|mut s| s.query_row([&trace_id[..]], |r| Ok((r.get(0)?, r.get(1)?))))
+            .optional()
+            .map_err(self.err())?
+            .ok_or_else(|| StoreError::TraceNotFound(hex(trace_id)))?;
+        let mut processes = parse_processes(&processes);
+        processes.sort_by_key(|p| p.pid);
+        Ok((
+            processes,
+            spans.split_whitespace().map(str::to_owned).collect(),
+        ))
     }
 
     /// The trace's pprof as stored (raw when small, else gzip; `pprof::decode` reads both,
@@ -407,5 +403,14 @@ fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<TraceSummary> {
             .filter(|s| !s.is_empty())
             .map(str::to_owned)
             .collect(),
+    })
+}
+
+/// The `processes` column of a trace (a JSON array); a value that does not parse (a row edited
+/// by hand) reads as no processes, with a warning, rather than failing the query.
+pub(super) fn parse_processes(json: &str) -> Vec<ProcessRow> {
+    serde_json::from_str(json).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "unreadable process list in the store's traces row");
+        Vec::new()
     })
 }

@@ -575,93 +575,202 @@ fn sink_writes_traces_and_buckets_through_its_writer() {
     assert_eq!(labels["process_name"], "app");
 }
 
+/// What a version 3 agent left: its schema, verbatim, with trace 0xaa (two processes, two
+/// spans, one part) and then `more` (SQL run on the connection: the older versions).
+fn version_3_store(path: &Path, more: &str) -> Vec<u8> {
+    let profile = pprof::encode_gzip(&synthetic::trace_profile([0xaa; 16], T0, 1));
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute_batch(&format!(
+        "PRAGMA application_id = {APPLICATION_ID};
+         CREATE TABLE traces (trace_id BLOB PRIMARY KEY, first_ns INTEGER NOT NULL,
+             last_ns INTEGER NOT NULL, samples INTEGER NOT NULL, cpu_ns INTEGER NOT NULL,
+             bytes INTEGER NOT NULL, parts INTEGER NOT NULL, services TEXT NOT NULL)
+             WITHOUT ROWID;
+         CREATE INDEX traces_by_last ON traces (last_ns);
+         CREATE TABLE trace_parts (trace_id BLOB NOT NULL, part INTEGER NOT NULL,
+             first_ns INTEGER NOT NULL, last_ns INTEGER NOT NULL, samples INTEGER NOT NULL,
+             cpu_ns INTEGER NOT NULL, bytes INTEGER NOT NULL, profile BLOB NOT NULL,
+             PRIMARY KEY (trace_id, part));
+         CREATE TABLE trace_processes (trace_id BLOB NOT NULL, pid INTEGER NOT NULL,
+             service TEXT NOT NULL, process_name TEXT NOT NULL,
+             namespace TEXT NOT NULL DEFAULT '', pod TEXT NOT NULL DEFAULT '',
+             PRIMARY KEY (trace_id, pid)) WITHOUT ROWID;
+         CREATE TABLE trace_spans (trace_id BLOB NOT NULL, span_id BLOB NOT NULL,
+             PRIMARY KEY (trace_id, span_id)) WITHOUT ROWID;
+         CREATE TABLE buckets (id INTEGER PRIMARY KEY, start_ns INTEGER NOT NULL,
+             end_ns INTEGER NOT NULL, pid INTEGER NOT NULL, service TEXT NOT NULL,
+             process_name TEXT NOT NULL, namespace TEXT NOT NULL DEFAULT '',
+             pod TEXT NOT NULL DEFAULT '', samples INTEGER NOT NULL, cpu_ns INTEGER NOT NULL,
+             bytes INTEGER NOT NULL, profile BLOB NOT NULL);
+         CREATE INDEX buckets_by_end ON buckets (end_ns);
+         CREATE INDEX buckets_by_service ON buckets (service, end_ns);
+         INSERT INTO traces VALUES (x'{id}', {T0}, {T0} + 5, 7, 70, {len}, 1, 'cart
+checkout');
+         INSERT INTO trace_parts VALUES (x'{id}', {T0}, {T0}, {T0} + 5, 7, 70, {len}, x'{hex}');
+         INSERT INTO trace_processes VALUES (x'{id}', 9, 'checkout', 'co', 'shop', 'co-1'),
+                                            (x'{id}', 3, 'cart', 'ca', '', '');
+         INSERT INTO trace_spans VALUES (x'{id}', x'0200000000000000'),
+                                        (x'{id}', x'0100000000000000');
+         PRAGMA user_version = 3;
+         {more}",
+        id = "aa".repeat(16),
+        len = profile.len(),
+        hex = crate::context::hex(&profile),
+    ))
+    .unwrap();
+    profile
+}
+
+fn refused_as_outdated(path: &Path, expected: i32) {
+    match StoreReader::open(path) {
+        Err(e @ StoreError::Outdated { version, .. }) => {
+            assert_eq!(version, expected);
+            assert!(e.to_string().contains("upgrades it when it starts"), "{e}")
+        }
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a version {expected} store was read as it is"),
+    }
+}
+
+#[test]
+fn a_version_3_store_is_upgraded_by_the_agent_and_refused_by_readers_until_then() {
+    let dir = TempDir::new("migrate4");
+    let profile = version_3_store(&dir.db(), "");
+    refused_as_outdated(&dir.db(), 3);
+    let mut store = Store::open(&dir.db()).unwrap();
+    let reader = StoreReader::open(&dir.db()).unwrap();
+    let version: i32 = rusqlite::Connection::open(dir.db())
+        .unwrap()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    // The processes and spans moved into the trace's row, by pid and by span id.
+    let (processes, spans) = reader.trace_detail(&[0xaa; 16]).unwrap();
+    let pids: Vec<u32> = processes.iter().map(|p| p.pid).collect();
+    assert_eq!(pids, vec![3, 9]);
+    assert_eq!(
+        (processes[1].namespace.as_str(), processes[1].pod.as_str()),
+        ("shop", "co-1")
+    );
+    assert_eq!(spans, vec!["0100000000000000", "0200000000000000"]);
+    assert_eq!(reader.trace_pprof(&[0xaa; 16]).unwrap(), profile);
+    let found = |filter: TraceFilter| {
+        reader
+            .traces(&TraceFilter {
+                limit: 10,
+                ..filter
+            })
+            .unwrap()
+            .len()
+    };
+    assert_eq!(
+        found(TraceFilter {
+            pid: Some(9),
+            ..TraceFilter::default()
+        }),
+        1
+    );
+    assert_eq!(
+        found(TraceFilter {
+            pid: Some(4),
+            ..TraceFilter::default()
+        }),
+        0
+    );
+    assert_eq!(
+        found(TraceFilter {
+            span_id: Some([2, 0, 0, 0, 0, 0, 0, 0]),
+            ..TraceFilter::default()
+        }),
+        1
+    );
+    assert_eq!(
+        found(TraceFilter {
+            pod: Some("co-1".into()),
+            ..TraceFilter::default()
+        }),
+        1
+    );
+    // A new part of the old trace adds its process and span to what the row had.
+    let mut late = record(0xaa, T0 + 60 * NS, T0 + 60 * NS, 2, "late");
+    late.processes[0].pid = 5;
+    store.write(&[late], &[]).unwrap();
+    let (processes, spans) = reader.trace_detail(&[0xaa; 16]).unwrap();
+    let pids: Vec<u32> = processes.iter().map(|p| p.pid).collect();
+    assert_eq!(pids, vec![3, 5, 9]);
+    assert_eq!(spans.len(), 3);
+    let summary = reader.trace(&[0xaa; 16]).unwrap();
+    assert_eq!(summary.parts, 2);
+    assert_eq!(summary.services, vec!["cart", "checkout", "late"]);
+    let tables: i64 = rusqlite::Connection::open(dir.db())
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE name IN ('trace_processes', 'trace_spans')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(tables, 0);
+    drop(store);
+}
+
 #[test]
 fn a_version_1_store_is_upgraded_by_the_agent_and_refused_by_readers_until_then() {
     let dir = TempDir::new("migrate");
-    let store = Store::open(&dir.db()).unwrap();
-    drop(store);
     // Take the version 2 additions back out: what a version 1 agent left.
-    let conn = rusqlite::Connection::open(dir.db()).unwrap();
-    conn.execute_batch(
+    version_3_store(
+        &dir.db(),
         "ALTER TABLE trace_processes DROP COLUMN namespace;
          ALTER TABLE trace_processes DROP COLUMN pod;
          ALTER TABLE buckets DROP COLUMN namespace;
          ALTER TABLE buckets DROP COLUMN pod;
-         INSERT INTO trace_processes (trace_id, pid, service, process_name)
-           VALUES (x'aa', 1, 'old', 'old');
          PRAGMA user_version = 1;",
-    )
-    .unwrap();
-    drop(conn);
-    match StoreReader::open(&dir.db()) {
-        Err(e @ StoreError::Outdated { version: 1, .. }) => {
-            assert!(e.to_string().contains("upgrades it when it starts"), "{e}")
-        }
-        Err(e) => panic!("{e}"),
-        Ok(_) => panic!("a version 1 store was read as version 2"),
-    }
+    );
+    refused_as_outdated(&dir.db(), 1);
     let mut store = Store::open(&dir.db()).unwrap();
     store.write(&[record(0xbb, T0, T0, 1, "new")], &[]).unwrap();
     let reader = StoreReader::open(&dir.db()).unwrap();
     let (processes, _) = reader.trace_detail(&[0xbb; 16]).unwrap();
     assert_eq!(processes[0].namespace, "shop");
+    let (processes, _) = reader.trace_detail(&[0xaa; 16]).unwrap();
+    assert_eq!(processes.len(), 2);
+    assert_eq!(processes[1].namespace, "", "version 1 had no pods");
     drop(store);
 }
 
 #[test]
-fn a_version_2_store_is_read_as_it_is_and_loses_its_unused_indexes_when_the_agent_opens_it() {
+fn a_version_2_store_loses_its_unused_indexes_when_the_agent_upgrades_it() {
     let dir = TempDir::new("migrate3");
-    let mut store = Store::open(&dir.db()).unwrap();
-    store
-        .write(&[record(0xaa, T0, T0 + 10, 3, "checkout")], &[])
-        .unwrap();
-    drop(store);
     // What a version 2 agent left: the same tables plus four secondary indexes.
-    let conn = rusqlite::Connection::open(dir.db()).unwrap();
-    conn.execute_batch(
+    version_3_store(
+        &dir.db(),
         "CREATE INDEX trace_processes_by_service ON trace_processes (service, trace_id);
          CREATE INDEX trace_processes_by_pid ON trace_processes (pid, trace_id);
          CREATE INDEX trace_processes_by_pod ON trace_processes (namespace, pod, trace_id);
          CREATE INDEX trace_spans_by_span ON trace_spans (span_id);
          PRAGMA user_version = 2;",
-    )
-    .unwrap();
-    drop(conn);
-    let indexes = |path: &std::path::Path| -> i64 {
-        rusqlite::Connection::open(path)
-            .unwrap()
-            .query_row(
-                "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND name IN \
-                 ('trace_processes_by_service', 'trace_processes_by_pid', \
-                  'trace_processes_by_pod', 'trace_spans_by_span')",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap()
-    };
-    let checkout_traces = |path: &std::path::Path| {
-        StoreReader::open(path)
-            .unwrap()
-            .traces(&TraceFilter {
-                service: Some("checkout".into()),
-                limit: 10,
-                ..TraceFilter::default()
-            })
-            .unwrap()
-            .len()
-    };
-    assert_eq!(indexes(&dir.db()), 4);
-    assert_eq!(
-        checkout_traces(&dir.db()),
-        1,
-        "a version 2 store reads as it is"
     );
+    refused_as_outdated(&dir.db(), 2);
     let store = Store::open(&dir.db()).unwrap();
-    assert_eq!(
-        indexes(&dir.db()),
-        0,
-        "the agent dropped the unused indexes"
-    );
+    let indexes: i64 = rusqlite::Connection::open(dir.db())
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND name IN \
+             ('trace_processes_by_service', 'trace_processes_by_pid', \
+              'trace_processes_by_pod', 'trace_spans_by_span')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(indexes, 0, "the agent dropped the unused indexes");
+    let checkout = StoreReader::open(&dir.db())
+        .unwrap()
+        .traces(&TraceFilter {
+            service: Some("checkout".into()),
+            limit: 10,
+            ..TraceFilter::default()
+        })
+        .unwrap();
+    assert_eq!(checkout.len(), 1);
     drop(store);
-    assert_eq!(checkout_traces(&dir.db()), 1);
 }

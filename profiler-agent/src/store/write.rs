@@ -13,8 +13,8 @@ use super::{
     check_integrity, open_connection, sql_ns,
 };
 
-/// A process a trace ran in.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A process a trace ran in (stored as JSON in the trace's row; read back as `ProcessRow`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TraceProcess {
     pub pid: u32,
     pub process_name: String,
@@ -132,6 +132,7 @@ impl Store {
             ))
             .map_err(err)?;
         }
+        let mut version = version;
         for (from, migration) in MIGRATIONS.iter().enumerate() {
             let from = from as i32 + 1;
             if !fresh && version == from {
@@ -141,6 +142,7 @@ impl Store {
                 ))
                 .map_err(err)?;
                 tracing::info!(path = %path.display(), from, to = from + 1, "store schema upgraded");
+                version = from + 1;
             }
         }
         // Fails now, with a clear error, when another process holds the write lock.
@@ -275,7 +277,7 @@ impl Store {
         let err = |e| StoreError::sqlite(&path, e);
         let tx = self.conn.transaction().map_err(err)?;
         for id in ids {
-            for table in ["traces", "trace_parts", "trace_processes", "trace_spans"] {
+            for table in ["traces", "trace_parts"] {
                 tx.prepare_cached(&format!("DELETE FROM {table} WHERE trace_id = ?1"))
                     .and_then(|mut s| s.execute([id]))
                     .map_err(err)?;
@@ -299,13 +301,10 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
     // Most traces are new to the store: their index row is this part's own figures, written
     // without reading anything back. A trace already there (a late re-flush, a new part) is
     // re-aggregated from its parts below.
-    let mut services: Vec<&str> = t.processes.iter().map(|p| p.service.as_str()).collect();
-    services.sort_unstable();
-    services.dedup();
     let new_trace =
         tx.prepare_cached(
             "INSERT OR IGNORE INTO traces (trace_id, first_ns, last_ns, samples, cpu_ns, bytes, \
-             parts, services) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7)",
+             parts, services, processes, spans) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?8, ?9)",
         )?
         .execute(params![
             id,
@@ -314,7 +313,9 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
             sql_ns(t.samples),
             sql_ns(t.cpu_ns),
             t.profile.len() as i64,
-            services.join("\n"),
+            services(&t.processes),
+            processes_json(&t.processes),
+            spans_text(t.spans.iter().map(|s| crate::context::hex(s))),
         ])? == 1;
     tx.prepare_cached(
         "INSERT INTO trace_parts (trace_id, part, first_ns, last_ns, samples, cpu_ns, bytes, \
@@ -333,31 +334,13 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
         t.profile.len() as i64,
         t.profile,
     ])?;
-    let mut process = tx.prepare_cached(
-        "INSERT OR IGNORE INTO trace_processes (trace_id, pid, service, process_name, \
-         namespace, pod) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
-    for p in &t.processes {
-        process.execute(params![
-            id,
-            p.pid,
-            p.service,
-            p.process_name,
-            p.namespace,
-            p.pod
-        ])?;
-    }
-    let mut span =
-        tx.prepare_cached("INSERT OR IGNORE INTO trace_spans (trace_id, span_id) VALUES (?1, ?2)")?;
-    for s in &t.spans {
-        span.execute(params![id, &s[..]])?;
-    }
     if new_trace {
         return Ok(());
     }
     // The index row is the aggregate of the parts (one part unless the trace came back after
-    // the agent's late window or a restart). Three plain statements rather than one
-    // INSERT … SELECT with a subquery: SQLite re-prepared that one at every execution.
+    // the agent's late window or a restart), and its processes and spans are those it had plus
+    // this part's. Plain statements rather than one INSERT … SELECT with a subquery: SQLite
+    // re-prepared that one at every execution.
     let (first_ns, last_ns, samples, cpu_ns, bytes, parts): (i64, i64, i64, i64, i64, i64) = tx
         .prepare_cached(
             "SELECT min(first_ns), max(last_ns), sum(samples), sum(cpu_ns), sum(bytes), count(*) \
@@ -373,15 +356,33 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
                 r.get(5)?,
             ))
         })?;
-    let services: Vec<String> = tx
-        .prepare_cached(
-            "SELECT DISTINCT service FROM trace_processes WHERE trace_id = ?1 ORDER BY service",
-        )?
-        .query_map([id], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
+    let (stored_processes, stored_spans): (String, String) = tx
+        .prepare_cached("SELECT processes, spans FROM traces WHERE trace_id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    // A row this agent cannot parse (edited by hand) loses its process list, not the trace.
+    let mut processes: Vec<TraceProcess> = super::read::parse_processes(&stored_processes)
+        .into_iter()
+        .map(|p| TraceProcess {
+            pid: p.pid,
+            process_name: p.process_name,
+            service: p.service,
+            namespace: p.namespace,
+            pod: p.pod,
+        })
+        .collect();
+    for p in &t.processes {
+        if !processes.iter().any(|q| q.pid == p.pid) {
+            processes.push(p.clone());
+        }
+    }
+    processes.sort_by_key(|p| p.pid);
+    let mut spans: Vec<String> = stored_spans.split_whitespace().map(str::to_owned).collect();
+    spans.extend(t.spans.iter().map(|s| crate::context::hex(s)));
+    spans.sort_unstable();
+    spans.dedup();
     tx.prepare_cached(
         "INSERT OR REPLACE INTO traces (trace_id, first_ns, last_ns, samples, cpu_ns, bytes, \
-         parts, services) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+         parts, services, processes, spans) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
     .execute(params![
         id,
@@ -391,9 +392,28 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
         cpu_ns,
         bytes,
         parts,
-        services.join("\n")
+        services(&processes),
+        processes_json(&processes),
+        spans_text(spans.into_iter()),
     ])?;
     Ok(())
+}
+
+/// The distinct services of `processes`, sorted, one per line (the `services` column).
+fn services(processes: &[TraceProcess]) -> String {
+    let mut services: Vec<&str> = processes.iter().map(|p| p.service.as_str()).collect();
+    services.sort_unstable();
+    services.dedup();
+    services.join("\n")
+}
+
+fn processes_json(processes: &[TraceProcess]) -> String {
+    serde_json::to_string(processes).unwrap_or_else(|_| "[]".to_owned())
+}
+
+/// Span ids in lowercase hex, space-separated (the `spans` column).
+fn spans_text(spans: impl Iterator<Item = String>) -> String {
+    spans.collect::<Vec<_>>().join(" ")
 }
 
 fn put_bucket(tx: &Transaction<'_>, b: &BucketRecord) -> rusqlite::Result<()> {
