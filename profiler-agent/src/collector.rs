@@ -173,6 +173,7 @@ impl Collector {
             .name("collector".into())
             .spawn(move || {
                 let mut this = Collector::new(config, sinks, context_sources, metrics);
+                this.symbolizer.preload_kernel_symbols();
                 while let Some(message) = inbox.blocking_recv() {
                     this.handle(message);
                 }
