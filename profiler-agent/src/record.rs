@@ -125,11 +125,7 @@ impl Recording {
     /// The samples so far, symbolized: the ring is drained first (drains otherwise come about
     /// once a second).
     pub async fn snapshot(&self) -> anyhow::Result<Vec<SymbolizedSample>> {
-        let (drained, done) = oneshot::channel();
-        if self.drains.send(drained).await.is_ok() {
-            // Dropped unanswered only when the reader stopped: there is nothing left to drain.
-            let _ = done.await;
-        }
+        self.drain().await;
         let (tx, rx) = oneshot::channel();
         self.inbox
             .send(Message::Snapshot(tx))
@@ -138,16 +134,31 @@ impl Recording {
         rx.await.map_err(|_| collector_stopped())
     }
 
-    /// Hands the interval's aggregate to every sink.
+    /// Has the reader drain the ring buffer now; returns once the drained records are queued
+    /// to the collector, so what is sent to the collector next comes after them. Samples wait
+    /// in the ring for up to a drain interval (2 s at 99 Hz), which may be longer than the
+    /// agent's flush interval: every flush drains first, so an interval holds its samples.
+    async fn drain(&self) {
+        let (drained, done) = oneshot::channel();
+        if self.drains.send(drained).await.is_ok() {
+            // Dropped unanswered only when the reader stopped: there is nothing left to drain.
+            let _ = done.await;
+        }
+    }
+
+    /// Hands the interval's aggregate (the ring drained first) to every sink.
     pub async fn flush_interval(&self) -> anyhow::Result<()> {
+        self.drain().await;
         self.inbox
             .send(Message::FlushInterval)
             .await
             .map_err(|_| collector_stopped())
     }
 
-    /// Runs `f` on the collector's thread with the aggregate since the last flush.
+    /// Runs `f` on the collector's thread with the aggregate since the last flush (the ring
+    /// drained first).
     pub async fn flush(&self, f: impl FnOnce(Flushed<'_>) + Send + 'static) -> anyhow::Result<()> {
+        self.drain().await;
         self.inbox
             .send(Message::Flush(Box::new(f)))
             .await

@@ -92,6 +92,8 @@ pub fn spawn_reader<T: From<Vec<Record>> + Send + 'static>(
             };
             if let Some(reply) = asked {
                 let _ = reply.send(());
+                // The ring was just emptied: the periodic drain can wait a whole interval.
+                tick.reset();
             }
             if new_code {
                 // A process started (or mapped new code): its first samples are what tell the
