@@ -55,11 +55,13 @@ impl TraceSummary {
     }
 }
 
-/// A process a trace ran in, for the trace's detail.
+/// A process a trace ran in (the trace's detail; written by the agent as `TraceProcess`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcessRow {
     pub pid: u32,
     pub process_name: String,
+    /// `service.name` (the process context, `OTEL_SERVICE_NAME`, the pod's
+    /// `app.kubernetes.io/name`, or the executable name).
     pub service: String,
     /// Kubernetes namespace and pod; empty outside Kubernetes.
     pub namespace: String,

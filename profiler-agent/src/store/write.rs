@@ -13,18 +13,9 @@ use super::{
     check_integrity, open_connection, sql_ns,
 };
 
-/// A process a trace ran in (stored as JSON in the trace's row; read back as `ProcessRow`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct TraceProcess {
-    pub pid: u32,
-    pub process_name: String,
-    /// `service.name` (the process context, `OTEL_SERVICE_NAME`, the pod's
-    /// `app.kubernetes.io/name`, or the executable name).
-    pub service: String,
-    /// The Kubernetes namespace and pod, empty outside Kubernetes.
-    pub namespace: String,
-    pub pod: String,
-}
+/// A process a trace ran in: what the writer stores (as JSON in the trace's row) is what the
+/// reader gives back.
+pub type TraceProcess = super::read::ProcessRow;
 
 /// One incarnation of a trace, as the collector hands it out (the whole profile so far).
 #[derive(Debug, Clone)]
@@ -360,16 +351,7 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
         .prepare_cached("SELECT processes, spans FROM traces WHERE trace_id = ?1")?
         .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
     // A row this agent cannot parse (edited by hand) loses its process list, not the trace.
-    let mut processes: Vec<TraceProcess> = super::read::parse_processes(&stored_processes)
-        .into_iter()
-        .map(|p| TraceProcess {
-            pid: p.pid,
-            process_name: p.process_name,
-            service: p.service,
-            namespace: p.namespace,
-            pod: p.pod,
-        })
-        .collect();
+    let mut processes = super::read::parse_processes(&stored_processes);
     for p in &t.processes {
         if !processes.iter().any(|q| q.pid == p.pid) {
             processes.push(p.clone());
