@@ -17,6 +17,23 @@ pub mod otlp;
 
 use profiler_agent::{collector::SymbolizedSample, ebpf::SamplerConfig, record::Recording};
 
+/// `go tool pprof <view> -symbolize=none <file>` (Go 1.19, installed by the setup) as text;
+/// `view` is a pprof output flag such as `-top` or `-tags`. Fails on a profile pprof refuses.
+pub fn go_pprof(view: &str, file: &Path) -> String {
+    let out = Command::new("/usr/lib/go-1.19/bin/go")
+        .args(["tool", "pprof", view, "-symbolize=none"])
+        .arg(file)
+        .output()
+        .expect("run go tool pprof");
+    assert!(
+        out.status.success(),
+        "go tool pprof {view} failed on {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Fails loudly: these tests load eBPF programs and must never pass by skipping.
 pub fn require_root() {
     assert!(

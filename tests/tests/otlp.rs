@@ -323,7 +323,6 @@ fn export_and_check(protocol: &str, receiver_args: &[&str]) -> (Vec<Value>, Agen
 /// The interval pprof files the same run wrote stay readable by `go tool pprof`, with
 /// `trace_id`/`span_id` labels in lowercase hex, as Pyroscope derives them from OTLP links.
 fn check_pprof_labels(dir: &std::path::Path, published: &BTreeMap<String, (String, String)>) {
-    const GO: &str = "/usr/lib/go-1.19/bin/go";
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .expect("pprof dir")
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -333,21 +332,7 @@ fn check_pprof_labels(dir: &std::path::Path, published: &BTreeMap<String, (Strin
     assert!(!files.is_empty(), "no interval pprof in {}", dir.display());
     // Every interval's tags: the last interval (cut short by the shutdown) may hold a few
     // samples only, none of them of the first published trace.
-    let mut text = String::new();
-    for file in &files {
-        let out = Command::new(GO)
-            .args(["tool", "pprof", "-tags", "-symbolize=none"])
-            .arg(file)
-            .output()
-            .expect("run go tool pprof");
-        assert!(
-            out.status.success(),
-            "pprof {}: {}",
-            file.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text.push_str(&String::from_utf8_lossy(&out.stdout));
-    }
+    let text: String = files.iter().map(|file| go_pprof("-tags", file)).collect();
     let (trace, span) = published.values().next().expect("a published context");
     for needle in ["trace_id", "span_id", trace.as_str(), span.as_str()] {
         assert!(

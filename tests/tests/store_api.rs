@@ -15,7 +15,6 @@ use std::{
 
 use profiler_tests::{otel_ctx::builds, *};
 
-const GO: &str = "/usr/lib/go-1.19/bin/go";
 const TRACE_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa01";
 const TRACE_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbb01";
 /// How long the fixtures burn before exiting (their traces then end).
@@ -240,21 +239,6 @@ fn cli_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn go_pprof_top(file: &Path) -> String {
-    let out = Command::new(GO)
-        .args(["tool", "pprof", "-top", "-symbolize=none"])
-        .arg(file)
-        .output()
-        .expect("run go tool pprof");
-    assert!(
-        out.status.success(),
-        "go tool pprof failed on {}: {}",
-        file.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Parses the SVG as XML and returns every text node (frame labels and titles).
 fn svg_texts(svg: &[u8]) -> String {
     let text = std::str::from_utf8(svg).expect("SVG is UTF-8");
@@ -339,7 +323,7 @@ fn trace_profiles_through_the_cli_and_the_api() {
         pprof_a.to_str().unwrap(),
     ]);
     assert_only(
-        &go_pprof_top(&pprof_a),
+        &go_pprof("-top", &pprof_a),
         "burn_for_trace_a",
         "burn_for_trace_b",
         "CLI pprof A",
@@ -395,7 +379,7 @@ fn trace_profiles_through_the_cli_and_the_api() {
         assert_eq!(status, 200);
         let file = scratch.0.join(format!("api-{id}.pb.gz"));
         std::fs::write(&file, &pprof).unwrap();
-        assert_only(&go_pprof_top(&file), own, other, "API pprof");
+        assert_only(&go_pprof("-top", &file), own, other, "API pprof");
         let (status, svg) = agent.get(&format!("/api/traces/{id}/flamegraph.svg"));
         assert_eq!(status, 200);
         assert_only(&svg_texts(&svg), own, other, "API SVG");
