@@ -78,6 +78,8 @@ const LOW_FREQUENCY: u64 = 19;
 /// window sees the steady state.
 const AGENT_INTERVAL: Duration = Duration::from_secs(10);
 const AGENT_WARMUP: Duration = Duration::from_secs(12);
+/// The `none` configuration's pause before its window (the fixture is already running).
+const NONE_SETTLE: Duration = Duration::from_secs(2);
 const STATUS_POLL: Duration = Duration::from_millis(200);
 /// The eBPF time per sample is also read over sub-windows of this length (4 per 20 s window):
 /// its budget is a median over at least 5 windows of the same run.
@@ -105,7 +107,9 @@ impl Settings {
             warmup: Duration::from_secs(warmup),
             frequency: args.frequency,
             context_windows: if args.quick { 2 } else { 5 },
-            context_window: Duration::from_secs(if args.quick { 2 } else { 3 }),
+            // 2 s windows keep the whole bench, build included, within 10 minutes; five of
+            // them per target give the median the budget asks for.
+            context_window: Duration::from_secs(2),
         };
         if settings.window.is_zero() || settings.rounds == 0 || settings.frequency == 0 {
             bail!("--window-secs, --rounds and --frequency must be positive");
@@ -327,7 +331,8 @@ impl Run<'_> {
         let frequency = profiler.frequency(self.settings.frequency);
         match profiler {
             Profiler::None => {
-                sleep(self.settings.warmup)?;
+                // Nothing to warm up: only the previous profiler's exit to settle.
+                sleep(self.settings.warmup.min(NONE_SETTLE))?;
                 self.window(profiler, round, None)
             }
             Profiler::Ours | Profiler::OursLow => {
