@@ -8,8 +8,8 @@
 //! custom-labels. Transient failures (the loader has not relocated yet, a thread has no TLS
 //! block yet) are retried on the next ticks, a bounded number of times.
 
+use foldhash::{HashMap, HashMapExt};
 use std::{
-    collections::HashMap,
     fs::File,
     path::{Path, PathBuf},
     sync::Arc,

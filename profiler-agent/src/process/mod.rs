@@ -10,8 +10,8 @@ pub mod objects;
 pub mod process_context;
 pub mod tls;
 
+use foldhash::{HashMap, HashMapExt};
 use std::{
-    collections::HashMap,
     path::PathBuf,
     time::{Duration, Instant},
 };

@@ -20,8 +20,8 @@ pub mod bench;
 mod demangle;
 pub mod gopclntab;
 
+use foldhash::{HashMap, HashMapExt};
 use std::{
-    collections::HashMap,
     fs::File,
     io::{Seek as _, Write as _},
     os::fd::{AsRawFd as _, FromRawFd as _},
