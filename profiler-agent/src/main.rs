@@ -517,11 +517,18 @@ fn parse_listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
     Ok((ip, port).into())
 }
 
+/// Longer than any `--interval` a deployment uses, shorter than forever: an idle blocking
+/// thread costs a stack.
+const BLOCKING_THREAD_KEEP_ALIVE: Duration = Duration::from_secs(120);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
+        // The OTLP gzip runs on a blocking thread once per interval (10 s by default): with
+        // tokio's default 10 s keep-alive that thread exited and was re-created every interval.
+        .thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE)
         .enable_all()
         .build()
     {
