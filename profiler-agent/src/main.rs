@@ -22,8 +22,8 @@ use tracing_subscriber::EnvFilter;
 
 /// jemalloc rather than glibc's malloc: the collector builds and frees many small objects per
 /// trace (maps, strings, pprof messages), and glibc spent that churn in `malloc_consolidate`
-/// and bin unlinking. Interleaved 30 s rounds at 99 Hz on the bench's fixture: collector
-/// 0.46–0.82 ms/s with glibc, 0.34–0.36 with jemalloc; RssAnon 40 → 28 MiB (BENCHMARKS.md).
+/// and bin unlinking. Interleaved 30 s rounds at 99 Hz on the bench's fixture: the collector
+/// thread ran 0.42–0.88 ms/s with glibc, 0.34–0.39 with jemalloc (BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
