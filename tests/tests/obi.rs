@@ -32,14 +32,9 @@ impl Drop for BpfFs {
 }
 
 fn bpftool(args: &[&str]) {
-    let out = Command::new("bpftool")
-        .args(args)
-        .output()
-        .expect("run bpftool");
-    assert!(
-        out.status.success(),
-        "bpftool {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    run_ok(
+        Command::new("bpftool").args(args),
+        &format!("bpftool {args:?}"),
     );
 }
 

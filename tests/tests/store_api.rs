@@ -439,7 +439,8 @@ fn browser_renders_the_page_and_a_flame_graph() {
     // The rendered DOM (after scripts and layout: what a user sees) and a screenshot.
     let dom = |url: &str, screenshot: &str| -> String {
         let run = |mode: &str| {
-            let out = Command::new(chromium)
+            let mut chromium = Command::new(chromium);
+            chromium
                 .args([
                     "--headless",
                     "--no-sandbox",
@@ -455,15 +456,8 @@ fn browser_renders_the_page_and_a_flame_graph() {
                 ])
                 .arg(format!("--user-data-dir={}", profile_dir.display()))
                 .arg(mode)
-                .arg(url)
-                .output()
-                .expect("run chromium");
-            assert!(
-                out.status.success(),
-                "chromium {mode} {url}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            String::from_utf8_lossy(&out.stdout).into_owned()
+                .arg(url);
+            run_ok(&mut chromium, &format!("chromium {mode} {url}"))
         };
         let shot = artifacts.join(screenshot);
         let _ = std::fs::remove_file(&shot);

@@ -1,8 +1,8 @@
 //! The cost of reading a sampled thread's trace context, isolated from the rest of the sample:
 //! the kernel times one read in 16 (per CPU) of a process's own context source
 //! (`context_read_ns` / `context_reads_timed`, reported by `record`), against real writers: an
-//! OTEP 4947 thread context (C, TLSDESC relaxed to local-exec) and Go pprof labels in both runtime layouts
-//! (Go 1.19 hash map, Go ≥ 1.24 sorted slice).
+//! OTEP 4947 thread context (C, TLSDESC relaxed to local-exec) and Go pprof labels in both
+//! runtime layouts (Go 1.19 hash map, Go ≥ 1.24 sorted slice).
 
 use std::{
     fmt::Write as _,
