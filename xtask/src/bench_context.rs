@@ -50,7 +50,7 @@ pub enum Language {
     Go,
 }
 
-/// Measures every target over `windows` windows of `window` each.
+/// Measures every target over `windows` windows of `window` each, in interleaved rounds.
 pub fn measure(
     root: &Path,
     agent: &Path,
@@ -93,22 +93,26 @@ pub fn measure(
             Budget::OverFloorUs(BUDGET_GO_OVER_FLOOR_US),
         ),
     ];
-    let mut costs = Vec::new();
-    for (target, binary, args, budget) in targets {
-        crate::bench::progress(&format!("context read cost: {target}"));
-        let fixture = Started::start(&binary, args)?;
-        let (mut read_ns, mut ebpf_us) = (Vec::new(), Vec::new());
-        for _ in 0..windows {
+    // Interleaved rounds, one window of each target per round (fixture started afresh each
+    // time): the host's drift over the table lands on every target alike, so the Go targets'
+    // distance to the Go floor is not one target's quiet minute against another's busy one.
+    let mut costs: Vec<ContextCost> = targets
+        .iter()
+        .map(|(target, _, _, budget)| ContextCost {
+            target: (*target).to_owned(),
+            read_ns: Vec::new(),
+            ebpf_us: Vec::new(),
+            budget: *budget,
+        })
+        .collect();
+    for round in 1..=windows {
+        crate::bench::progress(&format!("context read cost: round {round} of {windows}"));
+        for ((_, binary, args, _), cost) in targets.iter().zip(costs.iter_mut()) {
+            let fixture = Started::start(binary, args)?;
             let (read, sample) = one_window(agent, bpftool, fixture.pid, window, frequency)?;
-            read_ns.extend(read);
-            ebpf_us.push(sample);
+            cost.read_ns.extend(read);
+            cost.ebpf_us.push(sample);
         }
-        costs.push(ContextCost {
-            target: target.to_owned(),
-            read_ns,
-            ebpf_us,
-            budget,
-        });
     }
     Ok(costs)
 }
