@@ -130,6 +130,11 @@ fn drain<T: From<Vec<Record>>>(
         match decode(&item) {
             Ok(record) => {
                 new_code |= matches!(record, Record::Exec { .. } | Record::MmapExec { .. });
+                // Sized once per batch, when its first record comes: grown record by record,
+                // the reallocations and copies were a tenth of the runtime thread's time.
+                if batch.capacity() == 0 {
+                    batch.reserve_exact(RECORDS_PER_BATCH);
+                }
                 batch.push(record);
                 if batch.len() == RECORDS_PER_BATCH && !hand_over(&mut batch, records, metrics) {
                     return None;
