@@ -51,16 +51,8 @@ pub fn aggregate_to_pprof(
     );
     let placements = placement_labels(&aggregate.process_details);
     for (key, value) in aggregate.sorted_samples() {
-        let thread = aggregate
-            .thread_names
-            .get(&key.tid)
-            .map(String::as_str)
-            .unwrap_or("");
-        let process = aggregate
-            .process_names
-            .get(&key.pid)
-            .map(String::as_str)
-            .unwrap_or("");
+        let thread = name_of(&aggregate.thread_names, key.tid);
+        let process = name_of(&aggregate.process_names, key.pid);
         let context = key.context.map(|c| aggregate.context(c));
         let ids = context.map(|c| (hex(&c.trace_id), hex(&c.span_id)));
         let mut labels = vec![
@@ -117,11 +109,7 @@ pub fn process_profiles(
     let mut by_pid: BTreeMap<u32, BTreeMap<(&str, crate::profile::StackId, bool), u64>> =
         BTreeMap::new();
     for (key, value) in &aggregate.samples {
-        let thread = aggregate
-            .thread_names
-            .get(&key.tid)
-            .map(String::as_str)
-            .unwrap_or("");
+        let thread = name_of(&aggregate.thread_names, key.tid);
         *by_pid
             .entry(key.pid)
             .or_default()
@@ -201,16 +189,8 @@ pub fn trace_to_pprof(
     let placements = placement_labels(&trace.process_details);
     for (key, value) in trace.sorted_samples() {
         let span_id = hex(&key.span_id);
-        let thread = trace
-            .thread_names
-            .get(&key.tid)
-            .map(String::as_str)
-            .unwrap_or("");
-        let process = trace
-            .process_names
-            .get(&key.pid)
-            .map(String::as_str)
-            .unwrap_or("");
+        let thread = name_of(&trace.thread_names, key.tid);
+        let process = name_of(&trace.process_names, key.pid);
         let mut labels = vec![
             ("trace_id", LabelValue::Str(&trace_id)),
             ("span_id", LabelValue::Str(&span_id)),
@@ -227,6 +207,11 @@ pub fn trace_to_pprof(
         builder.add_sample(&key.stack, value.count, &labels);
     }
     builder.finish()
+}
+
+/// A thread's or process's name from a profile's table; empty when it was never recorded.
+fn name_of(names: &foldhash::HashMap<u32, String>, id: u32) -> &str {
+    names.get(&id).map_or("", String::as_str)
 }
 
 /// Each process's placement labels (pod, container, pid in its container), computed once per
