@@ -27,6 +27,17 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options, read once at its start (the `_RJEM_MALLOC_CONF` environment variable
+/// still overrides them). Freed pages are given back to the kernel after 60 s unused instead of
+/// 10 s: the collector's work comes in bursts every drain and every 10 s interval, and with
+/// the default the pages freed after one burst were purged and faulted in again by the next.
+/// Seven interleaved 40 s rounds at 99 Hz: lower agent CPU in six, by 0.26 µs per sample on
+/// average (4.44 → 4.18); RssAnon unchanged (~41 MiB).
+#[used]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static JEMALLOC_OPTIONS: Option<&'static std::ffi::c_char> =
+    Some(unsafe { &*c"dirty_decay_ms:60000".as_ptr() });
+
 #[derive(Parser)]
 #[command(
     name = "profiler-agent",
