@@ -7,6 +7,7 @@
 pub mod details;
 pub mod golang;
 pub mod objects;
+mod perf_map;
 pub mod process_context;
 pub mod tls;
 
@@ -57,6 +58,8 @@ struct Process {
     env_service_name: Option<String>,
     cgroup: CgroupIdentity,
     container_pid: Option<u32>,
+    /// The object for its JIT code, once its perf map was found.
+    jit: Option<ObjectId>,
 }
 
 /// What a user can learn about a process.
@@ -223,21 +226,6 @@ impl ProcessTable {
             .or_else(|| comm.map(str::to_owned))
             .or_else(|| previous.as_ref().map(|p| p.name.clone()))
             .unwrap_or_default();
-        let mappings = match procfs::process::Process::new_with_root(proc_dir.clone())
-            .and_then(|p| p.maps())
-        {
-            Ok(maps) => self.executable_mappings(&proc_dir, maps.0),
-            Err(e) => {
-                // Gone already, or not readable: keep whatever we knew.
-                self.metrics.inc("process_maps_read_failed");
-                tracing::debug!(pid, error = %e, "cannot read process maps");
-                previous
-                    .as_ref()
-                    .map(|p| p.mappings.clone())
-                    .unwrap_or_default()
-            }
-        };
-        self.metrics.inc("process_maps_read");
         // The environment, cgroup and pid namespace of a process image do not change: read
         // them once.
         let (env_service_name, cgroup, container_pid) = match &previous {
@@ -252,6 +240,25 @@ impl ProcessTable {
                 details::read_container_pid(&proc_dir),
             ),
         };
+        let mut jit = previous.as_ref().and_then(|p| p.jit);
+        let mappings = match procfs::process::Process::new_with_root(proc_dir.clone())
+            .and_then(|p| p.maps())
+        {
+            Ok(maps) => {
+                let ns_pid = container_pid.unwrap_or(pid);
+                self.executable_mappings(&proc_dir, ns_pid, &mut jit, maps.0)
+            }
+            Err(e) => {
+                // Gone already, or not readable: keep whatever we knew.
+                self.metrics.inc("process_maps_read_failed");
+                tracing::debug!(pid, error = %e, "cannot read process maps");
+                previous
+                    .as_ref()
+                    .map(|p| p.mappings.clone())
+                    .unwrap_or_default()
+            }
+        };
+        self.metrics.inc("process_maps_read");
         self.processes.insert(
             pid,
             Process {
@@ -264,19 +271,50 @@ impl ProcessTable {
                 env_service_name,
                 cgroup,
                 container_pid,
+                jit,
             },
         );
     }
 
+    /// The executable mappings of a process. Anonymous executable memory is JIT code: when the
+    /// process writes a perf map, it becomes the process's own object (`jit`, found on the
+    /// first read that sees such memory and the map), addressed absolutely; else it is the
+    /// shared `[anon]` pseudo-object.
     fn executable_mappings(
         &mut self,
         proc_dir: &std::path::Path,
+        ns_pid: u32,
+        jit: &mut Option<ObjectId>,
         maps: Vec<procfs::process::MemoryMap>,
     ) -> Vec<Mapping> {
+        let is_jit = |m: &procfs::process::MemoryMap| match &m.pathname {
+            MMapPath::Anonymous => true,
+            MMapPath::Other(name) => name.starts_with("anon:"),
+            _ => false,
+        };
+        if jit.is_none()
+            && maps
+                .iter()
+                .any(|m| m.perms.contains(MMPermissions::EXECUTE) && is_jit(m))
+            && let Some((file, name)) = perf_map::open(proc_dir, ns_pid)
+        {
+            *jit = self.objects.perf_map_object(&name, file);
+            self.metrics.inc("perf_maps_found");
+        }
         let mut out: Vec<Mapping> = maps
             .into_iter()
             .filter(|m| m.perms.contains(MMPermissions::EXECUTE))
             .map(|m| {
+                if let Some(object) = *jit
+                    && is_jit(&m)
+                {
+                    return Mapping {
+                        start: m.address.0,
+                        end: m.address.1,
+                        file_offset: m.address.0,
+                        object: Some(object),
+                    };
+                }
                 let (start, end) = m.address;
                 let object = match &m.pathname {
                     MMapPath::Path(path) => {

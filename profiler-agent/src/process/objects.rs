@@ -27,6 +27,11 @@ pub enum ObjectKey {
     },
     /// Memory without a file (`[vdso]`, anonymous executable memory): one per name.
     Pseudo(String),
+    /// One process's JIT code, named from its perf map; `serial` tells apart the processes
+    /// that reuse a pid, and the images one process execs.
+    PerfMap {
+        serial: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -36,6 +41,9 @@ pub struct Object {
     pub build_id: Option<Vec<u8>>,
     /// Open file, when the object is file-backed and could be opened.
     file: Option<Arc<File>>,
+    /// A process's perf map (`/tmp/perf-<pid>.map`), open: the names of its JIT code, which
+    /// is addressed by absolute address.
+    perf_map: Option<Arc<File>>,
 }
 
 impl Object {
@@ -54,6 +62,10 @@ impl Object {
     /// The open file, for readers other than the symbolizer's (Go's pclntab).
     pub fn file(&self) -> Option<&File> {
         self.file.as_deref()
+    }
+
+    pub fn perf_map(&self) -> Option<&Arc<File>> {
+        self.perf_map.as_ref()
     }
 
     pub fn build_id_hex(&self) -> Option<String> {
@@ -115,6 +127,7 @@ impl ObjectStore {
                 name: name.to_owned(),
                 build_id,
                 file: file.map(Arc::new),
+                perf_map: None,
             },
         )
     }
@@ -130,6 +143,24 @@ impl ObjectStore {
                 name: name.to_owned(),
                 build_id: None,
                 file: None,
+                perf_map: None,
+            },
+        )
+    }
+
+    /// A new object for one process's JIT code, named `name` (the map's path as the process
+    /// sees it) and symbolized from `perf_map`.
+    pub fn perf_map_object(&mut self, name: &str, perf_map: File) -> Option<ObjectId> {
+        let key = ObjectKey::PerfMap {
+            serial: self.objects.len() as u64,
+        };
+        self.insert(
+            key,
+            Object {
+                name: name.to_owned(),
+                build_id: None,
+                file: None,
+                perf_map: Some(Arc::new(perf_map)),
             },
         )
     }

@@ -9,6 +9,10 @@
 //! ([`gopclntab`], with inlined calls), parsed once per object, for the frames blazesym could
 //! not name.
 //!
+//! JIT-compiled code is named from the process's perf map ([`perf_map`]), when it writes one.
+//! Its names can change (a JIT reuses the memory of code it freed), so the cached frames of a
+//! perf map are dropped whenever it gains lines.
+//!
 //! A frame that cannot be symbolized is data: it gets the name `[unknown] module+0xoffset`.
 //!
 //! Kernel frames are named from a snapshot of `/proc/kallsyms` in a memfd, refreshed every
@@ -19,6 +23,7 @@
 pub mod bench;
 mod demangle;
 pub mod gopclntab;
+mod perf_map;
 
 use foldhash::{HashMap, HashMapExt};
 use std::{
@@ -40,6 +45,7 @@ use blazesym::{
 
 use gopclntab::{GoPclntab, PclntabError};
 use object::read::ReadCache;
+use perf_map::PerfMap;
 
 use crate::{
     metrics::Metrics,
@@ -75,8 +81,15 @@ pub struct Symbolizer {
     /// Go pclntab per object, parsed when blazesym first leaves a frame of it unnamed; `None`
     /// when the object has none.
     go_tables: HashMap<ObjectId, Option<GoPclntab>>,
+    /// Perf maps of JIT objects, read as they grow.
+    perf_maps: HashMap<ObjectId, PerfMap>,
+    perf_maps_checked_at: Instant,
     metrics: Metrics,
 }
+
+/// How often every perf map is checked for new lines, whether or not a frame missed the cache:
+/// code replaced at the same address is named anew within this time.
+const PERF_MAP_CHECK: Duration = Duration::from_secs(1);
 
 /// How often the kallsyms snapshot is refreshed (loaded modules change it).
 const KALLSYMS_REFRESH: Duration = Duration::from_secs(300);
@@ -142,6 +155,8 @@ impl Symbolizer {
             kernel,
             kallsyms,
             go_tables: HashMap::new(),
+            perf_maps: HashMap::new(),
+            perf_maps_checked_at: Instant::now(),
             metrics,
         }
     }
@@ -158,6 +173,13 @@ impl Symbolizer {
 
     /// Symbolizes every frame not already cached: one blazesym call per object.
     pub fn resolve(&mut self, frames: impl IntoIterator<Item = Frame>, objects: &ObjectStore) {
+        if !self.perf_maps.is_empty() && self.perf_maps_checked_at.elapsed() >= PERF_MAP_CHECK {
+            self.perf_maps_checked_at = Instant::now();
+            let ids: Vec<ObjectId> = self.perf_maps.keys().copied().collect();
+            for id in ids {
+                self.update_perf_map(id);
+            }
+        }
         let mut user: HashMap<ObjectId, Vec<u64>> = HashMap::new();
         let mut kernel = Vec::new();
         for frame in frames {
@@ -199,6 +221,10 @@ impl Symbolizer {
 
     fn resolve_object(&mut self, id: ObjectId, offsets: &[u64], objects: &ObjectStore) {
         let object = objects.get(id);
+        if let Some(file) = object.perf_map() {
+            self.resolve_jit(id, file, offsets, object.short_name());
+            return;
+        }
         let mut results = match object.symbolize_path() {
             Some(path) => {
                 let source = Source::Elf(Elf::new(path));
@@ -224,6 +250,62 @@ impl Symbolizer {
             },
             &module,
         );
+    }
+
+    /// JIT code: names from the perf map, read up to its end first. When that added lines,
+    /// every cached frame of the object may be stale and is dropped (it is named again when
+    /// next asked for).
+    fn resolve_jit(&mut self, id: ObjectId, file: &Arc<File>, addresses: &[u64], module: &str) {
+        self.perf_maps
+            .entry(id)
+            .or_insert_with(|| PerfMap::new(file.clone()));
+        self.update_perf_map(id);
+        let map = &self.perf_maps[&id];
+        let results = addresses
+            .iter()
+            .map(|&address| {
+                map.lookup(address).map(|name| {
+                    vec![Level {
+                        name: name.to_owned(),
+                        file: None,
+                        line: 0,
+                    }]
+                })
+            })
+            .collect();
+        self.store(
+            addresses,
+            results,
+            |address| Frame::User {
+                object: id,
+                address,
+            },
+            module,
+        );
+    }
+
+    /// Reads what was appended to the perf map of `id`; if that changed any name, drops the
+    /// object's cached frames.
+    fn update_perf_map(&mut self, id: ObjectId) {
+        let Some(map) = self.perf_maps.get_mut(&id) else {
+            return;
+        };
+        match map.update() {
+            Ok(update) => {
+                self.metrics.add("perf_map_lines", update.lines);
+                self.metrics
+                    .add("perf_map_lines_malformed", update.malformed);
+                self.metrics.add("perf_map_entries_dropped", update.dropped);
+                if update.changed {
+                    self.cache
+                        .retain(|f, _| !matches!(f, Frame::User { object, .. } if *object == id));
+                }
+            }
+            Err(e) => {
+                self.metrics.inc("perf_map_read_errors");
+                tracing::debug!(object = id.0, error = %e, "perf map not read");
+            }
+        }
     }
 
     /// Names the frames blazesym left unknown from the object's Go pclntab, if it has one.

@@ -1,0 +1,133 @@
+//! JIT-compiled code named from the process's perf map (`/tmp/perf-<pid>.map`): a minimal C
+//! JIT whose code lives in anonymous executable memory, and Node.js with `--perf-basic-prof`.
+//! Needs root; run through `cargo xtask test`.
+
+use std::{process::Command, time::Duration};
+
+use profiler_agent::collector::SymbolizedSample;
+use profiler_tests::*;
+
+const MIN_SAMPLES: u64 = 30;
+const CAP: Duration = Duration::from_secs(30);
+
+/// Removes a fixture's perf map when the test ends, passed or not (a killed fixture cannot).
+struct PerfMapFile(String);
+
+impl Drop for PerfMapFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn samples_in(samples: &[SymbolizedSample], pid: u32, function: &str) -> u64 {
+    samples
+        .iter()
+        .filter(|s| s.pid == pid && s.functions.iter().any(|f| f.contains(function)))
+        .map(|s| s.count)
+        .sum()
+}
+
+fn describe(samples: &[SymbolizedSample]) -> Vec<String> {
+    let mut leaves: Vec<(u64, &str)> = samples.iter().map(|s| (s.count, &*s.leaf)).collect();
+    leaves.sort_unstable_by(|a, b| b.cmp(a));
+    leaves
+        .iter()
+        .take(8)
+        .map(|(n, leaf)| format!("{n} × {leaf}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn names_jit_code_from_the_perf_map_and_follows_renames() {
+    require_root();
+    let binary = build_c("jit.c", "jit", &["-O2", "-g", "-fno-omit-frame-pointer"]);
+    let mut fixture = Fixture::start(Command::new(&binary));
+    let _map = PerfMapFile(format!("/tmp/perf-{}.map", fixture.pid));
+    let recording =
+        profiler_agent::record::Recording::start(&sampler_config(Some(vec![fixture.pid]), 99))
+            .expect("start recording");
+
+    let (samples, done) = sample_until(&recording, CAP, |s| {
+        leaf_count(s, "jit_spin_v1") >= MIN_SAMPLES
+    })
+    .await;
+    assert!(
+        done,
+        "fewer than {MIN_SAMPLES} samples named jit_spin_v1 within {CAP:?}; leaves: {:?}",
+        describe(&samples)
+    );
+    // The JIT code is the leaf; the C caller that jumped into it is above it.
+    let under_main = samples
+        .iter()
+        .filter(|s| &*s.leaf == "jit_spin_v1" && s.functions.iter().any(|f| &**f == "main"))
+        .map(|s| s.count)
+        .sum::<u64>();
+    assert!(
+        under_main * 10 >= leaf_count(&samples, "jit_spin_v1") * 9,
+        "{under_main} of {} JIT samples under main",
+        leaf_count(&samples, "jit_spin_v1")
+    );
+
+    // The same memory now holds other code: the map's newer line wins, for every sample.
+    fixture.signal(libc::SIGUSR1);
+    assert!(
+        fixture
+            .wait_for_line("renamed", Duration::from_secs(10))
+            .is_some(),
+        "the fixture did not rename its code"
+    );
+    recording.flush(|_| ()).await.expect("flush");
+    let (samples, done) = sample_until(&recording, CAP, |s| {
+        leaf_count(s, "jit_spin_v2") >= MIN_SAMPLES
+    })
+    .await;
+    assert!(
+        done,
+        "fewer than {MIN_SAMPLES} samples named jit_spin_v2 within {CAP:?}; leaves: {:?}",
+        describe(&samples)
+    );
+    assert_eq!(
+        leaf_count(&samples, "jit_spin_v1"),
+        0,
+        "names from the stale line"
+    );
+    recording.finish(|_| ()).await.expect("finish");
+    fixture.signal(libc::SIGTERM);
+    assert!(fixture.wait().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn names_node_js_functions_with_perf_basic_prof() {
+    require_root();
+    let script = workspace_root().join("tests/fixtures/burn.js");
+    let mut command = Command::new("node");
+    command.arg("--perf-basic-prof").arg(&script);
+    let mut fixture = Fixture::start(command);
+    let _map = PerfMapFile(format!("/tmp/perf-{}.map", fixture.pid));
+    let recording =
+        profiler_agent::record::Recording::start(&sampler_config(Some(vec![fixture.pid]), 99))
+            .expect("start recording");
+    let (samples, done) = sample_until(&recording, CAP, |s| {
+        samples_in(s, fixture.pid, "burnJs") >= MIN_SAMPLES
+    })
+    .await;
+    let finished = recording.finish(|_| ()).await.expect("finish");
+    assert!(
+        done,
+        "fewer than {MIN_SAMPLES} samples in burnJs within {CAP:?}; leaves: {:?}",
+        describe(&samples)
+    );
+    // V8 names optimized code `JS:*burnJs <script>:<line>:<column>`.
+    let named = samples
+        .iter()
+        .flat_map(|s| s.functions.iter())
+        .find(|f| f.contains("burnJs"))
+        .expect("a burnJs frame");
+    assert!(
+        named.starts_with("JS:") && named.contains("burn.js"),
+        "V8's name for it: {named}"
+    );
+    assert!(finished.metrics.get("perf_maps_found") >= 1);
+    fixture.signal(libc::SIGTERM);
+    assert!(fixture.wait().success());
+}
