@@ -70,10 +70,11 @@ async fn names_jit_code_from_the_perf_map_and_follows_renames() {
 
     // The same memory now holds other code: the map's newer line wins, for every sample.
     fixture.signal(libc::SIGUSR1);
-    assert!(
+    assert_eq!(
         fixture
-            .wait_for_line("renamed", Duration::from_secs(10))
-            .is_some(),
+            .wait_for_line("named ", Duration::from_secs(10))
+            .as_deref(),
+        Some("jit_spin_v2"),
         "the fixture did not rename its code"
     );
     recording.flush(|_| ()).await.expect("flush");
@@ -94,6 +95,60 @@ async fn names_jit_code_from_the_perf_map_and_follows_renames() {
     recording.finish(|_| ()).await.expect("finish");
     fixture.signal(libc::SIGTERM);
     assert!(fixture.wait().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn finds_a_perf_map_written_after_the_code_ran() {
+    require_root();
+    let binary = build_c("jit.c", "jit", &["-O2", "-g", "-fno-omit-frame-pointer"]);
+    let mut late = Command::new(&binary);
+    late.arg("late");
+    let mut fixture = Fixture::start(late);
+    let _map = PerfMapFile(format!("/tmp/perf-{}.map", fixture.pid));
+    let recording =
+        profiler_agent::record::Recording::start(&sampler_config(Some(vec![fixture.pid]), 99))
+            .expect("start recording");
+    // No map yet: the code is anonymous memory, unnamed but attributed.
+    let (samples, done) = sample_until(&recording, CAP, |s| {
+        leaf_count_with(s, "[unknown] [anon]+") >= MIN_SAMPLES
+    })
+    .await;
+    assert!(
+        done,
+        "fewer than {MIN_SAMPLES} samples in unnamed anonymous code within {CAP:?}; leaves: {:?}",
+        describe(&samples)
+    );
+    fixture.signal(libc::SIGUSR1);
+    assert_eq!(
+        fixture
+            .wait_for_line("named ", Duration::from_secs(10))
+            .as_deref(),
+        Some("jit_spin_v1")
+    );
+    recording.flush(|_| ()).await.expect("flush");
+    // Looked for again at most every 10 s per process.
+    let (samples, done) = sample_until(&recording, CAP, |s| {
+        leaf_count(s, "jit_spin_v1") >= MIN_SAMPLES
+    })
+    .await;
+    let finished = recording.finish(|_| ()).await.expect("finish");
+    assert!(
+        done,
+        "fewer than {MIN_SAMPLES} samples named jit_spin_v1 within {CAP:?} of the map's writing; \
+         leaves: {:?}",
+        describe(&samples)
+    );
+    assert_eq!(finished.metrics.get("perf_maps_found"), 1);
+    fixture.signal(libc::SIGTERM);
+    assert!(fixture.wait().success());
+}
+
+fn leaf_count_with(samples: &[SymbolizedSample], prefix: &str) -> u64 {
+    samples
+        .iter()
+        .filter(|s| s.leaf.starts_with(prefix))
+        .map(|s| s.count)
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -35,6 +35,9 @@ const UNANNOUNCED_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 const EXIT_GRACE: Duration = Duration::from_secs(5);
 /// Upper bound of objects kept open.
 const MAX_OBJECTS: usize = 16_384;
+/// A process sampled in anonymous executable memory without a perf map is looked at again at
+/// most this often: a JVM writes its map only when asked (`jcmd <pid> Compiler.perfmap`).
+const PERF_MAP_RECHECK: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy)]
 struct Mapping {
@@ -60,6 +63,8 @@ struct Process {
     container_pid: Option<u32>,
     /// The object for its JIT code, once its perf map was found.
     jit: Option<ObjectId>,
+    /// When a perf map was last looked for (reading the maps looks too).
+    perf_map_checked_at: Instant,
 }
 
 /// What a user can learn about a process.
@@ -79,6 +84,8 @@ pub struct ProcessTable {
     objects: ObjectStore,
     /// Objects for memory without a file.
     unmapped: Option<ObjectId>,
+    /// The shared object of anonymous executable memory in processes without a perf map.
+    anon: Option<ObjectId>,
     proc_root: PathBuf,
     metrics: Metrics,
 }
@@ -94,6 +101,7 @@ impl ProcessTable {
             processes: HashMap::new(),
             objects: ObjectStore::new(MAX_OBJECTS, metrics.clone()),
             unmapped: None,
+            anon: None,
             proc_root,
             metrics,
         }
@@ -164,6 +172,10 @@ impl ProcessTable {
 
     fn user_frame(&mut self, pid: u32, addr: u64) -> Frame {
         if let Some(frame) = self.lookup(pid, addr) {
+            if self.perf_map_may_have_appeared(pid, frame) {
+                self.refresh(pid, None);
+                return self.lookup(pid, addr).unwrap_or(frame);
+            }
             return frame;
         }
         // A library mapped after we last read the maps (dlopen)? Re-read, rate-limited.
@@ -189,6 +201,29 @@ impl ProcessTable {
             object: unmapped,
             address: addr,
         }
+    }
+
+    /// Whether `frame`, in anonymous executable memory of a process without a perf map, is
+    /// due for another look for one (which re-reads the maps). Rate-limited per process.
+    fn perf_map_may_have_appeared(&mut self, pid: u32, frame: Frame) -> bool {
+        let Frame::User { object, .. } = frame else {
+            return false;
+        };
+        if self.anon != Some(object) {
+            return false;
+        }
+        let Some(process) = self.processes.get_mut(&pid) else {
+            return false;
+        };
+        if process.jit.is_some()
+            || process.exited_at.is_some()
+            || process.perf_map_checked_at.elapsed() < PERF_MAP_RECHECK
+        {
+            return false;
+        }
+        process.perf_map_checked_at = Instant::now();
+        let ns_pid = process.container_pid.unwrap_or(pid);
+        perf_map::exists(&self.proc_root.join(pid.to_string()), ns_pid)
     }
 
     fn lookup(&self, pid: u32, addr: u64) -> Option<Frame> {
@@ -272,6 +307,7 @@ impl ProcessTable {
                 cgroup,
                 container_pid,
                 jit,
+                perf_map_checked_at: Instant::now(),
             },
         );
     }
@@ -332,7 +368,11 @@ impl ProcessTable {
                     MMapPath::Vdso => self.objects.pseudo_object("[vdso]"),
                     MMapPath::Vsyscall => self.objects.pseudo_object("[vsyscall]"),
                     MMapPath::Other(name) => self.objects.pseudo_object(&format!("[{name}]")),
-                    _ => self.objects.pseudo_object("[anon]"),
+                    _ => {
+                        let anon = self.objects.pseudo_object("[anon]");
+                        self.anon = anon;
+                        anon
+                    }
                 };
                 // Memory without a file is addressed relative to its mapping.
                 let file_offset = if matches!(m.pathname, MMapPath::Path(_)) {

@@ -30,6 +30,14 @@ pub(super) fn open(proc_dir: &Path, ns_pid: u32) -> Option<(File, String)> {
     (meta.file_type().is_file() && (meta.uid() == owner || meta.uid() == 0)).then_some((file, name))
 }
 
+/// Whether the process seems to write a perf map now: a cheap check before reading its maps.
+pub(super) fn exists(proc_dir: &Path, ns_pid: u32) -> bool {
+    proc_dir
+        .join(format!("root/tmp/perf-{ns_pid}.map"))
+        .symlink_metadata()
+        .is_ok()
+}
+
 fn open_in_root(root: &File, relative: &str) -> Option<File> {
     let path = CString::new(Path::new(relative).as_os_str().as_bytes()).ok()?;
     let flags = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK;

@@ -81,8 +81,8 @@ pub struct Symbolizer {
     /// Go pclntab per object, parsed when blazesym first leaves a frame of it unnamed; `None`
     /// when the object has none.
     go_tables: HashMap<ObjectId, Option<GoPclntab>>,
-    /// Perf maps of JIT objects, read as they grow.
-    perf_maps: HashMap<ObjectId, PerfMap>,
+    /// Perf maps of JIT objects, read as they grow, and when each last named a frame.
+    perf_maps: HashMap<ObjectId, (PerfMap, Instant)>,
     perf_maps_checked_at: Instant,
     metrics: Metrics,
 }
@@ -90,6 +90,9 @@ pub struct Symbolizer {
 /// How often every perf map is checked for new lines, whether or not a frame missed the cache:
 /// code replaced at the same address is named anew within this time.
 const PERF_MAP_CHECK: Duration = Duration::from_secs(1);
+/// A perf map that named no frame for this long (its process exited, mostly) is dropped from
+/// memory; its file stays open with its object and is read again if a frame needs it.
+const PERF_MAP_IDLE: Duration = Duration::from_secs(300);
 
 /// How often the kallsyms snapshot is refreshed (loaded modules change it).
 const KALLSYMS_REFRESH: Duration = Duration::from_secs(300);
@@ -175,6 +178,8 @@ impl Symbolizer {
     pub fn resolve(&mut self, frames: impl IntoIterator<Item = Frame>, objects: &ObjectStore) {
         if !self.perf_maps.is_empty() && self.perf_maps_checked_at.elapsed() >= PERF_MAP_CHECK {
             self.perf_maps_checked_at = Instant::now();
+            self.perf_maps
+                .retain(|_, (_, used_at)| used_at.elapsed() < PERF_MAP_IDLE);
             let ids: Vec<ObjectId> = self.perf_maps.keys().copied().collect();
             for id in ids {
                 self.update_perf_map(id);
@@ -258,9 +263,10 @@ impl Symbolizer {
     fn resolve_jit(&mut self, id: ObjectId, file: &Arc<File>, addresses: &[u64], module: &str) {
         self.perf_maps
             .entry(id)
-            .or_insert_with(|| PerfMap::new(file.clone()));
+            .or_insert_with(|| (PerfMap::new(file.clone()), Instant::now()))
+            .1 = Instant::now();
         self.update_perf_map(id);
-        let map = &self.perf_maps[&id];
+        let map = &self.perf_maps[&id].0;
         let results = addresses
             .iter()
             .map(|&address| {
@@ -287,7 +293,7 @@ impl Symbolizer {
     /// Reads what was appended to the perf map of `id`; if that changed any name, drops the
     /// object's cached frames.
     fn update_perf_map(&mut self, id: ObjectId) {
-        let Some(map) = self.perf_maps.get_mut(&id) else {
+        let Some((map, _)) = self.perf_maps.get_mut(&id) else {
             return;
         };
         match map.update() {

@@ -11,9 +11,10 @@
 
 use std::{fs::File, os::unix::fs::FileExt as _};
 
-/// Entries kept per map at most. A long-running JIT appends without end (every
-/// re-optimization is a new line); past this, superseded entries are dropped, then the oldest.
-const MAX_ENTRIES: usize = 262_144;
+/// Entries kept per map at most (~6 MiB with V8's names of ~70 bytes). A long-running JIT
+/// appends without end (every re-optimization is a new line); past this, superseded entries
+/// are dropped, then the oldest.
+const MAX_ENTRIES: usize = 65_536;
 /// Bytes read from one map per update at most (the rest waits for the next update).
 const MAX_READ: u64 = 16 << 20;
 /// Longest name kept; longer ones are cut (Java signatures can be long).
