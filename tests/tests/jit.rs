@@ -1,5 +1,6 @@
 //! JIT-compiled code named from the process's perf map (`/tmp/perf-<pid>.map`): a minimal C
-//! JIT whose code lives in anonymous executable memory, and Node.js with `--perf-basic-prof`.
+//! JIT whose code lives in anonymous executable memory, Node.js with `--perf-basic-prof`, and a
+//! JVM whose map `jcmd` writes.
 //! Needs root; run through `cargo xtask test`.
 
 use std::{process::Command, time::Duration};
@@ -185,4 +186,59 @@ async fn names_node_js_functions_with_perf_basic_prof() {
     assert!(finished.metrics.get("perf_maps_found") >= 1);
     fixture.signal(libc::SIGTERM);
     assert!(fixture.wait().success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn names_java_methods_from_the_map_jcmd_writes() {
+    require_root();
+    let classes = fixture_dir().join("java");
+    run_ok(
+        Command::new("javac")
+            .arg("-d")
+            .arg(&classes)
+            .arg(workspace_root().join("tests/fixtures/BurnJava.java")),
+        "javac",
+    );
+    let mut java = Command::new("java");
+    java.args(["-XX:+PreserveFramePointer", "-cp"])
+        .arg(&classes)
+        .arg("BurnJava");
+    let mut fixture = Fixture::start(java);
+    let _map = PerfMapFile(format!("/tmp/perf-{}.map", fixture.pid));
+    run_ok(
+        Command::new("jcmd").args([&fixture.pid.to_string(), "Compiler.perfmap"]),
+        "jcmd Compiler.perfmap",
+    );
+    let recording =
+        profiler_agent::record::Recording::start(&sampler_config(Some(vec![fixture.pid]), 99))
+            .expect("start recording");
+    let method = "long BurnJava.burnJava(long)";
+    let (samples, done) = sample_until(&recording, CAP, |s| {
+        samples_in(s, fixture.pid, method) >= MIN_SAMPLES
+    })
+    .await;
+    recording.finish(|_| ()).await.expect("finish");
+    assert!(
+        done,
+        "fewer than {MIN_SAMPLES} samples in {method} within {CAP:?}; leaves: {:?}",
+        describe(&samples)
+    );
+    // Through the compiled code's frame pointers back into the JVM that called main.
+    let in_method = samples_in(&samples, fixture.pid, method);
+    let from_jvm = samples
+        .iter()
+        .filter(|s| {
+            s.functions.iter().any(|f| &**f == method)
+                && s.functions
+                    .iter()
+                    .any(|f| f.contains("JavaCalls::call_helper"))
+        })
+        .map(|s| s.count)
+        .sum::<u64>();
+    assert!(
+        from_jvm * 10 >= in_method * 9,
+        "{from_jvm} of {in_method} samples in {method} unwound to JavaCalls::call_helper"
+    );
+    fixture.signal(libc::SIGKILL);
+    fixture.wait();
 }
