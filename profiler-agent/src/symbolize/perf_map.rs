@@ -15,8 +15,9 @@ use std::{fs::File, os::unix::fs::FileExt as _};
 /// appends without end (every re-optimization is a new line); past this, superseded entries
 /// are dropped, then the oldest.
 const MAX_ENTRIES: usize = 65_536;
-/// Bytes read from one map per update at most (the rest waits for the next update).
-const MAX_READ: u64 = 16 << 20;
+/// Bytes read from one map per update at most (the rest waits for the next update, a second
+/// later): a map of hundreds of megabytes is taken in slices, not into memory at once.
+const MAX_READ: u64 = 4 << 20;
 /// Longest name kept; longer ones are cut (Java signatures can be long).
 const MAX_NAME: usize = 512;
 /// Entries looked at below an address for one that contains it. Regions rarely overlap (only
