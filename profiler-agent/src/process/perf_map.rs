@@ -13,9 +13,12 @@ use std::{
     fs::File,
     os::{
         fd::{AsRawFd as _, FromRawFd as _},
-        unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
+        unix::{
+            ffi::OsStrExt as _,
+            fs::{MetadataExt as _, OpenOptionsExt as _},
+        },
     },
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 /// The perf map of the process at `proc_dir` whose own pid is `ns_pid`, open, with its path as
@@ -55,11 +58,35 @@ fn open_in_root(root: &File, relative: &str) -> Option<File> {
             std::mem::size_of::<libc::open_how>(),
         )
     };
-    if fd < 0 {
-        return None;
+    if fd >= 0 {
+        // SAFETY: a descriptor openat2 just returned, owned by nobody else.
+        return Some(unsafe { File::from_raw_fd(fd as i32) });
     }
-    // SAFETY: a descriptor openat2 just returned, owned by nobody else.
-    Some(unsafe { File::from_raw_fd(fd as i32) })
+    match std::io::Error::last_os_error().raw_os_error() {
+        // No openat2 (before Linux 5.6), or a seccomp profile that refuses it: open the usual
+        // way, the last component not followed, and only when no directory on the way is a
+        // symlink (which would resolve against the agent's root, not the process's).
+        Some(libc::ENOSYS | libc::EPERM) => open_without_symlinks(root, relative, flags),
+        _ => None,
+    }
+}
+
+fn open_without_symlinks(root: &File, relative: &str, flags: i32) -> Option<File> {
+    let mut path = PathBuf::from(format!("/proc/self/fd/{}", root.as_raw_fd()));
+    let mut components = Path::new(relative).components().peekable();
+    while let Some(component) = components.next() {
+        path.push(component);
+        if components.peek().is_some()
+            && !std::fs::symlink_metadata(&path).ok()?.file_type().is_dir()
+        {
+            return None;
+        }
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags)
+        .open(path)
+        .ok()
 }
 
 #[cfg(test)]
@@ -90,5 +117,46 @@ mod tests {
         assert_eq!(name, path);
         assert_eq!(file.metadata().unwrap().len(), 15);
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn symlinks_resolve_inside_the_processs_root() {
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::write(elsewhere.path().join("perf-7.map"), "1000 10 host\n").unwrap();
+        let root_dir = File::open(root.path()).unwrap();
+        // An absolute symlink to the host's directory: looked for under the root instead.
+        std::os::unix::fs::symlink(elsewhere.path(), root.path().join("tmp")).unwrap();
+        assert!(open_in_root(&root_dir, "tmp/perf-7.map").is_none());
+        // An absolute symlink to a directory of the root: followed there.
+        std::fs::remove_file(root.path().join("tmp")).unwrap();
+        std::os::unix::fs::symlink("/realtmp", root.path().join("tmp")).unwrap();
+        std::fs::create_dir(root.path().join("realtmp")).unwrap();
+        std::fs::write(root.path().join("realtmp/perf-7.map"), "1000 10 in root\n").unwrap();
+        let file = open_in_root(&root_dir, "tmp/perf-7.map").expect("the map in the root");
+        assert_eq!(file.metadata().unwrap().len(), 16);
+    }
+
+    #[test]
+    fn the_fallback_open_refuses_symlinks_on_the_way() {
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::fs::write(elsewhere.path().join("perf-7.map"), "1000 10 f\n").unwrap();
+        let flags = libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+        let root_dir = File::open(root.path()).unwrap();
+        // `tmp` a symlink out of the root: refused.
+        std::os::unix::fs::symlink(elsewhere.path(), root.path().join("tmp")).unwrap();
+        assert!(open_without_symlinks(&root_dir, "tmp/perf-7.map", flags).is_none());
+        // A real directory: opened; the map itself a symlink: refused.
+        std::fs::remove_file(root.path().join("tmp")).unwrap();
+        std::fs::create_dir(root.path().join("tmp")).unwrap();
+        std::fs::write(root.path().join("tmp/perf-7.map"), "1000 10 f\n").unwrap();
+        assert!(open_without_symlinks(&root_dir, "tmp/perf-7.map", flags).is_some());
+        std::os::unix::fs::symlink(
+            elsewhere.path().join("perf-7.map"),
+            root.path().join("tmp/perf-8.map"),
+        )
+        .unwrap();
+        assert!(open_without_symlinks(&root_dir, "tmp/perf-8.map", flags).is_none());
     }
 }
