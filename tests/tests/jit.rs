@@ -156,8 +156,13 @@ fn leaf_count_with(samples: &[SymbolizedSample], prefix: &str) -> u64 {
 async fn names_node_js_functions_with_perf_basic_prof() {
     require_root();
     let script = workspace_root().join("tests/fixtures/burn.js");
+    // --perf-basic-prof also has V8 write an `isolate-*-v8.log` into its working directory:
+    // there, not into the source tree.
     let mut command = Command::new("node");
-    command.arg("--perf-basic-prof").arg(&script);
+    command
+        .arg("--perf-basic-prof")
+        .arg(&script)
+        .current_dir(fixture_dir());
     let mut fixture = Fixture::start(command);
     let _map = PerfMapFile(format!("/tmp/perf-{}.map", fixture.pid));
     let recording =
@@ -186,6 +191,16 @@ async fn names_node_js_functions_with_perf_basic_prof() {
     assert!(finished.metrics.get("perf_maps_found") >= 1);
     fixture.signal(libc::SIGTERM);
     assert!(fixture.wait().success());
+    let v8_log_suffix = format!("-{}-v8.log", fixture.pid);
+    for entry in std::fs::read_dir(fixture_dir()).unwrap().flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .ends_with(&v8_log_suffix)
+        {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
