@@ -254,6 +254,8 @@ async fn names_java_methods_from_the_map_jcmd_writes() {
         from_jvm * 10 >= in_method * 9,
         "{from_jvm} of {in_method} samples in {method} unwound to JavaCalls::call_helper"
     );
-    fixture.signal(libc::SIGKILL);
+    // SIGTERM: the JVM's own exit removes its /tmp/hsperfdata_root/<pid> and attach socket.
+    fixture.signal(libc::SIGTERM);
     fixture.wait();
+    let _ = std::fs::remove_file(format!("/tmp/.java_pid{}", fixture.pid));
 }
