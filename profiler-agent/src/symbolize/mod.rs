@@ -10,8 +10,8 @@
 //! not name.
 //!
 //! JIT-compiled code is named from the process's perf map ([`perf_map`]), when it writes one.
-//! Its names can change (a JIT reuses the memory of code it freed), so the cached frames of a
-//! perf map are dropped whenever it gains lines.
+//! Its names can change (a JIT reuses the memory of code it freed), so a cached frame is
+//! dropped when a new line of the map covers its address.
 //!
 //! A frame that cannot be symbolized is data: it gets the name `[unknown] module+0xoffset`.
 //!
@@ -27,6 +27,7 @@ mod perf_map;
 
 use foldhash::{HashMap, HashMapExt};
 use std::{
+    collections::BTreeSet,
     fs::File,
     io::{Seek as _, Write as _},
     os::fd::{AsRawFd as _, FromRawFd as _},
@@ -81,17 +82,19 @@ pub struct Symbolizer {
     /// Go pclntab per object, parsed when blazesym first leaves a frame of it unnamed; `None`
     /// when the object has none.
     go_tables: HashMap<ObjectId, Option<GoPclntab>>,
-    /// Perf maps of JIT objects, read as they grow, and when each last named a frame.
+    /// Perf maps of JIT objects, read as they grow, and when each last had to name a frame.
     perf_maps: HashMap<ObjectId, (PerfMap, Instant)>,
     perf_maps_checked_at: Instant,
+    /// The addresses of each JIT object in `cache`: what new lines of its map may rename.
+    jit_cached: HashMap<ObjectId, BTreeSet<u64>>,
     metrics: Metrics,
 }
 
 /// How often every perf map is checked for new lines, whether or not a frame missed the cache:
 /// code replaced at the same address is named anew within this time.
 const PERF_MAP_CHECK: Duration = Duration::from_secs(1);
-/// A perf map that named no frame for this long (its process exited, mostly) is dropped from
-/// memory; its file stays open with its object and is read again if a frame needs it.
+/// A perf map that had no frame to name for this long (its process exited, mostly) is dropped
+/// from memory; its file stays open with its object and is read again if a frame needs it.
 const PERF_MAP_IDLE: Duration = Duration::from_secs(300);
 
 /// How often the kallsyms snapshot is refreshed (loaded modules change it).
@@ -160,6 +163,7 @@ impl Symbolizer {
             go_tables: HashMap::new(),
             perf_maps: HashMap::new(),
             perf_maps_checked_at: Instant::now(),
+            jit_cached: HashMap::new(),
             metrics,
         }
     }
@@ -288,10 +292,15 @@ impl Symbolizer {
             },
             module,
         );
+        self.jit_cached
+            .entry(id)
+            .or_default()
+            .extend(addresses.iter().copied());
     }
 
-    /// Reads what was appended to the perf map of `id`; if that changed any name, drops the
-    /// object's cached frames.
+    /// Reads what was appended to the perf map of `id`, and drops the cached frames whose
+    /// names that may change: those inside the new lines' regions (all of the object's, when
+    /// the map was rewritten).
     fn update_perf_map(&mut self, id: ObjectId) {
         let Some((map, _)) = self.perf_maps.get_mut(&id) else {
             return;
@@ -302,9 +311,24 @@ impl Symbolizer {
                 self.metrics
                     .add("perf_map_lines_malformed", update.malformed);
                 self.metrics.add("perf_map_entries_dropped", update.dropped);
-                if update.changed {
-                    self.cache
-                        .retain(|f, _| !matches!(f, Frame::User { object, .. } if *object == id));
+                let Some(cached) = self.jit_cached.get_mut(&id) else {
+                    return;
+                };
+                let stale: Vec<u64> = if update.rewritten {
+                    std::mem::take(cached).into_iter().collect()
+                } else {
+                    update
+                        .new_regions
+                        .iter()
+                        .flat_map(|&(start, end)| cached.range(start..end).copied())
+                        .collect()
+                };
+                for address in stale {
+                    cached.remove(&address);
+                    self.cache.remove(&Frame::User {
+                        object: id,
+                        address,
+                    });
                 }
             }
             Err(e) => {
@@ -518,6 +542,45 @@ mod tests {
             (address != 0 && kind == "T" && parts.next().is_none() && name == "schedule")
                 .then(|| (address, name.to_owned()))
         })
+    }
+
+    #[test]
+    fn jit_frames_are_renamed_where_newer_lines_cover_them() {
+        use std::io::Write as _;
+        let mut map_file = tempfile::NamedTempFile::new().unwrap();
+        map_file
+            .write_all(b"1000 100 first\n2000 100 other\n")
+            .unwrap();
+        let mut objects = ObjectStore::new(16, Metrics::default());
+        let id = objects
+            .perf_map_object("/tmp/perf-1.map", map_file.reopen().unwrap())
+            .unwrap();
+        let mut symbolizer = Symbolizer::new(Metrics::default());
+        let name = |symbolizer: &mut Symbolizer, address| {
+            let frame = symbolizer.get(
+                Frame::User {
+                    object: id,
+                    address,
+                },
+                &objects,
+            );
+            (frame.lines[0].function.to_string(), frame.resolved)
+        };
+        assert_eq!(name(&mut symbolizer, 0x1010), ("first".into(), true));
+        assert_eq!(name(&mut symbolizer, 0x2010), ("other".into(), true));
+        assert_eq!(
+            name(&mut symbolizer, 0x3005),
+            ("[unknown] perf-1.map+0x3005".into(), false)
+        );
+        // The JIT reused 0x1000 for other code and compiled new code at 0x3000.
+        map_file
+            .write_all(b"1000 100 replaced\n3000 10 new\n")
+            .unwrap();
+        symbolizer.update_perf_map(id);
+        assert_eq!(name(&mut symbolizer, 0x1010), ("replaced".into(), true));
+        assert_eq!(name(&mut symbolizer, 0x2010), ("other".into(), true));
+        assert_eq!(name(&mut symbolizer, 0x3005), ("new".into(), true));
+        assert_eq!(symbolizer.jit_cached[&id].len(), 3);
     }
 
     #[test]

@@ -34,10 +34,12 @@ struct Entry {
 }
 
 /// What one [`PerfMap::update`] did.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Update {
-    /// Whether names may have changed, so results cached from the map are stale.
-    pub changed: bool,
+    /// The file was rewritten from its start: every name looked up before may be stale.
+    pub rewritten: bool,
+    /// The regions of the lines read: the names of addresses inside them may have changed.
+    pub new_regions: Vec<(u64, u64)>,
     pub lines: u64,
     /// Lines that were not `START SIZE name`.
     pub malformed: u64,
@@ -74,7 +76,7 @@ impl PerfMap {
             self.entries.clear();
             self.names.clear();
             self.consumed = 0;
-            update.changed = true;
+            update.rewritten = true;
         }
         if len == self.consumed {
             return Ok(update);
@@ -99,13 +101,15 @@ impl PerfMap {
             }
             update.lines += 1;
             match parse_line(line) {
-                Some((start, size, name)) => self.push(start, size, name),
+                Some((start, size, name)) => {
+                    self.push(start, size, name);
+                    update.new_regions.push((start, start.saturating_add(size)));
+                }
                 None => update.malformed += 1,
             }
         }
         self.consumed += last_newline as u64 + 1;
         if self.entries.len() != before {
-            update.changed = true;
             self.entries.sort_by_key(|e| (e.start, e.seq));
             update.dropped = self.bound();
         }
@@ -224,10 +228,8 @@ mod tests {
              36c2fc78aaa6 2d Builtin:ArrayPrototypePush\n",
         );
         let update = map.update().unwrap();
-        assert_eq!(
-            (update.lines, update.malformed, update.changed),
-            (3, 0, true)
-        );
+        assert_eq!((update.lines, update.malformed), (3, 0));
+        assert_eq!(update.new_regions.len(), 3);
         assert_eq!(
             map.lookup(0x7faca0005b80),
             Some("JS:^burnJs /tmp/burn.js:1:16")
@@ -265,17 +267,19 @@ mod tests {
         map.update().unwrap();
         assert_eq!(map.lookup(0x1001), Some("first"));
         assert_eq!(map.lookup(0x2001), None, "an incomplete line waits");
-        assert!(!map.update().unwrap().changed, "nothing new");
+        assert_eq!(map.update().unwrap(), Update::default(), "nothing new");
         f.write_all(b"ond\n3000 10 third\n").unwrap();
         let update = map.update().unwrap();
-        assert_eq!((update.lines, update.changed), (2, true));
+        assert_eq!(update.new_regions, [(0x2000, 0x2010), (0x3000, 0x3010)]);
         assert_eq!(map.lookup(0x2001), Some("second"));
         assert_eq!(map.lookup(0x3001), Some("third"));
         // Rewritten shorter (a JVM dumping its map again): read from the start.
         let file = f.as_file_mut();
         file.set_len(0).unwrap();
         file.write_all_at(b"4000 10 fourth\n", 0).unwrap();
-        assert!(map.update().unwrap().changed);
+        let update = map.update().unwrap();
+        assert!(update.rewritten);
+        assert_eq!(update.new_regions, [(0x4000, 0x4010)]);
         assert_eq!(map.lookup(0x1001), None);
         assert_eq!(map.lookup(0x4001), Some("fourth"));
     }
