@@ -194,11 +194,20 @@ fn daemonset_capabilities() -> Vec<String> {
 
 /// The targets of the capability tests, all running as `TARGET_UID`: the OTEP 4947 writer from
 /// a copy of its binary that is deleted once it runs (only `/proc/<pid>/map_files` still
-/// reaches it, as for a binary replaced by an upgrade), and `dd` copying /dev/zero to /dev/null
-/// (kernel stacks, symbolized from kallsyms).
+/// reaches it, as for a binary replaced by an upgrade), `dd` copying /dev/zero to /dev/null
+/// (kernel stacks, symbolized from kallsyms), and the minimal JIT (its code named from the
+/// perf map it writes in /tmp).
 struct Targets {
     writer: Fixture,
     syscalls: Fixture,
+    jit: Fixture,
+}
+
+impl Drop for Targets {
+    /// The JIT is killed, so its perf map stays behind unless removed here.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(format!("/tmp/perf-{}.map", self.jit.pid));
+    }
 }
 
 fn as_target_user(program: &str) -> Command {
@@ -226,7 +235,9 @@ fn start_targets(dir: &std::path::Path) -> Targets {
         "echo ready $$; exec dd if=/dev/zero of=/dev/null bs=64k 2>/dev/null",
     ]);
     let syscalls = Fixture::start(syscalls);
-    for pid in [writer.pid, syscalls.pid] {
+    let jit_binary = build_c("jit.c", "jit", &["-O2", "-g", "-fno-omit-frame-pointer"]);
+    let jit = Fixture::start(as_target_user(jit_binary.to_str().unwrap()));
+    for pid in [writer.pid, syscalls.pid, jit.pid] {
         let status = std::fs::metadata(format!("/proc/{pid}")).expect("target running");
         use std::os::unix::fs::MetadataExt as _;
         assert_eq!(
@@ -235,7 +246,11 @@ fn start_targets(dir: &std::path::Path) -> Targets {
             "target {pid} runs as {TARGET_UID}"
         );
     }
-    Targets { writer, syscalls }
+    Targets {
+        writer,
+        syscalls,
+        jit,
+    }
 }
 
 /// What one `record` run as `AGENT_UID` with `caps` produced.
@@ -282,6 +297,7 @@ fn record_as_agent_user(caps: &[String], targets: &Targets, dir: &std::path::Pat
         .args(["record", "-d", "4s", "-F", "99", "--format", "folded"])
         .args(["--pid", &targets.writer.pid.to_string()])
         .args(["--pid", &targets.syscalls.pid.to_string()])
+        .args(["--pid", &targets.jit.pid.to_string()])
         .arg("-o")
         .arg(&folded)
         .arg("--per-trace-dir")
@@ -328,17 +344,18 @@ fn agent_as_another_user_with_only_the_daemonset_capabilities() {
     let targets = start_targets(&dir);
     let run = record_as_agent_user(&caps, &targets, &dir);
     println!(
-        "capabilities {caps:?}: ok {}; burn_for_trace_a {} samples, burn_for_trace_b {}, kernel do_syscall_64 {}; trace files {:?}\n{}",
+        "capabilities {caps:?}: ok {}; burn_for_trace_a {} samples, burn_for_trace_b {}, kernel do_syscall_64 {}, JIT jit_spin_v1 {}; trace files {:?}\n{}",
         run.ok,
         run.samples_in("burn_for_trace_a"),
         run.samples_in("burn_for_trace_b"),
         run.samples_in("do_syscall_64"),
+        run.samples_in("jit_spin_v1"),
         run.trace_files,
         run.stderr
     );
     assert!(run.ok, "the agent failed:\n{}", run.stderr);
     assert!(
-        run.stderr.contains("samples from 2 processes"),
+        run.stderr.contains("samples from 3 processes"),
         "{}",
         run.stderr
     );
@@ -354,6 +371,12 @@ fn agent_as_another_user_with_only_the_daemonset_capabilities() {
     assert!(
         run.samples_in("do_syscall_64") >= 10,
         "kernel frames of dd not symbolized:\n{}",
+        run.folded
+    );
+    // JIT code of another user named from the perf map in its /tmp.
+    assert!(
+        run.samples_in("jit_spin_v1") >= 10,
+        "JIT code not named from its perf map:\n{}",
         run.folded
     );
     // Trace contexts read from the writer's TLS (the kernel reads, the agent resolved where).
@@ -408,6 +431,10 @@ fn each_daemonset_capability_is_needed() {
                 assert_eq!(user_symbols, 0, "symbolized without {dropped}");
                 assert!(run.trace_files.is_empty(), "{:?}", run.trace_files);
                 assert!(kernel_symbols > 0, "the rest still works");
+                // The process's root (and so its perf map) is behind ptrace access too.
+                if dropped == "sys_ptrace" {
+                    assert_eq!(run.samples_in("jit_spin_v1"), 0, "JIT named without ptrace");
+                }
             }
             // Kernel symbol addresses in /proc/kallsyms.
             "syslog" => {
