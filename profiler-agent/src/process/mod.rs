@@ -86,6 +86,8 @@ pub struct ProcessTable {
     unmapped: Option<ObjectId>,
     /// The shared object of anonymous executable memory in processes without a perf map.
     anon: Option<ObjectId>,
+    /// JIT objects of images that are gone, for [`Self::take_retired_jit_objects`].
+    retired_jit: Vec<ObjectId>,
     proc_root: PathBuf,
     metrics: Metrics,
 }
@@ -102,6 +104,7 @@ impl ProcessTable {
             objects: ObjectStore::new(MAX_OBJECTS, metrics.clone()),
             unmapped: None,
             anon: None,
+            retired_jit: Vec::new(),
             proc_root,
             metrics,
         }
@@ -123,7 +126,9 @@ impl ProcessTable {
 
     /// A new program image: forget the old one's mappings.
     pub fn on_exec(&mut self, pid: u32) {
-        self.processes.remove(&pid);
+        if let Some(jit) = self.processes.remove(&pid).and_then(|p| p.jit) {
+            self.retired_jit.push(jit);
+        }
     }
 
     /// The process mapped executable code (dlopen, a JIT's file-backed code): the next miss
@@ -143,10 +148,22 @@ impl ProcessTable {
     /// Drops processes that exited more than the grace period ago.
     pub fn collect_garbage(&mut self) {
         let now = Instant::now();
+        let retired = &mut self.retired_jit;
         self.processes.retain(|_, p| {
-            p.exited_at
-                .is_none_or(|t| now.duration_since(t) < EXIT_GRACE)
+            let keep = p
+                .exited_at
+                .is_none_or(|t| now.duration_since(t) < EXIT_GRACE);
+            if !keep && let Some(jit) = p.jit {
+                retired.push(jit);
+            }
+            keep
         });
+    }
+
+    /// The JIT objects of the images that are gone (exited or replaced by an exec) since the
+    /// last call: no new frame will point into them.
+    pub fn take_retired_jit_objects(&mut self) -> Vec<ObjectId> {
+        std::mem::take(&mut self.retired_jit)
     }
 
     /// Normalizes a sampled stack: kernel frames first (leaf first), then user frames.
@@ -422,6 +439,47 @@ mod tests {
         assert!(address < here, "file offset {address:#x} of {here:#x}");
         assert_eq!(metrics.get("frames_unmapped"), 0);
         assert!(table.info(pid).unwrap().name.starts_with("profiler_agent"));
+    }
+
+    #[test]
+    fn jit_memory_with_a_perf_map_is_the_processs_own_object_until_it_is_gone() {
+        // Anonymous executable memory in this process, and a perf map naming it.
+        let len = 4096;
+        // SAFETY: a fresh anonymous mapping, unmapped below.
+        let code = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_EXEC,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(code, libc::MAP_FAILED);
+        let start = code as u64;
+        let pid = std::process::id();
+        let map_path = format!("/tmp/perf-{pid}.map");
+        std::fs::write(&map_path, format!("{start:x} 40 jitted\n")).unwrap();
+
+        let metrics = Metrics::default();
+        let mut table = ProcessTable::new(metrics.clone());
+        let frames = table.normalize(pid, "test", &[start + 0x10], &[]);
+        std::fs::remove_file(&map_path).unwrap();
+        let Frame::User { object, address } = frames[0] else {
+            panic!("{frames:?}")
+        };
+        assert_eq!(address, start + 0x10, "JIT frames keep absolute addresses");
+        assert_eq!(table.objects().get(object).name, map_path);
+        assert!(table.objects().get(object).perf_map().is_some());
+        assert_eq!(metrics.get("perf_maps_found"), 1);
+        assert!(table.take_retired_jit_objects().is_empty());
+        // A new image: the old one's JIT object is retired, once.
+        table.on_exec(pid);
+        assert_eq!(table.take_retired_jit_objects(), [object]);
+        assert!(table.take_retired_jit_objects().is_empty());
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(code, len) };
     }
 
     #[test]

@@ -82,20 +82,24 @@ pub struct Symbolizer {
     /// Go pclntab per object, parsed when blazesym first leaves a frame of it unnamed; `None`
     /// when the object has none.
     go_tables: HashMap<ObjectId, Option<GoPclntab>>,
-    /// Perf maps of JIT objects, read as they grow, and when each last had to name a frame.
-    perf_maps: HashMap<ObjectId, (PerfMap, Instant)>,
+    /// Perf maps of JIT objects, read as they grow.
+    perf_maps: HashMap<ObjectId, PerfMap>,
     perf_maps_checked_at: Instant,
     /// The addresses of each JIT object in `cache`: what new lines of its map may rename.
     jit_cached: HashMap<ObjectId, BTreeSet<u64>>,
+    /// JIT objects whose process is gone, and since when.
+    retiring_jit: Vec<(ObjectId, Instant)>,
     metrics: Metrics,
 }
 
 /// How often every perf map is checked for new lines, whether or not a frame missed the cache:
 /// code replaced at the same address is named anew within this time.
 const PERF_MAP_CHECK: Duration = Duration::from_secs(1);
-/// A perf map that had no frame to name for this long (its process exited, mostly) is dropped
-/// from memory; its file stays open with its object and is read again if a frame needs it.
-const PERF_MAP_IDLE: Duration = Duration::from_secs(300);
+/// How long the perf map and cached frames of a JIT object stay after its process is gone:
+/// longer than anything that holds its frames may still ask for their names (a retained trace
+/// revived by a late sample of another process, up to the trace table's 5 min late window).
+/// Its file stays open with its object and is read again if a frame needs it later still.
+const JIT_RETIRE_AFTER: Duration = Duration::from_secs(600);
 
 /// How often the kallsyms snapshot is refreshed (loaded modules change it).
 const KALLSYMS_REFRESH: Duration = Duration::from_secs(300);
@@ -164,6 +168,7 @@ impl Symbolizer {
             perf_maps: HashMap::new(),
             perf_maps_checked_at: Instant::now(),
             jit_cached: HashMap::new(),
+            retiring_jit: Vec::new(),
             metrics,
         }
     }
@@ -180,10 +185,11 @@ impl Symbolizer {
 
     /// Symbolizes every frame not already cached: one blazesym call per object.
     pub fn resolve(&mut self, frames: impl IntoIterator<Item = Frame>, objects: &ObjectStore) {
-        if !self.perf_maps.is_empty() && self.perf_maps_checked_at.elapsed() >= PERF_MAP_CHECK {
+        if !(self.perf_maps.is_empty() && self.retiring_jit.is_empty())
+            && self.perf_maps_checked_at.elapsed() >= PERF_MAP_CHECK
+        {
             self.perf_maps_checked_at = Instant::now();
-            self.perf_maps
-                .retain(|_, (_, used_at)| used_at.elapsed() < PERF_MAP_IDLE);
+            self.forget_retired_jit(JIT_RETIRE_AFTER);
             let ids: Vec<ObjectId> = self.perf_maps.keys().copied().collect();
             for id in ids {
                 self.update_perf_map(id);
@@ -267,10 +273,9 @@ impl Symbolizer {
     fn resolve_jit(&mut self, id: ObjectId, file: &Arc<File>, addresses: &[u64], module: &str) {
         self.perf_maps
             .entry(id)
-            .or_insert_with(|| (PerfMap::new(file.clone()), Instant::now()))
-            .1 = Instant::now();
+            .or_insert_with(|| PerfMap::new(file.clone()));
         self.update_perf_map(id);
-        let map = &self.perf_maps[&id].0;
+        let map = &self.perf_maps[&id];
         let results = addresses
             .iter()
             .map(|&address| {
@@ -302,7 +307,7 @@ impl Symbolizer {
     /// names that may change: those inside the new lines' regions (all of the object's, when
     /// the map was rewritten).
     fn update_perf_map(&mut self, id: ObjectId) {
-        let Some((map, _)) = self.perf_maps.get_mut(&id) else {
+        let Some(map) = self.perf_maps.get_mut(&id) else {
             return;
         };
         match map.update() {
@@ -334,6 +339,30 @@ impl Symbolizer {
             Err(e) => {
                 self.metrics.inc("perf_map_read_errors");
                 tracing::debug!(object = id.0, error = %e, "perf map not read");
+            }
+        }
+    }
+
+    /// The processes of these JIT objects are gone: their perf maps and cached frames are
+    /// dropped [`JIT_RETIRE_AFTER`] from now. (Every JIT process has frames of its own, at its
+    /// own addresses: kept for the agent's lifetime they would grow without bound.)
+    pub fn retire_jit_objects(&mut self, ids: Vec<ObjectId>) {
+        let now = Instant::now();
+        self.retiring_jit
+            .extend(ids.into_iter().map(|id| (id, now)));
+    }
+
+    fn forget_retired_jit(&mut self, retired_for: Duration) {
+        let due = self
+            .retiring_jit
+            .partition_point(|(_, since)| since.elapsed() >= retired_for);
+        for (id, _) in self.retiring_jit.drain(..due) {
+            self.perf_maps.remove(&id);
+            for address in self.jit_cached.remove(&id).unwrap_or_default() {
+                self.cache.remove(&Frame::User {
+                    object: id,
+                    address,
+                });
             }
         }
     }
@@ -581,6 +610,18 @@ mod tests {
         assert_eq!(name(&mut symbolizer, 0x2010), ("other".into(), true));
         assert_eq!(name(&mut symbolizer, 0x3005), ("new".into(), true));
         assert_eq!(symbolizer.jit_cached[&id].len(), 3);
+
+        // The process is gone: after a while, nothing of its JIT stays in memory.
+        let before = symbolizer.cached_frames();
+        symbolizer.retire_jit_objects(vec![id]);
+        symbolizer.forget_retired_jit(Duration::from_secs(3600));
+        assert_eq!(symbolizer.cached_frames(), before, "not yet");
+        symbolizer.forget_retired_jit(Duration::ZERO);
+        assert_eq!(symbolizer.cached_frames(), before - 3);
+        assert!(symbolizer.perf_maps.is_empty() && symbolizer.jit_cached.is_empty());
+        assert!(symbolizer.retiring_jit.is_empty());
+        // A frame asked for later still is named from the file, which stays open.
+        assert_eq!(name(&mut symbolizer, 0x1010), ("replaced".into(), true));
     }
 
     #[test]
