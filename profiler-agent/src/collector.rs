@@ -196,6 +196,8 @@ impl Collector {
                 self.processes.collect_garbage();
                 self.symbolizer
                     .retire_jit_objects(self.processes.take_retired_jit_objects());
+                self.processes
+                    .recycle_jit_objects(self.symbolizer.forget_retired_jit_objects());
                 if let Some(sources) = &mut self.sources {
                     for pid in self.stale_key_maps.drain() {
                         sources.refresh_process_context(pid);

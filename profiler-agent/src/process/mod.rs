@@ -88,6 +88,10 @@ pub struct ProcessTable {
     anon: Option<ObjectId>,
     /// JIT objects of images that are gone, for [`Self::take_retired_jit_objects`].
     retired_jit: Vec<ObjectId>,
+    /// JIT objects nothing refers to any more, for new JIT processes
+    /// ([`Self::recycle_jit_objects`]): the object table stays bounded by the JIT processes
+    /// alive at once, not those ever seen.
+    free_jit: Vec<ObjectId>,
     proc_root: PathBuf,
     metrics: Metrics,
 }
@@ -105,6 +109,7 @@ impl ProcessTable {
             unmapped: None,
             anon: None,
             retired_jit: Vec::new(),
+            free_jit: Vec::new(),
             proc_root,
             metrics,
         }
@@ -164,6 +169,12 @@ impl ProcessTable {
     /// last call: no new frame will point into them.
     pub fn take_retired_jit_objects(&mut self) -> Vec<ObjectId> {
         std::mem::take(&mut self.retired_jit)
+    }
+
+    /// Retired JIT objects that no frame refers to any more (the symbolizer forgot them): their
+    /// slots serve the next JIT processes.
+    pub fn recycle_jit_objects(&mut self, ids: Vec<ObjectId>) {
+        self.free_jit.extend(ids);
     }
 
     /// Normalizes a sampled stack: kernel frames first (leaf first), then user frames.
@@ -351,7 +362,8 @@ impl ProcessTable {
                 .any(|m| m.perms.contains(MMPermissions::EXECUTE) && is_jit(m))
             && let Some((file, name)) = perf_map::open(proc_dir, ns_pid)
         {
-            *jit = self.objects.perf_map_object(&name, file);
+            let reuse = self.free_jit.pop();
+            *jit = self.objects.perf_map_object(&name, file, reuse);
             self.metrics.inc("perf_maps_found");
         }
         let mut out: Vec<Mapping> = maps
@@ -478,6 +490,21 @@ mod tests {
         table.on_exec(pid);
         assert_eq!(table.take_retired_jit_objects(), [object]);
         assert!(table.take_retired_jit_objects().is_empty());
+        // Once nothing refers to it, the next JIT process gets its slot, with its own map.
+        table.recycle_jit_objects(vec![object]);
+        let objects_before = table.objects().len();
+        std::fs::write(&map_path, format!("{start:x} 40 jitted_again\n")).unwrap();
+        let frames = table.normalize(pid, "test", &[start + 0x10], &[]);
+        std::fs::remove_file(&map_path).unwrap();
+        assert!(matches!(frames[0], Frame::User { object: o, .. } if o == object));
+        assert_eq!(table.objects().len(), objects_before, "no new object");
+        let mut content = String::new();
+        use std::io::Read as _;
+        let mut map = (**table.objects().get(object).perf_map().unwrap())
+            .try_clone()
+            .unwrap();
+        map.read_to_string(&mut content).unwrap();
+        assert!(content.contains("jitted_again"), "{content}");
         // SAFETY: the mapping made above, no longer used.
         unsafe { libc::munmap(code, len) };
     }

@@ -27,11 +27,6 @@ pub enum ObjectKey {
     },
     /// Memory without a file (`[vdso]`, anonymous executable memory): one per name.
     Pseudo(String),
-    /// One process's JIT code, named from its perf map; `serial` tells apart the processes
-    /// that reuse a pid, and the images one process execs.
-    PerfMap {
-        serial: u64,
-    },
 }
 
 #[derive(Debug)]
@@ -85,6 +80,7 @@ pub struct ObjectStore {
 
 impl ObjectStore {
     pub fn new(max_objects: usize, metrics: Metrics) -> Self {
+        raise_open_files_limit();
         Self {
             by_key: HashMap::new(),
             objects: Vec::new(),
@@ -148,21 +144,33 @@ impl ObjectStore {
         )
     }
 
-    /// A new object for one process's JIT code, named `name` (the map's path as the process
-    /// sees it) and symbolized from `perf_map`.
-    pub fn perf_map_object(&mut self, name: &str, perf_map: File) -> Option<ObjectId> {
-        let key = ObjectKey::PerfMap {
-            serial: self.objects.len() as u64,
+    /// An object for one process's JIT code, named `name` (the map's path as the process sees
+    /// it) and symbolized from `perf_map`: a new one, or `reuse`, the object of a process gone
+    /// long enough that nothing refers to it any more (the old map's file is closed). No key:
+    /// every process's JIT code is its own.
+    pub fn perf_map_object(
+        &mut self,
+        name: &str,
+        perf_map: File,
+        reuse: Option<ObjectId>,
+    ) -> Option<ObjectId> {
+        let object = Object {
+            name: name.to_owned(),
+            build_id: None,
+            file: None,
+            perf_map: Some(Arc::new(perf_map)),
         };
-        self.insert(
-            key,
-            Object {
-                name: name.to_owned(),
-                build_id: None,
-                file: None,
-                perf_map: Some(Arc::new(perf_map)),
-            },
-        )
+        if let Some(id) = reuse {
+            self.objects[id.0 as usize] = object;
+            return Some(id);
+        }
+        if self.objects.len() >= self.max_objects {
+            self.metrics.inc("objects_table_full");
+            return None;
+        }
+        let id = ObjectId(self.objects.len() as u32);
+        self.objects.push(object);
+        Some(id)
     }
 
     fn insert(&mut self, key: ObjectKey, object: Object) -> Option<ObjectId> {
@@ -174,6 +182,28 @@ impl ObjectStore {
         self.objects.push(object);
         self.by_key.insert(key, id);
         Some(id)
+    }
+}
+
+/// Every object stays open (up to `max_objects` files): the soft limit on open files, often
+/// 1024, is raised to the hard limit, as Go runtimes do for every program.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid rlimit structs; getrlimit/setrlimit have no other preconditions.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::debug!(
+                    error = %std::io::Error::last_os_error(),
+                    "RLIMIT_NOFILE not raised"
+                );
+            }
+        }
     }
 }
 

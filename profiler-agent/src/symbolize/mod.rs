@@ -185,11 +185,8 @@ impl Symbolizer {
 
     /// Symbolizes every frame not already cached: one blazesym call per object.
     pub fn resolve(&mut self, frames: impl IntoIterator<Item = Frame>, objects: &ObjectStore) {
-        if !(self.perf_maps.is_empty() && self.retiring_jit.is_empty())
-            && self.perf_maps_checked_at.elapsed() >= PERF_MAP_CHECK
-        {
+        if !self.perf_maps.is_empty() && self.perf_maps_checked_at.elapsed() >= PERF_MAP_CHECK {
             self.perf_maps_checked_at = Instant::now();
-            self.forget_retired_jit(JIT_RETIRE_AFTER);
             let ids: Vec<ObjectId> = self.perf_maps.keys().copied().collect();
             for id in ids {
                 self.update_perf_map(id);
@@ -352,11 +349,19 @@ impl Symbolizer {
             .extend(ids.into_iter().map(|id| (id, now)));
     }
 
-    fn forget_retired_jit(&mut self, retired_for: Duration) {
+    /// Drops the perf maps and cached frames of the JIT objects retired [`JIT_RETIRE_AFTER`]
+    /// ago or more, and returns them: nothing refers to them any more, their slots can serve
+    /// other processes. (Called on the collector's tick.)
+    pub fn forget_retired_jit_objects(&mut self) -> Vec<ObjectId> {
+        self.forget_retired_jit(JIT_RETIRE_AFTER)
+    }
+
+    fn forget_retired_jit(&mut self, retired_for: Duration) -> Vec<ObjectId> {
         let due = self
             .retiring_jit
             .partition_point(|(_, since)| since.elapsed() >= retired_for);
-        for (id, _) in self.retiring_jit.drain(..due) {
+        let forgotten: Vec<ObjectId> = self.retiring_jit.drain(..due).map(|(id, _)| id).collect();
+        for &id in &forgotten {
             self.perf_maps.remove(&id);
             for address in self.jit_cached.remove(&id).unwrap_or_default() {
                 self.cache.remove(&Frame::User {
@@ -365,6 +370,7 @@ impl Symbolizer {
                 });
             }
         }
+        forgotten
     }
 
     /// Names the frames blazesym left unknown from the object's Go pclntab, if it has one.
@@ -582,7 +588,7 @@ mod tests {
             .unwrap();
         let mut objects = ObjectStore::new(16, Metrics::default());
         let id = objects
-            .perf_map_object("/tmp/perf-1.map", map_file.reopen().unwrap())
+            .perf_map_object("/tmp/perf-1.map", map_file.reopen().unwrap(), None)
             .unwrap();
         let mut symbolizer = Symbolizer::new(Metrics::default());
         let name = |symbolizer: &mut Symbolizer, address| {
@@ -614,9 +620,12 @@ mod tests {
         // The process is gone: after a while, nothing of its JIT stays in memory.
         let before = symbolizer.cached_frames();
         symbolizer.retire_jit_objects(vec![id]);
-        symbolizer.forget_retired_jit(Duration::from_secs(3600));
-        assert_eq!(symbolizer.cached_frames(), before, "not yet");
-        symbolizer.forget_retired_jit(Duration::ZERO);
+        assert!(
+            symbolizer.forget_retired_jit_objects().is_empty(),
+            "not yet"
+        );
+        assert_eq!(symbolizer.cached_frames(), before);
+        assert_eq!(symbolizer.forget_retired_jit(Duration::ZERO), [id]);
         assert_eq!(symbolizer.cached_frames(), before - 3);
         assert!(symbolizer.perf_maps.is_empty() && symbolizer.jit_cached.is_empty());
         assert!(symbolizer.retiring_jit.is_empty());
