@@ -301,7 +301,7 @@ impl Symbolizer {
     }
 
     /// Reads what was appended to the perf map of `id`, and drops the cached frames whose
-    /// names that may change: those inside the new lines' regions (all of the object's, when
+    /// names may have changed: those inside the new lines' regions (all of the object's, when
     /// the map was rewritten).
     fn update_perf_map(&mut self, id: ObjectId) {
         let Some(map) = self.perf_maps.get_mut(&id) else {
