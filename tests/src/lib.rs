@@ -128,6 +128,11 @@ pub fn burn_c() -> PathBuf {
     )
 }
 
+/// The minimal JIT (`jit.c`): code in anonymous executable memory, named in its perf map.
+pub fn jit_c() -> PathBuf {
+    build_c("jit.c", "jit", &["-O2", "-g", "-fno-omit-frame-pointer"])
+}
+
 /// The Rust burn fixture (a binary of this package, built with the tests).
 pub fn burn_rust() -> PathBuf {
     target_bin("burn_rust")

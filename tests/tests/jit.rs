@@ -5,7 +5,7 @@
 
 use std::{process::Command, time::Duration};
 
-use profiler_agent::collector::SymbolizedSample;
+use profiler_agent::{collector::SymbolizedSample, record::Recording};
 use profiler_tests::*;
 
 const MIN_SAMPLES: u64 = 30;
@@ -17,6 +17,26 @@ struct PerfMapFile(String);
 impl Drop for PerfMapFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A JIT fixture started from `command`, its perf map removed at the end, and a recording of
+/// it alone at 99 Hz.
+struct Profiled {
+    fixture: Fixture,
+    recording: Recording,
+    _map: PerfMapFile,
+}
+
+fn start_profiled(command: Command) -> Profiled {
+    let fixture = Fixture::start(command);
+    let map = PerfMapFile(format!("/tmp/perf-{}.map", fixture.pid));
+    let recording =
+        Recording::start(&sampler_config(Some(vec![fixture.pid]), 99)).expect("start recording");
+    Profiled {
+        fixture,
+        recording,
+        _map: map,
     }
 }
 
@@ -41,12 +61,11 @@ fn describe(samples: &[SymbolizedSample]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn names_jit_code_from_the_perf_map_and_follows_renames() {
     require_root();
-    let binary = build_c("jit.c", "jit", &["-O2", "-g", "-fno-omit-frame-pointer"]);
-    let mut fixture = Fixture::start(Command::new(&binary));
-    let _map = PerfMapFile(format!("/tmp/perf-{}.map", fixture.pid));
-    let recording =
-        profiler_agent::record::Recording::start(&sampler_config(Some(vec![fixture.pid]), 99))
-            .expect("start recording");
+    let Profiled {
+        mut fixture,
+        recording,
+        _map,
+    } = start_profiled(Command::new(jit_c()));
 
     let (samples, done) = sample_until(&recording, CAP, |s| {
         leaf_count(s, "jit_spin_v1") >= MIN_SAMPLES
@@ -101,14 +120,13 @@ async fn names_jit_code_from_the_perf_map_and_follows_renames() {
 #[tokio::test(flavor = "multi_thread")]
 async fn finds_a_perf_map_written_after_the_code_ran() {
     require_root();
-    let binary = build_c("jit.c", "jit", &["-O2", "-g", "-fno-omit-frame-pointer"]);
-    let mut late = Command::new(&binary);
+    let mut late = Command::new(jit_c());
     late.arg("late");
-    let mut fixture = Fixture::start(late);
-    let _map = PerfMapFile(format!("/tmp/perf-{}.map", fixture.pid));
-    let recording =
-        profiler_agent::record::Recording::start(&sampler_config(Some(vec![fixture.pid]), 99))
-            .expect("start recording");
+    let Profiled {
+        mut fixture,
+        recording,
+        _map,
+    } = start_profiled(late);
     // No map yet: the code is anonymous memory, unnamed but attributed.
     let (samples, done) = sample_until(&recording, CAP, |s| {
         leaf_count_with(s, "[unknown] [anon]+") >= MIN_SAMPLES
@@ -163,11 +181,11 @@ async fn names_node_js_functions_with_perf_basic_prof() {
         .arg("--perf-basic-prof")
         .arg(&script)
         .current_dir(fixture_dir());
-    let mut fixture = Fixture::start(command);
-    let _map = PerfMapFile(format!("/tmp/perf-{}.map", fixture.pid));
-    let recording =
-        profiler_agent::record::Recording::start(&sampler_config(Some(vec![fixture.pid]), 99))
-            .expect("start recording");
+    let Profiled {
+        mut fixture,
+        recording,
+        _map,
+    } = start_profiled(command);
     let (samples, done) = sample_until(&recording, CAP, |s| {
         samples_in(s, fixture.pid, "burnJs") >= MIN_SAMPLES
     })
@@ -225,8 +243,7 @@ async fn names_java_methods_from_the_map_jcmd_writes() {
         "jcmd Compiler.perfmap",
     );
     let recording =
-        profiler_agent::record::Recording::start(&sampler_config(Some(vec![fixture.pid]), 99))
-            .expect("start recording");
+        Recording::start(&sampler_config(Some(vec![fixture.pid]), 99)).expect("start recording");
     let method = "long BurnJava.burnJava(long)";
     let (samples, done) = sample_until(&recording, CAP, |s| {
         samples_in(s, fixture.pid, method) >= MIN_SAMPLES

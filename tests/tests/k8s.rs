@@ -235,8 +235,7 @@ fn start_targets(dir: &std::path::Path) -> Targets {
         "echo ready $$; exec dd if=/dev/zero of=/dev/null bs=64k 2>/dev/null",
     ]);
     let syscalls = Fixture::start(syscalls);
-    let jit_binary = build_c("jit.c", "jit", &["-O2", "-g", "-fno-omit-frame-pointer"]);
-    let jit = Fixture::start(as_target_user(jit_binary.to_str().unwrap()));
+    let jit = Fixture::start(as_target_user(jit_c().to_str().unwrap()));
     for pid in [writer.pid, syscalls.pid, jit.pid] {
         let status = std::fs::metadata(format!("/proc/{pid}")).expect("target running");
         use std::os::unix::fs::MetadataExt as _;

@@ -360,11 +360,17 @@ impl ProcessTable {
             && maps
                 .iter()
                 .any(|m| m.perms.contains(MMPermissions::EXECUTE) && is_jit(m))
-            && let Some((file, name)) = perf_map::open(proc_dir, ns_pid)
         {
-            let reuse = self.free_jit.pop();
-            *jit = self.objects.perf_map_object(&name, file, reuse);
-            self.metrics.inc("perf_maps_found");
+            match perf_map::open(proc_dir, ns_pid) {
+                Some((file, name)) => {
+                    let reuse = self.free_jit.pop();
+                    *jit = self.objects.perf_map_object(&name, file, reuse);
+                    self.metrics.inc("perf_maps_found");
+                }
+                // There, but a symlink, not a regular file, or another user's.
+                None if perf_map::exists(proc_dir, ns_pid) => self.metrics.inc("perf_maps_refused"),
+                None => {}
+            }
         }
         let mut out: Vec<Mapping> = maps
             .into_iter()
