@@ -177,16 +177,21 @@ fn http_get(url: &str, token: Option<&str>) -> (u16, Vec<u8>) {
     (status, body)
 }
 
-/// The two traced fixtures: otel-exe-le and otel-driver-desc, one worker each, for a few
-/// seconds.
-fn start_fixtures() -> (Fixture, Fixture) {
+/// The two traced fixtures, otel-exe-le and otel-driver-desc (one worker each), and an agent
+/// profiling them into `store`. The fixtures' few seconds start once the agent is attached:
+/// on a busy host its start-up took most of them.
+fn start_traced(store: &Path) -> (Fixture, Fixture, Agent) {
     let b = builds();
     let start = |binary: &Path| {
         let mut c = Command::new(binary);
-        c.args(["-t", "1", "-s", FIXTURE_SECS]);
+        c.args(["-t", "1", "-w", "-s", FIXTURE_SECS]);
         Fixture::start(c)
     };
-    (start(&b.exe_le), start(&b.driver_desc))
+    let (exe, driver) = (start(&b.exe_le), start(&b.driver_desc));
+    let agent = Agent::start(store, &[exe.pid, driver.pid], &[]);
+    exe.signal(libc::SIGUSR1);
+    driver.signal(libc::SIGUSR1);
+    (exe, driver, agent)
 }
 
 fn trace_samples(list: &serde_json::Value, id: &str) -> u64 {
@@ -268,8 +273,7 @@ fn assert_only(text: &str, own: &str, other: &str, what: &str) {
 fn trace_profiles_through_the_cli_and_the_api() {
     require_root();
     let scratch = Scratch::new("e2e");
-    let (exe, driver) = start_fixtures();
-    let agent = Agent::start(&scratch.db(), &[exe.pid, driver.pid], &[]);
+    let (_exe, _driver, agent) = start_traced(&scratch.db());
     let list = wait_for_traces(&agent);
     let db = scratch.db();
     let db = db.to_str().expect("utf-8 path");
@@ -431,8 +435,7 @@ fn browser_renders_the_page_and_a_flame_graph() {
         "chromium is not installed (scripts/setup.sh installs it)"
     );
     let scratch = Scratch::new("browser");
-    let (exe, driver) = start_fixtures();
-    let agent = Agent::start(&scratch.db(), &[exe.pid, driver.pid], &[]);
+    let (_exe, _driver, agent) = start_traced(&scratch.db());
     wait_for_traces(&agent);
     let artifacts = artifacts();
     let profile_dir = scratch.0.join("chromium-profile");
@@ -514,8 +517,7 @@ fn restart_keeps_traces_and_retention_is_counted() {
     let db = scratch.db();
     let db_str = db.to_str().unwrap().to_owned();
     {
-        let (exe, driver) = start_fixtures();
-        let agent = Agent::start(&db, &[exe.pid, driver.pid], &[]);
+        let (_exe, _driver, agent) = start_traced(&db);
         wait_for_traces(&agent);
         agent.stop();
     }
