@@ -11,14 +11,16 @@
 //! bytes, as `trace_to_pprof` writes them), so a query works after the processes and the agent
 //! are gone.
 //!
-//! - `trace_parts`: one row per incarnation of a trace (see `TraceProfile::created_unix_ns`).
-//!   A re-flush of the same incarnation (late samples, within the agent's late window)
-//!   replaces its row; a new incarnation (after that window, or after a restart) adds one, and
-//!   queries merge the parts. So late samples always merge into the stored trace.
+//! - `trace_parts`: one row per incarnation of a trace (see `TraceProfile::created_unix_ns`),
+//!   appended in rowid order. A re-flush of the same incarnation (late samples, within the
+//!   agent's late window) replaces its row; a new incarnation (after that window, or after a
+//!   restart) adds one, and queries merge the parts. So late samples always merge into the
+//!   stored trace.
 //! - `traces`: the index, one row per trace (times, samples, CPU, bytes, services), kept equal
-//!   to the aggregate of its parts, with the processes it ran in (pid, process, service,
-//!   Kubernetes namespace and pod; JSON) and its span ids in the same row: a new trace is two
-//!   random-key B-tree inserts (`traces`, the `trace_parts` key), each a page the WAL rewrites.
+//!   to the aggregate of its parts, with the row ids of its parts, the processes it ran in
+//!   (pid, process, service, Kubernetes namespace and pod; JSON) and its span ids in the same
+//!   row: a new trace is one random-key B-tree insert (`traces`), a page the WAL rewrites; its
+//!   part goes at the end of `trace_parts`.
 //! - `buckets`: one row per process per agent interval with every sample of that interval
 //!   (traced ones labelled `traced=true`, without their ids), for time-window flame graphs.
 //!
@@ -51,10 +53,10 @@ pub use write::{BucketRecord, Retention, RetentionOutcome, Store, TraceProcess, 
 /// `PRAGMA application_id` of a profiler store ("PRFL"): tells it from other SQLite files.
 const APPLICATION_ID: i32 = 0x5052_464c;
 /// `PRAGMA user_version`: the schema below.
-const SCHEMA_VERSION: i32 = 4;
-/// The oldest schema readers accept: version 4 moved the processes and spans of a trace into
-/// its `traces` row.
-const MIN_READABLE_VERSION: i32 = 4;
+const SCHEMA_VERSION: i32 = 5;
+/// The oldest schema readers accept: version 5 finds a trace's parts by the row ids its
+/// `traces` row lists.
+const MIN_READABLE_VERSION: i32 = 5;
 /// What brings a store of each older version to the next one (index 0: version 1 → 2). The
 /// agent applies them when it opens the store; readers refuse an older schema until then.
 const MIGRATIONS: &[&str] = &[
@@ -84,6 +86,26 @@ const MIGRATIONS: &[&str] = &[
                          FROM trace_spans s WHERE s.trace_id = traces.trace_id), '');
      DROP TABLE trace_processes;
      DROP TABLE trace_spans;",
+    // 5: no (trace_id, part) key on trace_parts: its index cost a second random-key B-tree
+    // insert per trace (about a third of the pages each commit wrote, in a store of 100,000
+    // traces). The `traces` row lists its parts' row ids instead.
+    "CREATE TABLE trace_parts_v5 (
+       id INTEGER PRIMARY KEY, trace_id BLOB NOT NULL, part INTEGER NOT NULL,
+       first_ns INTEGER NOT NULL, last_ns INTEGER NOT NULL, samples INTEGER NOT NULL,
+       cpu_ns INTEGER NOT NULL, bytes INTEGER NOT NULL, profile BLOB NOT NULL);
+     INSERT INTO trace_parts_v5 (trace_id, part, first_ns, last_ns, samples, cpu_ns, bytes,
+       profile)
+       SELECT trace_id, part, first_ns, last_ns, samples, cpu_ns, bytes, profile
+       FROM trace_parts ORDER BY last_ns;
+     DROP TABLE trace_parts;
+     ALTER TABLE trace_parts_v5 RENAME TO trace_parts;
+     CREATE INDEX migration_parts_by_trace ON trace_parts (trace_id, part);
+     ALTER TABLE traces ADD COLUMN part_ids TEXT NOT NULL DEFAULT '';
+     UPDATE traces SET part_ids = coalesce(
+       (SELECT group_concat(id, ' ') FROM
+          (SELECT id FROM trace_parts p WHERE p.trace_id = traces.trace_id ORDER BY part)),
+       '');
+     DROP INDEX migration_parts_by_trace;",
 ];
 const _: () = assert!(MIGRATIONS.len() as i32 == SCHEMA_VERSION - 1);
 /// How long a statement waits for another connection's lock before failing as locked.
@@ -100,10 +122,12 @@ CREATE TABLE traces (
     parts INTEGER NOT NULL,
     services TEXT NOT NULL,
     processes TEXT NOT NULL DEFAULT '[]',
-    spans TEXT NOT NULL DEFAULT ''
+    spans TEXT NOT NULL DEFAULT '',
+    part_ids TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 CREATE INDEX traces_by_last ON traces (last_ns);
 CREATE TABLE trace_parts (
+    id INTEGER PRIMARY KEY,
     trace_id BLOB NOT NULL,
     part INTEGER NOT NULL,
     first_ns INTEGER NOT NULL,
@@ -111,8 +135,7 @@ CREATE TABLE trace_parts (
     samples INTEGER NOT NULL,
     cpu_ns INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
-    profile BLOB NOT NULL,
-    PRIMARY KEY (trace_id, part)
+    profile BLOB NOT NULL
 );
 CREATE TABLE buckets (
     id INTEGER PRIMARY KEY,
@@ -309,6 +332,18 @@ impl WriterLock {
         let _ = write!(file, "{}", std::process::id());
         Ok(Self { _file: file })
     }
+}
+
+/// The row ids of a trace's parts, from its `traces` row (space-separated). Anything else in
+/// the column (a row edited by hand) is skipped.
+fn parse_part_ids(text: &str) -> Vec<i64> {
+    text.split_whitespace()
+        .filter_map(|id| id.parse().ok())
+        .collect()
+}
+
+fn part_ids_text(ids: &[i64]) -> String {
+    ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ")
 }
 
 /// Nanoseconds as SQLite integers (i64: good until 2262).

@@ -262,19 +262,30 @@ impl StoreReader {
         self.merge(&parts)
     }
 
+    /// The profiles of the trace's parts, oldest incarnation first.
     fn trace_parts(&self, trace_id: &[u8; 16]) -> Result<Vec<Vec<u8>>> {
+        let part_ids: Option<String> = self
+            .conn
+            .prepare_cached("SELECT part_ids FROM traces WHERE trace_id = ?1")
+            .and_then(|mut s| s.query_row([&trace_id[..]], |r| r.get(0)).optional())
+            .map_err(self.err())?;
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT profile FROM trace_parts WHERE trace_id = ?1 ORDER BY part")
+            .prepare_cached("SELECT part, profile FROM trace_parts WHERE id = ?1")
             .map_err(self.err())?;
-        let parts: Vec<Vec<u8>> = stmt
-            .query_map([&trace_id[..]], |r| r.get(0))
-            .and_then(Iterator::collect)
-            .map_err(self.err())?;
+        let mut parts: Vec<(i64, Vec<u8>)> = Vec::new();
+        for id in super::parse_part_ids(part_ids.as_deref().unwrap_or_default()) {
+            let part = stmt
+                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()
+                .map_err(self.err())?;
+            parts.extend(part);
+        }
         if parts.is_empty() {
             return Err(StoreError::TraceNotFound(hex(trace_id)));
         }
-        Ok(parts)
+        parts.sort_by_key(|(part, _)| *part);
+        Ok(parts.into_iter().map(|(_, profile)| profile).collect())
     }
 
     /// Every sample of the window's buckets (those overlapping it), merged. Also returns the

@@ -49,6 +49,26 @@ impl Drop for TempDir {
 const NS: u64 = 1_000_000_000;
 const T0: u64 = 1_777_644_300 * NS;
 
+/// Rows of `trace_parts`, and how many of them no `traces` row lists (orphans).
+fn part_rows(db: &Path) -> (i64, i64) {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM trace_parts", [], |r| r.get(0))
+        .unwrap();
+    let mut listed = std::collections::HashSet::new();
+    let mut stmt = conn.prepare("SELECT part_ids FROM traces").unwrap();
+    for ids in stmt.query_map([], |r| r.get::<_, String>(0)).unwrap() {
+        listed.extend(parse_part_ids(&ids.unwrap()));
+    }
+    let mut stmt = conn.prepare("SELECT id FROM trace_parts").unwrap();
+    let orphans = stmt
+        .query_map([], |r| r.get::<_, i64>(0))
+        .unwrap()
+        .filter(|id| !listed.contains(id.as_ref().unwrap()))
+        .count();
+    (rows, orphans as i64)
+}
+
 fn record(id: u8, part: u64, first: u64, samples_seed: u64, service: &str) -> TraceRecord {
     let trace_id = [id; 16];
     let profile = synthetic::trace_profile(trace_id, first, samples_seed);
@@ -213,6 +233,11 @@ fn late_samples_replace_their_part_and_new_incarnations_merge() {
     let reader = StoreReader::open(&dir.db()).unwrap();
     let t = reader.trace(&[0xaa; 16]).unwrap();
     assert_eq!((t.samples, t.parts, t.last_unix_ns), (80, 1, T0 + 9 * NS));
+    assert_eq!(
+        part_rows(&dir.db()),
+        (1, 0),
+        "the re-flush replaced its part's row"
+    );
 
     // A new incarnation (after the agent's late window, or a restart): added, then merged.
     let mut again = record(0xaa, T0 + 600 * NS, T0 + 600 * NS, 2, "s2");
@@ -225,6 +250,18 @@ fn late_samples_replace_their_part_and_new_incarnations_merge() {
     );
     assert_eq!((t.first_unix_ns, t.last_unix_ns), (T0, T0 + 601 * NS));
     assert_eq!(t.services, vec!["s", "s2"]);
+    assert_eq!(part_rows(&dir.db()), (2, 0));
+    // A late re-flush of the first incarnation, now that there are two: still replaces.
+    let mut later = record(0xaa, T0, T0, 1, "s");
+    later.samples = 90;
+    later.last_ns = T0 + 10 * NS;
+    store.write(&[later], &[]).unwrap();
+    let t = reader.trace(&[0xaa; 16]).unwrap();
+    assert_eq!(
+        (t.samples, t.parts),
+        (90 + u64::from(synthetic::SAMPLES), 2)
+    );
+    assert_eq!(part_rows(&dir.db()), (2, 0));
     let merged = Stacks::of(&reader.trace_profile(&[0xaa; 16]).unwrap());
     assert_eq!(merged.total_samples, 2 * u64::from(synthetic::SAMPLES));
     let raw = pprof::decode(&reader.trace_pprof(&[0xaa; 16]).unwrap()).unwrap();
@@ -337,6 +374,11 @@ fn retention_by_age_and_by_size_is_counted() {
         ..Default::default()
     };
     assert!(reader.traces(&by_span).unwrap().is_empty());
+    assert_eq!(
+        part_rows(&dir.db()),
+        (1, 0),
+        "the deleted trace's part went with it"
+    );
 
     // Size: 300 traces of a few KiB each, then a cap of a quarter of that.
     let many: Vec<TraceRecord> = (0..300u32)
@@ -380,6 +422,26 @@ fn retention_by_age_and_by_size_is_counted() {
     let outcome = store.enforce_retention(&cap, T0 + 5000 * NS).unwrap();
     assert!(outcome.traces_by_size > 150, "{outcome:?}");
     assert!(store.used_bytes().unwrap() <= full / 4);
+    let (rows, orphans) = part_rows(&dir.db());
+    assert_eq!(orphans, 0);
+    assert!(rows < 150, "{rows} parts left");
+    // The freed pages went back to the file system, but for an eighth of those in use.
+    let pages = |name: &str| -> i64 {
+        rusqlite::Connection::open(dir.db())
+            .unwrap()
+            .pragma_query_value(None, name, |r| r.get(0))
+            .unwrap()
+    };
+    let (total, free) = (pages("page_count"), pages("freelist_count"));
+    assert!(
+        free <= (total - free) / 8 + 1,
+        "{free} of {total} pages free"
+    );
+    assert!(
+        (total as u64) * 4096 <= full / 2,
+        "{total} pages for {} bytes that were in use",
+        full
+    );
     // The newest traces are the ones kept.
     let newest = [
         (299 % 251) as u8,
@@ -772,5 +834,63 @@ fn a_version_2_store_loses_its_unused_indexes_when_the_agent_upgrades_it() {
         })
         .unwrap();
     assert_eq!(checkout.len(), 1);
+    drop(store);
+}
+
+#[test]
+fn an_older_trace_of_two_parts_keeps_both_in_order_when_upgraded() {
+    let dir = TempDir::new("migrate5");
+    let second = pprof::encode_gzip(&synthetic::trace_profile([0xaa; 16], T0 + 600 * NS, 2));
+    let first = version_3_store(
+        &dir.db(),
+        &format!(
+            "INSERT INTO trace_parts VALUES (x'{id}', {T0} + 600000000000, {T0} + 600000000000,
+                 {T0} + 600000000005, 3, 30, {len}, x'{hex}');
+             UPDATE traces SET parts = 2, samples = 10, last_ns = {T0} + 600000000005;",
+            id = "aa".repeat(16),
+            len = second.len(),
+            hex = crate::context::hex(&second),
+        ),
+    );
+    let store = Store::open(&dir.db()).unwrap();
+    let reader = StoreReader::open(&dir.db()).unwrap();
+    let t = reader.trace(&[0xaa; 16]).unwrap();
+    assert_eq!((t.parts, t.samples), (2, 10));
+    assert_eq!(part_rows(&dir.db()), (2, 0));
+    let expected = |bytes: &[u8]| Stacks::of(&pprof::decode(bytes).unwrap()).total_samples;
+    assert_eq!(
+        Stacks::of(&reader.trace_profile(&[0xaa; 16]).unwrap()).total_samples,
+        expected(&first) + expected(&second)
+    );
+    let ids: String = rusqlite::Connection::open(dir.db())
+        .unwrap()
+        .query_row("SELECT part_ids FROM traces", [], |r| r.get(0))
+        .unwrap();
+    let parts: Vec<i64> = parse_part_ids(&ids)
+        .into_iter()
+        .map(|id| {
+            rusqlite::Connection::open(dir.db())
+                .unwrap()
+                .query_row("SELECT part FROM trace_parts WHERE id = ?1", [id], |r| {
+                    r.get(0)
+                })
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        parts,
+        vec![T0 as i64, (T0 + 600 * NS) as i64],
+        "oldest part first"
+    );
+    // No index is left on trace_parts: a new trace costs one random-key insert (`traces`).
+    let indexes: i64 = rusqlite::Connection::open(dir.db())
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'trace_parts'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(indexes, 0);
     drop(store);
 }

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use rusqlite::{Connection, OpenFlags, Transaction, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension as _, Transaction, params};
 
 use super::{
     MIGRATIONS, Result, SCHEMA, SCHEMA_VERSION, StoreError, WriterLock, check_identity,
@@ -123,18 +123,30 @@ impl Store {
             ))
             .map_err(err)?;
         }
+        let opened_at = version;
         let mut version = version;
         for (from, migration) in MIGRATIONS.iter().enumerate() {
             let from = from as i32 + 1;
             if !fresh && version == from {
+                let started = std::time::Instant::now();
                 conn.execute_batch(&format!(
                     "BEGIN; {migration} PRAGMA user_version = {}; COMMIT;",
                     from + 1
                 ))
                 .map_err(err)?;
-                tracing::info!(path = %path.display(), from, to = from + 1, "store schema upgraded");
+                tracing::info!(
+                    path = %path.display(),
+                    from,
+                    to = from + 1,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "store schema upgraded"
+                );
                 version = from + 1;
             }
+        }
+        if !fresh && version != opened_at {
+            // A migration that rebuilt a table left its old pages free: give them back.
+            release_free_pages(&conn, 0).map_err(err)?;
         }
         // Fails now, with a clear error, when another process holds the write lock.
         conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
@@ -205,9 +217,7 @@ impl Store {
             outcome.buckets_by_size += buckets;
         }
         if outcome != RetentionOutcome::default() {
-            self.conn
-                .execute_batch("PRAGMA incremental_vacuum;")
-                .map_err(self.err())?;
+            self.release_free_pages()?;
         }
         Ok(outcome)
     }
@@ -268,14 +278,36 @@ impl Store {
         let err = |e| StoreError::sqlite(&path, e);
         let tx = self.conn.transaction().map_err(err)?;
         for id in ids {
-            for table in ["traces", "trace_parts"] {
-                tx.prepare_cached(&format!("DELETE FROM {table} WHERE trace_id = ?1"))
-                    .and_then(|mut s| s.execute([id]))
+            let part_ids: Option<String> = tx
+                .prepare_cached("DELETE FROM traces WHERE trace_id = ?1 RETURNING part_ids")
+                .and_then(|mut s| s.query_row([id], |r| r.get(0)).optional())
+                .map_err(err)?;
+            for part_id in super::parse_part_ids(part_ids.as_deref().unwrap_or_default()) {
+                tx.prepare_cached("DELETE FROM trace_parts WHERE id = ?1")
+                    .and_then(|mut s| s.execute([part_id]))
                     .map_err(err)?;
             }
         }
         tx.commit().map_err(err)?;
         Ok(ids.len() as u64)
+    }
+
+    /// Gives free pages back to the file system once they are over a quarter of the pages in
+    /// use, keeping an eighth of those free. New rows reuse free pages, so a store at its size cap
+    /// stays at its size without churn; one that shrank (less traffic, a smaller cap) gets
+    /// smaller on disk.
+    fn release_free_pages(&self) -> Result<()> {
+        let q = |name: &str| -> Result<i64> {
+            self.conn
+                .pragma_query_value(None, name, |r| r.get(0))
+                .map_err(self.err())
+        };
+        let free = q("freelist_count")?;
+        let used = q("page_count")? - free;
+        if free > used / 4 {
+            release_free_pages(&self.conn, free - used / 8).map_err(self.err())?;
+        }
+        Ok(())
     }
 
     /// Moves the write-ahead log into the database and truncates it (at shutdown, and before
@@ -287,33 +319,21 @@ impl Store {
     }
 }
 
+/// `PRAGMA incremental_vacuum(pages)` (0: every free page), stepped to its end: each step
+/// releases one page, so a single step (as `execute_batch` does) releases only one.
+fn release_free_pages(conn: &Connection, pages: i64) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare(&format!("PRAGMA incremental_vacuum({pages})"))?;
+    let mut rows = stmt.query([])?;
+    while rows.next()?.is_some() {}
+    Ok(())
+}
+
 fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
     let id = &t.trace_id[..];
-    // Most traces are new to the store: their index row is this part's own figures, written
-    // without reading anything back. A trace already there (a late re-flush, a new part) is
-    // re-aggregated from its parts below.
-    let new_trace =
-        tx.prepare_cached(
-            "INSERT OR IGNORE INTO traces (trace_id, first_ns, last_ns, samples, cpu_ns, bytes, \
-             parts, services, processes, spans) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?8, ?9)",
-        )?
-        .execute(params![
-            id,
-            sql_ns(t.first_ns),
-            sql_ns(t.last_ns),
-            sql_ns(t.samples),
-            sql_ns(t.cpu_ns),
-            t.profile.len() as i64,
-            services(&t.processes),
-            processes_json(&t.processes),
-            spans_text(t.spans.iter().map(|s| crate::context::hex(s))),
-        ])? == 1;
+    // The part goes at the end of `trace_parts` (appended pages, not a random-key insert).
     tx.prepare_cached(
         "INSERT INTO trace_parts (trace_id, part, first_ns, last_ns, samples, cpu_ns, bytes, \
-         profile) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-         ON CONFLICT (trace_id, part) DO UPDATE SET first_ns = excluded.first_ns,
-           last_ns = excluded.last_ns, samples = excluded.samples, cpu_ns = excluded.cpu_ns,
-           bytes = excluded.bytes, profile = excluded.profile",
+         profile) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
     .execute(params![
         id,
@@ -325,31 +345,91 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
         t.profile.len() as i64,
         t.profile,
     ])?;
+    let row = tx.last_insert_rowid();
+    // Most traces are new to the store: their index row is this part's own figures, written
+    // without reading anything back. A trace already there (a late re-flush, a new part) is
+    // re-aggregated from its parts below.
+    let new_trace =
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO traces (trace_id, first_ns, last_ns, samples, cpu_ns, bytes, \
+             parts, services, processes, spans, part_ids) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?8, ?9, ?10)",
+        )?
+        .execute(params![
+            id,
+            sql_ns(t.first_ns),
+            sql_ns(t.last_ns),
+            sql_ns(t.samples),
+            sql_ns(t.cpu_ns),
+            t.profile.len() as i64,
+            services(&t.processes),
+            processes_json(&t.processes),
+            spans_text(t.spans.iter().map(|s| crate::context::hex(s))),
+            row.to_string(),
+        ])? == 1;
     if new_trace {
         return Ok(());
     }
-    // The index row is the aggregate of the parts (one part unless the trace came back after
-    // the agent's late window or a restart), and its processes and spans are those it had plus
-    // this part's. Plain statements rather than one INSERT … SELECT with a subquery: SQLite
-    // re-prepared that one at every execution.
-    let (first_ns, last_ns, samples, cpu_ns, bytes, parts): (i64, i64, i64, i64, i64, i64) = tx
-        .prepare_cached(
-            "SELECT min(first_ns), max(last_ns), sum(samples), sum(cpu_ns), sum(bytes), count(*) \
-             FROM trace_parts WHERE trace_id = ?1",
-        )?
-        .query_row([id], |r| {
-            Ok((
-                r.get(0)?,
-                r.get(1)?,
-                r.get(2)?,
-                r.get(3)?,
-                r.get(4)?,
-                r.get(5)?,
-            ))
-        })?;
-    let (stored_processes, stored_spans): (String, String) = tx
-        .prepare_cached("SELECT processes, spans FROM traces WHERE trace_id = ?1")?
-        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    let (stored_processes, stored_spans, stored_ids): (String, String, String) = tx
+        .prepare_cached("SELECT processes, spans, part_ids FROM traces WHERE trace_id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    // The trace's other parts; a re-flush of one of them replaces it (its row takes the new
+    // figures and profile; the row just appended goes).
+    let mut parts = Vec::new();
+    for part_id in super::parse_part_ids(&stored_ids) {
+        let part = tx
+            .prepare_cached(
+                "SELECT part, first_ns, last_ns, samples, cpu_ns, bytes FROM trace_parts \
+                 WHERE id = ?1",
+            )?
+            .query_row([part_id], |r| {
+                Ok(PartFigures {
+                    id: part_id,
+                    part: r.get(0)?,
+                    first_ns: r.get(1)?,
+                    last_ns: r.get(2)?,
+                    samples: r.get(3)?,
+                    cpu_ns: r.get(4)?,
+                    bytes: r.get(5)?,
+                })
+            })
+            .optional()?;
+        parts.extend(part);
+    }
+    let this = PartFigures {
+        id: row,
+        part: sql_ns(t.part),
+        first_ns: sql_ns(t.first_ns),
+        last_ns: sql_ns(t.last_ns),
+        samples: sql_ns(t.samples),
+        cpu_ns: sql_ns(t.cpu_ns),
+        bytes: t.profile.len() as i64,
+    };
+    match parts.iter_mut().find(|p| p.part == this.part) {
+        Some(same) => {
+            tx.prepare_cached(
+                "UPDATE trace_parts SET first_ns = ?2, last_ns = ?3, samples = ?4, \
+                 cpu_ns = ?5, bytes = ?6, profile = ?7 WHERE id = ?1",
+            )?
+            .execute(params![
+                same.id,
+                this.first_ns,
+                this.last_ns,
+                this.samples,
+                this.cpu_ns,
+                this.bytes,
+                t.profile,
+            ])?;
+            tx.prepare_cached("DELETE FROM trace_parts WHERE id = ?1")?
+                .execute([row])?;
+            *same = PartFigures {
+                id: same.id,
+                ..this
+            };
+        }
+        None => parts.push(this),
+    }
+    parts.sort_by_key(|p| p.part);
     // A row this agent cannot parse (edited by hand) loses its process list, not the trace.
     let mut processes = super::read::parse_processes(&stored_processes);
     for p in &t.processes {
@@ -362,23 +442,46 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
     spans.extend(t.spans.iter().map(|s| crate::context::hex(s)));
     spans.sort_unstable();
     spans.dedup();
+    let ids: Vec<i64> = parts.iter().map(|p| p.id).collect();
     tx.prepare_cached(
         "INSERT OR REPLACE INTO traces (trace_id, first_ns, last_ns, samples, cpu_ns, bytes, \
-         parts, services, processes, spans) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+         parts, services, processes, spans, part_ids) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
     )?
     .execute(params![
         id,
-        first_ns,
-        last_ns,
-        samples,
-        cpu_ns,
-        bytes,
-        parts,
+        parts
+            .iter()
+            .map(|p| p.first_ns)
+            .min()
+            .unwrap_or(this.first_ns),
+        parts
+            .iter()
+            .map(|p| p.last_ns)
+            .max()
+            .unwrap_or(this.last_ns),
+        parts.iter().map(|p| p.samples).sum::<i64>(),
+        parts.iter().map(|p| p.cpu_ns).sum::<i64>(),
+        parts.iter().map(|p| p.bytes).sum::<i64>(),
+        parts.len() as i64,
         services(&processes),
         processes_json(&processes),
         spans_text(spans.into_iter()),
+        super::part_ids_text(&ids),
     ])?;
     Ok(())
+}
+
+/// One part's row id and figures, to re-aggregate a trace's `traces` row.
+#[derive(Clone, Copy)]
+struct PartFigures {
+    id: i64,
+    part: i64,
+    first_ns: i64,
+    last_ns: i64,
+    samples: i64,
+    cpu_ns: i64,
+    bytes: i64,
 }
 
 /// The distinct services of `processes`, sorted, one per line (the `services` column).
