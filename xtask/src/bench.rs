@@ -55,6 +55,11 @@ pub struct BenchArgs {
     /// Traces in the store-query benchmark [default: 10000].
     #[arg(long, default_value_t = 10_000)]
     store_traces: u32,
+    /// The fixture's request length: ~5 ms bursts of CPU per trace. The default, 10, gives
+    /// about 5 samples per trace at 99 Hz; 1 gives a service of short requests, where most
+    /// traces hold one sample and the agent's per-trace work dominates.
+    #[arg(long, default_value_t = BURSTS_PER_REQUEST)]
+    bursts_per_trace: u32,
 }
 
 /// Budgets from the issue, checked against this run's numbers.
@@ -68,8 +73,8 @@ const STORE_QUERIES: u32 = 500;
 /// Addresses resolved by the symbolization benchmark, cold and warm.
 const SYMBOLIZE_ADDRESSES: u32 = 20_000;
 
-/// The fixture's requests: this many ~5 ms bursts of CPU per trace (≈ 50 ms of CPU per request,
-/// about 5 samples per trace at 99 Hz).
+/// The fixture's requests by default: this many ~5 ms bursts of CPU per trace (≈ 50 ms of CPU
+/// per request, about 5 samples per trace at 99 Hz).
 const BURSTS_PER_REQUEST: u32 = 10;
 /// The second frequency our agent runs at (the production default).
 const LOW_FREQUENCY: u64 = 19;
@@ -96,6 +101,7 @@ struct Settings {
     /// Windows per target for the trace-context read cost (at least 5: budgets are medians).
     context_windows: u32,
     context_window: Duration,
+    bursts_per_trace: u32,
 }
 
 impl Settings {
@@ -110,9 +116,14 @@ impl Settings {
             // 2 s windows keep the whole bench, build included, within 10 minutes; five of
             // them per target give the median the budget asks for.
             context_window: Duration::from_secs(2),
+            bursts_per_trace: args.bursts_per_trace,
         };
-        if settings.window.is_zero() || settings.rounds == 0 || settings.frequency == 0 {
-            bail!("--window-secs, --rounds and --frequency must be positive");
+        if settings.window.is_zero()
+            || settings.rounds == 0
+            || settings.frequency == 0
+            || settings.bursts_per_trace == 0
+        {
+            bail!("--window-secs, --rounds, --frequency and --bursts-per-trace must be positive");
         }
         Ok(settings)
     }
@@ -151,6 +162,7 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         window_secs: settings.window.as_secs_f64(),
         warmup_secs: settings.warmup.as_secs_f64(),
         rounds: settings.rounds,
+        bursts_per_trace: settings.bursts_per_trace,
         versions: tools.versions(),
         commit: git_commit(),
         load_before: load_average(),
@@ -166,14 +178,20 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     let mut fixtures = (0..instances)
         .map(|i| {
             Fixture::start(
-                Command::new(&fixture_bin).args(["-t", "2", "-r", &BURSTS_PER_REQUEST.to_string()]),
+                Command::new(&fixture_bin).args([
+                    "-t",
+                    "2",
+                    "-r",
+                    &settings.bursts_per_trace.to_string(),
+                ]),
                 &logs.join(format!("fixture-{i}.log")),
             )
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     progress(&format!(
         "fixture: {instances} × OTEP 4947 driver (2 threads each, a new trace every \
-         {BURSTS_PER_REQUEST} bursts of ~5 ms), pids {:?}",
+         {} bursts of ~5 ms), pids {:?}",
+        settings.bursts_per_trace,
         fixtures.iter().map(|f| f.process.pid()).collect::<Vec<_>>()
     ));
 
@@ -1342,6 +1360,8 @@ pub(crate) struct ReportContext {
     pub window_secs: f64,
     pub warmup_secs: f64,
     pub rounds: u32,
+    /// The fixture's ~5 ms bursts of CPU per trace.
+    pub bursts_per_trace: u32,
     pub versions: Vec<String>,
     pub commit: String,
     pub load_before: String,
@@ -1564,14 +1584,14 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
         "- run: {} round(s) × {{none, ours, bpftrace, perf, ours @{LOW_FREQUENCY} Hz}} (order \
          rotated per round), {} s windows after {} s warm-up ({} s for ours: its first {} s \
          interval flush included), {} Hz per CPU; fixture: the OTEP 4947 driver (2 threads per \
-         instance, a new trace every {BURSTS_PER_REQUEST} bursts of ~5 ms CPU) keeping every \
-         CPU busy; commit {}",
+         instance, a new trace every {} bursts of ~5 ms CPU) keeping every CPU busy; commit {}",
         ctx.rounds,
         ctx.window_secs,
         ctx.warmup_secs,
         ctx.warmup_secs.max(AGENT_WARMUP.as_secs_f64()),
         AGENT_INTERVAL.as_secs(),
         ctx.frequency,
+        ctx.bursts_per_trace,
         ctx.commit
     );
     let _ = writeln!(out, "- tools: {}\n", ctx.versions.join("; "));
@@ -1950,6 +1970,7 @@ mod tests {
             window_secs: 10.0,
             warmup_secs: 2.0,
             rounds: 2,
+            bursts_per_trace: 10,
             versions: vec!["bpftrace v0.17.0".into()],
             commit: "abc123".into(),
             load_before: "1.00".into(),
