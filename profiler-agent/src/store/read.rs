@@ -264,13 +264,14 @@ impl StoreReader {
 
     /// The profiles of the trace's parts, oldest incarnation first.
     fn trace_parts(&self, trace_id: &[u8; 16]) -> Result<Vec<Vec<u8>>> {
-        let part_ids: Option<String> = self
-            .conn
+        // One read transaction: the part ids and the parts they name come from the same
+        // snapshot, whatever the writer commits in between.
+        let snapshot = self.conn.unchecked_transaction().map_err(self.err())?;
+        let part_ids: Option<String> = snapshot
             .prepare_cached("SELECT part_ids FROM traces WHERE trace_id = ?1")
             .and_then(|mut s| s.query_row([&trace_id[..]], |r| r.get(0)).optional())
             .map_err(self.err())?;
-        let mut stmt = self
-            .conn
+        let mut stmt = snapshot
             .prepare_cached("SELECT part, profile FROM trace_parts WHERE id = ?1")
             .map_err(self.err())?;
         let mut parts: Vec<(i64, Vec<u8>)> = Vec::new();
