@@ -146,7 +146,7 @@ impl Store {
         }
         if !fresh && version != opened_at {
             // A migration that rebuilt a table left its old pages free: give them back.
-            release_free_pages(&conn, 0).map_err(err)?;
+            incremental_vacuum(&conn, 0).map_err(err)?;
         }
         // Fails now, with a clear error, when another process holds the write lock.
         conn.execute_batch("BEGIN IMMEDIATE; COMMIT;")
@@ -305,7 +305,7 @@ impl Store {
         let free = q("freelist_count")?;
         let used = q("page_count")? - free;
         if free > used / 4 {
-            release_free_pages(&self.conn, free - used / 8).map_err(self.err())?;
+            incremental_vacuum(&self.conn, free - used / 8).map_err(self.err())?;
         }
         Ok(())
     }
@@ -321,7 +321,7 @@ impl Store {
 
 /// `PRAGMA incremental_vacuum(pages)` (0: every free page), stepped to its end: each step
 /// releases one page, so a single step (as `execute_batch` does) releases only one.
-fn release_free_pages(conn: &Connection, pages: i64) -> rusqlite::Result<()> {
+fn incremental_vacuum(conn: &Connection, pages: i64) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare(&format!("PRAGMA incremental_vacuum({pages})"))?;
     let mut rows = stmt.query([])?;
     while rows.next()?.is_some() {}
@@ -373,8 +373,7 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
     let (stored_processes, stored_spans, stored_ids): (String, String, String) = tx
         .prepare_cached("SELECT processes, spans, part_ids FROM traces WHERE trace_id = ?1")?
         .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-    // The trace's other parts; a re-flush of one of them replaces it (its row takes the new
-    // figures and profile; the row just appended goes).
+    // The trace's stored parts.
     let mut parts = Vec::new();
     for part_id in super::parse_part_ids(&stored_ids) {
         let part = tx
@@ -405,30 +404,12 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
         cpu_ns: sql_ns(t.cpu_ns),
         bytes: t.profile.len() as i64,
     };
-    match parts.iter_mut().find(|p| p.part == this.part) {
-        Some(same) => {
-            tx.prepare_cached(
-                "UPDATE trace_parts SET first_ns = ?2, last_ns = ?3, samples = ?4, \
-                 cpu_ns = ?5, bytes = ?6, profile = ?7 WHERE id = ?1",
-            )?
-            .execute(params![
-                same.id,
-                this.first_ns,
-                this.last_ns,
-                this.samples,
-                this.cpu_ns,
-                this.bytes,
-                t.profile,
-            ])?;
-            tx.prepare_cached("DELETE FROM trace_parts WHERE id = ?1")?
-                .execute([row])?;
-            *same = PartFigures {
-                id: same.id,
-                ..this
-            };
-        }
-        None => parts.push(this),
+    // A re-flush of a stored incarnation: the row just appended replaces its old row.
+    if let Some(old) = parts.iter().position(|p| p.part == this.part) {
+        tx.prepare_cached("DELETE FROM trace_parts WHERE id = ?1")?
+            .execute([parts.swap_remove(old).id])?;
     }
+    parts.push(this);
     parts.sort_by_key(|p| p.part);
     // A row this agent cannot parse (edited by hand) loses its process list, not the trace.
     let mut processes = super::read::parse_processes(&stored_processes);
