@@ -514,7 +514,7 @@ mod tests {
     use super::*;
     use crate::{
         export::synthetic,
-        store::{Store, TraceProcess, TraceRecord},
+        store::{Store, TraceBatch, TraceProcess, TraceRecord},
     };
 
     /// A store with one synthetic trace (`ab..ab`), served on an ephemeral port.
@@ -523,28 +523,27 @@ mod tests {
         let mut store = Store::open(&db).unwrap();
         let id = [0xab; 16];
         let profile = synthetic::trace_profile(id, 1_000, 1);
-        store
-            .write(
-                &[TraceRecord {
-                    trace_id: id,
-                    part: 1,
-                    first_ns: 1_000,
-                    last_ns: 2_000,
-                    samples: u64::from(synthetic::SAMPLES),
-                    cpu_ns: 1,
-                    processes: vec![TraceProcess {
-                        pid: 1,
-                        process_name: "checkout".into(),
-                        service: "checkout".into(),
-                        namespace: "shop".into(),
-                        pod: "checkout-5d8c-q2".into(),
-                    }],
-                    spans: vec![[1; 8]],
-                    profile: pprof::encode_gzip(&profile),
+        let trace = TraceBatch::from_profiles([(
+            TraceRecord {
+                trace_id: id,
+                part: 1,
+                first_ns: 1_000,
+                last_ns: 2_000,
+                samples: u64::from(synthetic::SAMPLES),
+                cpu_ns: 1,
+                processes: vec![TraceProcess {
+                    pid: 1,
+                    process_name: "checkout".into(),
+                    service: "checkout".into(),
+                    namespace: "shop".into(),
+                    pod: "checkout-5d8c-q2".into(),
                 }],
-                &[],
-            )
-            .unwrap();
+                spans: vec![[1; 8]],
+                index: 0,
+            },
+            profile,
+        )]);
+        store.write(&trace, &[]).unwrap();
         drop(store);
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -185,6 +185,18 @@ pub fn trace_to_pprof(
         symbolizer,
         objects,
     );
+    add_trace_samples(&mut builder, trace, None);
+    builder.finish()
+}
+
+/// Adds a trace's samples to `builder`, labelled as [`trace_to_pprof`] labels them, and with
+/// `extra` (a numeric label) on each when given: the store tells the traces of one batch
+/// profile apart by it.
+pub fn add_trace_samples(
+    builder: &mut PprofBuilder<'_>,
+    trace: &TraceProfile,
+    extra: Option<(&str, i64)>,
+) {
     let trace_id = hex(&trace.trace_id);
     let placements = placement_labels(&trace.process_details);
     for (key, value) in trace.sorted_samples() {
@@ -204,9 +216,9 @@ pub fn trace_to_pprof(
         }
         push_placement(&mut labels, placements.get(&key.pid));
         labels.extend(key.labels.iter().map(|(k, v)| (&**k, LabelValue::Str(v))));
+        labels.extend(extra.map(|(k, v)| (k, LabelValue::Num(v))));
         builder.add_sample(&key.stack, value.count, &labels);
     }
-    builder.finish()
 }
 
 /// A thread's or process's name from a profile's table; empty when it was never recorded.

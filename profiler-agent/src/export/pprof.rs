@@ -32,7 +32,10 @@ pub enum LabelValue<'a> {
 /// A function's id, and the interned name and file its key points at (kept alive).
 type FunctionEntry = (u64, Arc<str>, Option<Arc<str>>);
 
-pub struct PprofBuilder<'a> {
+/// A profile being built and the tables that intern its strings, functions, locations and
+/// mappings: what a [`PprofBuilder`] holds between uses, so one profile can gather samples
+/// over several calls (the store's batch of traces) without holding the symbolizer.
+pub struct PprofTables {
     profile: pb::Profile,
     /// Indexes into `profile.string_table`, hashed by the string they name: each string is
     /// allocated once, in the table.
@@ -46,20 +49,18 @@ pub struct PprofBuilder<'a> {
     locations: HashMap<Frame, u64>,
     mappings: HashMap<Option<ObjectId>, u64>,
     period_ns: i64,
+}
+
+pub struct PprofBuilder<'a> {
+    tables: PprofTables,
     symbolizer: &'a mut Symbolizer,
     objects: &'a ObjectStore,
 }
 
-impl<'a> PprofBuilder<'a> {
-    pub fn new(
-        frequency_hz: u64,
-        start_unix_ns: u64,
-        duration_ns: u64,
-        symbolizer: &'a mut Symbolizer,
-        objects: &'a ObjectStore,
-    ) -> Self {
+impl PprofTables {
+    pub fn new(frequency_hz: u64, start_unix_ns: u64, duration_ns: u64) -> Self {
         // Sized for a trace of a few deep stacks: no rehashing while it fills.
-        let mut builder = Self {
+        let mut tables = Self {
             profile: pb::Profile::default(),
             strings: HashTable::with_capacity(128),
             string_hasher: foldhash::fast::RandomState::default(),
@@ -67,139 +68,42 @@ impl<'a> PprofBuilder<'a> {
             locations: HashMap::with_capacity(64),
             mappings: HashMap::with_capacity(8),
             period_ns: (1_000_000_000 / frequency_hz.max(1)) as i64,
+        };
+        tables.string("");
+        let samples = tables.value_type("samples", "count");
+        let cpu = tables.value_type("cpu", "nanoseconds");
+        tables.profile.sample_type = vec![samples, cpu.clone()];
+        tables.profile.period_type = Some(cpu);
+        tables.profile.period = tables.period_ns;
+        tables.set_window(start_unix_ns, duration_ns);
+        tables.profile.default_sample_type = tables.profile.sample_type[1].r#type;
+        tables
+    }
+
+    /// Continues building with the symbolizer that names the new samples' frames.
+    pub fn resume<'a>(
+        self,
+        symbolizer: &'a mut Symbolizer,
+        objects: &'a ObjectStore,
+    ) -> PprofBuilder<'a> {
+        PprofBuilder {
+            tables: self,
             symbolizer,
             objects,
-        };
-        builder.string("");
-        let samples = builder.value_type("samples", "count");
-        let cpu = builder.value_type("cpu", "nanoseconds");
-        builder.profile.sample_type = vec![samples, cpu.clone()];
-        builder.profile.period_type = Some(cpu);
-        builder.profile.period = builder.period_ns;
-        builder.profile.time_nanos = start_unix_ns as i64;
-        builder.profile.duration_nanos = duration_ns as i64;
-        builder.profile.default_sample_type = builder.profile.sample_type[1].r#type;
-        builder
+        }
     }
 
-    /// Adds a sample of `count` ticks; `frames` leaf first.
-    pub fn add_sample(&mut self, frames: &[Frame], count: u64, labels: &[(&str, LabelValue<'_>)]) {
-        let location_id = frames.iter().map(|f| self.location(*f)).collect();
-        let label = labels
-            .iter()
-            .map(|(key, value)| {
-                let key = self.string(key);
-                match value {
-                    LabelValue::Str(s) => pb::Label {
-                        key,
-                        str: self.string(s),
-                        ..Default::default()
-                    },
-                    LabelValue::Num(n) => pb::Label {
-                        key,
-                        num: *n,
-                        ..Default::default()
-                    },
-                }
-            })
-            .collect();
-        let count = count as i64;
-        self.profile.sample.push(pb::Sample {
-            location_id,
-            value: vec![count, count * self.period_ns],
-            label,
-        });
+    pub fn set_window(&mut self, start_unix_ns: u64, duration_ns: u64) {
+        self.profile.time_nanos = start_unix_ns as i64;
+        self.profile.duration_nanos = duration_ns as i64;
     }
 
-    pub fn add_comment(&mut self, comment: &str) {
-        let id = self.string(comment);
-        self.profile.comment.push(id);
+    pub fn samples(&self) -> usize {
+        self.profile.sample.len()
     }
 
     pub fn finish(self) -> pb::Profile {
         self.profile
-    }
-
-    fn location(&mut self, frame: Frame) -> u64 {
-        if let Some(id) = self.locations.get(&frame) {
-            return *id;
-        }
-        let symbolized = self.symbolizer.get(frame, self.objects);
-        let (object, address) = match frame {
-            Frame::User { object, address } => (Some(object), address),
-            Frame::Kernel { address } => (None, address),
-        };
-        let mapping_id = self.mapping(object);
-        let line = symbolized
-            .lines
-            .iter()
-            .map(|l| pb::Line {
-                function_id: self.function(&l.function, l.file.as_ref()),
-                line: i64::from(l.line),
-                column: 0,
-            })
-            .collect();
-        let id = self.profile.location.len() as u64 + 1;
-        self.profile.location.push(pb::Location {
-            id,
-            mapping_id,
-            address,
-            line,
-            is_folded: false,
-        });
-        self.locations.insert(frame, id);
-        id
-    }
-
-    fn mapping(&mut self, object: Option<ObjectId>) -> u64 {
-        if let Some(id) = self.mappings.get(&object) {
-            return *id;
-        }
-        let (filename, build_id) = match object {
-            Some(o) => {
-                let o = self.objects.get(o);
-                (o.name.clone(), o.build_id_hex().unwrap_or_default())
-            }
-            None => ("[kernel.kallsyms]".to_owned(), String::new()),
-        };
-        let id = self.profile.mapping.len() as u64 + 1;
-        let mapping = pb::Mapping {
-            id,
-            memory_start: 0,
-            memory_limit: u64::MAX,
-            file_offset: 0,
-            filename: self.string(&filename),
-            build_id: self.string(&build_id),
-            // Functions are resolved already: tells pprof not to try to symbolize again.
-            has_functions: true,
-            has_filenames: true,
-            has_line_numbers: true,
-            has_inline_frames: true,
-        };
-        self.profile.mapping.push(mapping);
-        self.mappings.insert(object, id);
-        id
-    }
-
-    fn function(&mut self, name: &Arc<str>, file: Option<&Arc<str>>) -> u64 {
-        let address = |s: &Arc<str>| Arc::as_ptr(s).cast::<u8>() as usize;
-        let key = (address(name), file.map(address));
-        if let Some((id, ..)) = self.functions.get(&key) {
-            return *id;
-        }
-        let id = self.profile.function.len() as u64 + 1;
-        let name_idx = self.string(name);
-        let filename = file.map(|f| self.string(f)).unwrap_or(0);
-        self.profile.function.push(pb::Function {
-            id,
-            name: name_idx,
-            system_name: name_idx,
-            filename,
-            start_line: 0,
-        });
-        self.functions
-            .insert(key, (id, name.clone(), file.cloned()));
-        id
     }
 
     fn value_type(&mut self, r#type: &str, unit: &str) -> pb::ValueType {
@@ -227,6 +131,148 @@ impl<'a> PprofBuilder<'a> {
             string_hasher.hash_one(table[j as usize].as_str())
         });
         i64::from(i)
+    }
+}
+
+impl<'a> PprofBuilder<'a> {
+    pub fn new(
+        frequency_hz: u64,
+        start_unix_ns: u64,
+        duration_ns: u64,
+        symbolizer: &'a mut Symbolizer,
+        objects: &'a ObjectStore,
+    ) -> Self {
+        PprofTables::new(frequency_hz, start_unix_ns, duration_ns).resume(symbolizer, objects)
+    }
+
+    /// Gives the symbolizer back; the profile so far can be resumed later.
+    pub fn suspend(self) -> PprofTables {
+        self.tables
+    }
+
+    /// Adds a sample of `count` ticks; `frames` leaf first.
+    pub fn add_sample(&mut self, frames: &[Frame], count: u64, labels: &[(&str, LabelValue<'_>)]) {
+        let location_id = frames.iter().map(|f| self.location(*f)).collect();
+        let label = labels
+            .iter()
+            .map(|(key, value)| {
+                let key = self.string(key);
+                match value {
+                    LabelValue::Str(s) => pb::Label {
+                        key,
+                        str: self.string(s),
+                        ..Default::default()
+                    },
+                    LabelValue::Num(n) => pb::Label {
+                        key,
+                        num: *n,
+                        ..Default::default()
+                    },
+                }
+            })
+            .collect();
+        let count = count as i64;
+        self.tables.profile.sample.push(pb::Sample {
+            location_id,
+            value: vec![count, count * self.tables.period_ns],
+            label,
+        });
+    }
+
+    pub fn add_comment(&mut self, comment: &str) {
+        let id = self.string(comment);
+        self.tables.profile.comment.push(id);
+    }
+
+    pub fn finish(self) -> pb::Profile {
+        self.tables.finish()
+    }
+
+    fn location(&mut self, frame: Frame) -> u64 {
+        if let Some(id) = self.tables.locations.get(&frame) {
+            return *id;
+        }
+        let symbolized = self.symbolizer.get(frame, self.objects);
+        let (object, address) = match frame {
+            Frame::User { object, address } => (Some(object), address),
+            Frame::Kernel { address } => (None, address),
+        };
+        let mapping_id = self.mapping(object);
+        let line = symbolized
+            .lines
+            .iter()
+            .map(|l| pb::Line {
+                function_id: self.function(&l.function, l.file.as_ref()),
+                line: i64::from(l.line),
+                column: 0,
+            })
+            .collect();
+        let id = self.tables.profile.location.len() as u64 + 1;
+        self.tables.profile.location.push(pb::Location {
+            id,
+            mapping_id,
+            address,
+            line,
+            is_folded: false,
+        });
+        self.tables.locations.insert(frame, id);
+        id
+    }
+
+    fn mapping(&mut self, object: Option<ObjectId>) -> u64 {
+        if let Some(id) = self.tables.mappings.get(&object) {
+            return *id;
+        }
+        let (filename, build_id) = match object {
+            Some(o) => {
+                let o = self.objects.get(o);
+                (o.name.clone(), o.build_id_hex().unwrap_or_default())
+            }
+            None => ("[kernel.kallsyms]".to_owned(), String::new()),
+        };
+        let id = self.tables.profile.mapping.len() as u64 + 1;
+        let mapping = pb::Mapping {
+            id,
+            memory_start: 0,
+            memory_limit: u64::MAX,
+            file_offset: 0,
+            filename: self.string(&filename),
+            build_id: self.string(&build_id),
+            // Functions are resolved already: tells pprof not to try to symbolize again.
+            has_functions: true,
+            has_filenames: true,
+            has_line_numbers: true,
+            has_inline_frames: true,
+        };
+        self.tables.profile.mapping.push(mapping);
+        self.tables.mappings.insert(object, id);
+        id
+    }
+
+    fn function(&mut self, name: &Arc<str>, file: Option<&Arc<str>>) -> u64 {
+        let address = |s: &Arc<str>| Arc::as_ptr(s).cast::<u8>() as usize;
+        let key = (address(name), file.map(address));
+        if let Some((id, ..)) = self.tables.functions.get(&key) {
+            return *id;
+        }
+        let id = self.tables.profile.function.len() as u64 + 1;
+        let name_idx = self.string(name);
+        let filename = file.map(|f| self.string(f)).unwrap_or(0);
+        self.tables.profile.function.push(pb::Function {
+            id,
+            name: name_idx,
+            system_name: name_idx,
+            filename,
+            start_line: 0,
+        });
+        self.tables
+            .functions
+            .insert(key, (id, name.clone(), file.cloned()));
+        id
+    }
+
+    fn string(&mut self, s: &str) -> i64 {
+        self.tables.string(s)
     }
 }
 
@@ -309,6 +355,187 @@ pub fn decode(bytes: &[u8]) -> anyhow::Result<pb::Profile> {
         bytes.to_vec()
     };
     Ok(pb::Profile::decode(raw.as_slice())?)
+}
+
+/// The samples of `profile` whose numeric label `key` equals `value`, without that label, in a
+/// profile of their own that holds only the strings, mappings, functions and locations they
+/// use. The store keeps the traces of one batch in one profile, told apart by such a label,
+/// and cuts a trace's part out of it with this.
+pub fn extract_labelled(profile: &pb::Profile, key: &str, value: i64) -> pb::Profile {
+    let key = profile
+        .string_table
+        .iter()
+        .position(|s| s == key)
+        .map_or(-1, |i| i as i64);
+    let mut out = Compactor::new(profile);
+    for sample in &profile.sample {
+        let mut selected = false;
+        let mut labels = Vec::with_capacity(sample.label.len());
+        for label in &sample.label {
+            if label.key == key {
+                selected = label.num == value;
+            } else {
+                labels.push(label);
+            }
+        }
+        if !selected {
+            continue;
+        }
+        let location_id = sample
+            .location_id
+            .iter()
+            .filter_map(|id| out.location(*id))
+            .collect();
+        let label = labels
+            .into_iter()
+            .map(|l| pb::Label {
+                key: out.string(l.key),
+                str: out.string(l.str),
+                num: l.num,
+                num_unit: out.string(l.num_unit),
+            })
+            .collect();
+        out.out.sample.push(pb::Sample {
+            location_id,
+            value: sample.value.clone(),
+            label,
+        });
+    }
+    out.out
+}
+
+/// Copies the parts of a profile's dictionary that are used, renumbered densely.
+struct Compactor<'p> {
+    src: &'p pb::Profile,
+    out: pb::Profile,
+    strings: HashMap<i64, i64>,
+    mappings: HashMap<u64, u64>,
+    functions: HashMap<u64, u64>,
+    locations: HashMap<u64, u64>,
+    mapping_at: HashMap<u64, &'p pb::Mapping>,
+    function_at: HashMap<u64, &'p pb::Function>,
+    location_at: HashMap<u64, &'p pb::Location>,
+}
+
+impl<'p> Compactor<'p> {
+    fn new(src: &'p pb::Profile) -> Self {
+        let mut c = Self {
+            src,
+            out: pb::Profile {
+                string_table: vec![String::new()],
+                time_nanos: src.time_nanos,
+                duration_nanos: src.duration_nanos,
+                period: src.period,
+                ..Default::default()
+            },
+            strings: HashMap::new(),
+            mappings: HashMap::new(),
+            functions: HashMap::new(),
+            locations: HashMap::new(),
+            mapping_at: src.mapping.iter().map(|m| (m.id, m)).collect(),
+            function_at: src.function.iter().map(|f| (f.id, f)).collect(),
+            location_at: src.location.iter().map(|l| (l.id, l)).collect(),
+        };
+        let value_type = |c: &mut Self, t: &pb::ValueType| pb::ValueType {
+            r#type: c.string(t.r#type),
+            unit: c.string(t.unit),
+        };
+        c.out.sample_type = src
+            .sample_type
+            .iter()
+            .map(|t| value_type(&mut c, t))
+            .collect();
+        c.out.period_type = src.period_type.as_ref().map(|t| value_type(&mut c, t));
+        c.out.default_sample_type = c.string(src.default_sample_type);
+        c.out.drop_frames = c.string(src.drop_frames);
+        c.out.keep_frames = c.string(src.keep_frames);
+        c.out.comment = src.comment.iter().map(|i| c.string(*i)).collect();
+        c
+    }
+
+    fn string(&mut self, i: i64) -> i64 {
+        if i <= 0 {
+            return 0;
+        }
+        if let Some(&j) = self.strings.get(&i) {
+            return j;
+        }
+        let text = usize::try_from(i)
+            .ok()
+            .and_then(|i| self.src.string_table.get(i))
+            .cloned()
+            .unwrap_or_default();
+        let j = self.out.string_table.len() as i64;
+        self.out.string_table.push(text);
+        self.strings.insert(i, j);
+        j
+    }
+
+    fn mapping(&mut self, id: u64) -> u64 {
+        if let Some(&j) = self.mappings.get(&id) {
+            return j;
+        }
+        let Some(m) = self.mapping_at.get(&id).copied() else {
+            return 0;
+        };
+        let j = self.out.mapping.len() as u64 + 1;
+        let mapping = pb::Mapping {
+            id: j,
+            filename: self.string(m.filename),
+            build_id: self.string(m.build_id),
+            ..m.clone()
+        };
+        self.out.mapping.push(mapping);
+        self.mappings.insert(id, j);
+        j
+    }
+
+    fn function(&mut self, id: u64) -> u64 {
+        if let Some(&j) = self.functions.get(&id) {
+            return j;
+        }
+        let Some(f) = self.function_at.get(&id).copied() else {
+            return 0;
+        };
+        let j = self.out.function.len() as u64 + 1;
+        let function = pb::Function {
+            id: j,
+            name: self.string(f.name),
+            system_name: self.string(f.system_name),
+            filename: self.string(f.filename),
+            start_line: f.start_line,
+        };
+        self.out.function.push(function);
+        self.functions.insert(id, j);
+        j
+    }
+
+    /// The location's new id; `None` when the profile has no location of that id.
+    fn location(&mut self, id: u64) -> Option<u64> {
+        if let Some(&j) = self.locations.get(&id) {
+            return Some(j);
+        }
+        let l = self.location_at.get(&id).copied()?;
+        let mapping_id = self.mapping(l.mapping_id);
+        let line = l
+            .line
+            .iter()
+            .map(|line| pb::Line {
+                function_id: self.function(line.function_id),
+                ..line.clone()
+            })
+            .collect();
+        let j = self.out.location.len() as u64 + 1;
+        self.out.location.push(pb::Location {
+            id: j,
+            mapping_id,
+            address: l.address,
+            line,
+            is_folded: l.is_folded,
+        });
+        self.locations.insert(id, j);
+        Some(j)
+    }
 }
 
 /// Merges profiles with the same sample types into one. Strings, mappings, functions and

@@ -6,7 +6,9 @@
 
 use std::{path::Path, time::Instant};
 
-use super::{Result, Store, StoreError, StoreReader, TraceProcess, TraceRecord, file_bytes};
+use super::{
+    Result, Store, StoreError, StoreReader, TraceBatch, TraceProcess, TraceRecord, file_bytes,
+};
 use crate::export::{pprof, render::Stacks, synthetic};
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -50,15 +52,16 @@ pub fn bench(path: &Path, traces: u32, queries: u32) -> Result<BenchReport> {
     remove_store(path);
     let start_ns = super::unix_now_ns().saturating_sub(3_600_000_000_000);
     let mut store = Store::open(path)?;
-    let written = Instant::now();
+    // Only the writes are timed: the batch profile is built by the collector in the agent.
+    let mut write_secs = 0.0;
     let mut profile_bytes = 0u64;
-    let mut batch = Vec::with_capacity(500);
+    let mut batch = Vec::with_capacity(super::sink::BATCH);
+    let mut batch_samples = 0;
     for i in 0..traces {
         let first = start_ns + u64::from(i) * 100_000_000;
         let id = trace_id(i);
-        let profile = pprof::encode_gzip(&synthetic::trace_profile(id, first, u64::from(i) + 1));
-        profile_bytes += profile.len() as u64;
-        batch.push(TraceRecord {
+        let profile = synthetic::trace_profile(id, first, u64::from(i) + 1);
+        let record = TraceRecord {
             trace_id: id,
             part: first,
             first_ns: first,
@@ -73,14 +76,23 @@ pub fn bench(path: &Path, traces: u32, queries: u32) -> Result<BenchReport> {
                 pod: "checkout-7d9f-x2".into(),
             }],
             spans: (0..3u8).map(|s| [0xa0, 0, 0, 0, 0, 0, 0, s]).collect(),
-            profile,
-        });
-        if batch.len() == 500 || i + 1 == traces {
-            store.write(&batch, &[])?;
-            batch.clear();
+            index: 0,
+        };
+        batch_samples += profile.sample.len();
+        batch.push((record, profile));
+        // Batches as the agent's store sink cuts them.
+        if batch.len() == super::sink::BATCH
+            || batch_samples >= super::sink::BATCH_SAMPLES
+            || i + 1 == traces
+        {
+            batch_samples = 0;
+            let traces = TraceBatch::from_profiles(batch.drain(..));
+            profile_bytes += traces.profile.len() as u64;
+            let written = Instant::now();
+            store.write(&traces, &[])?;
+            write_secs += written.elapsed().as_secs_f64();
         }
     }
-    let write_secs = written.elapsed().as_secs_f64();
     store.checkpoint();
     let file = file_bytes(path);
     let (mut query, mut fetch) = (Vec::new(), Vec::new());

@@ -7,15 +7,18 @@
 //! alternative, locks its file for one process at a time. SQLite also gives indexes, atomic
 //! batches, an integrity check and a format every machine has a tool (`sqlite3`) for.
 //!
-//! What is stored needs no symbolizer to read: every profile is a symbolized pprof (gzip
-//! bytes, as `trace_to_pprof` writes them), so a query works after the processes and the agent
-//! are gone.
+//! What is stored needs no symbolizer to read: every profile is a symbolized pprof (raw when
+//! small, else gzip), so a query works after the processes and the agent are gone.
 //!
 //! - `trace_parts`: one row per incarnation of a trace (see `TraceProfile::created_unix_ns`),
 //!   appended in rowid order. A re-flush of the same incarnation (late samples, within the
 //!   agent's late window) replaces its row; a new incarnation (after that window, or after a
 //!   restart) adds one, and queries merge the parts. So late samples always merge into the
-//!   stored trace.
+//!   stored trace. A part's samples are in its batch's profile (`batch`), labelled
+//!   [`PART_LABEL`] = `batch_index`; parts written before schema 6 hold their own profile.
+//! - `trace_batches`: one row per write (the writer's 2 s batch): one symbolized profile of
+//!   all its traces' samples, so the strings, functions and locations they share are stored
+//!   once. A batch goes when no part names it any more.
 //! - `traces`: the index, one row per trace (times, samples, CPU, bytes, services), kept equal
 //!   to the aggregate of its parts, with the row ids of its parts, the processes it ran in
 //!   (pid, process, service, Kubernetes namespace and pod; JSON) and its span ids in the same
@@ -48,15 +51,20 @@ pub use read::{
     ProcessRow, ServiceRow, StoreReader, StoreStats, TraceFilter, TraceSummary, Window,
 };
 pub use sink::StoreSink;
-pub use write::{BucketRecord, Retention, RetentionOutcome, Store, TraceProcess, TraceRecord};
+pub use write::{
+    BucketRecord, Retention, RetentionOutcome, Store, TraceBatch, TraceProcess, TraceRecord,
+};
 
 /// `PRAGMA application_id` of a profiler store ("PRFL"): tells it from other SQLite files.
 const APPLICATION_ID: i32 = 0x5052_464c;
 /// `PRAGMA user_version`: the schema below.
-const SCHEMA_VERSION: i32 = 5;
-/// The oldest schema readers accept: version 5 finds a trace's parts by the row ids its
-/// `traces` row lists.
-const MIN_READABLE_VERSION: i32 = 5;
+const SCHEMA_VERSION: i32 = 6;
+/// The oldest schema readers accept: version 6 keeps the parts written together in one
+/// profile (`trace_batches`).
+const MIN_READABLE_VERSION: i32 = 6;
+/// The numeric sample label that tells the traces of a `trace_batches` profile apart: a part's
+/// `batch_index`. Readers cut a part out by it and drop it.
+pub(crate) const PART_LABEL: &str = "store.part";
 /// What brings a store of each older version to the next one (index 0: version 1 → 2). The
 /// agent applies them when it opens the store; readers refuse an older schema until then.
 const MIGRATIONS: &[&str] = &[
@@ -106,6 +114,15 @@ const MIGRATIONS: &[&str] = &[
           (SELECT id FROM trace_parts p WHERE p.trace_id = traces.trace_id ORDER BY part)),
        '');
      DROP INDEX migration_parts_by_trace;",
+    // 6: the traces of one write share one profile (`trace_batches`): a trace's part row no
+    // longer holds a profile of its own (strings, functions and locations repeated in every
+    // trace, and most of the bytes each commit wrote). Older parts keep theirs.
+    "CREATE TABLE trace_batches (
+       id INTEGER PRIMARY KEY, first_ns INTEGER NOT NULL, last_ns INTEGER NOT NULL,
+       bytes INTEGER NOT NULL, profile BLOB NOT NULL);
+     ALTER TABLE trace_parts ADD COLUMN batch INTEGER;
+     ALTER TABLE trace_parts ADD COLUMN batch_index INTEGER NOT NULL DEFAULT 0;
+     CREATE INDEX trace_parts_by_batch ON trace_parts (batch) WHERE batch IS NOT NULL;",
 ];
 const _: () = assert!(MIGRATIONS.len() as i32 == SCHEMA_VERSION - 1);
 /// How long a statement waits for another connection's lock before failing as locked.
@@ -134,6 +151,16 @@ CREATE TABLE trace_parts (
     last_ns INTEGER NOT NULL,
     samples INTEGER NOT NULL,
     cpu_ns INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    profile BLOB NOT NULL,
+    batch INTEGER,
+    batch_index INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX trace_parts_by_batch ON trace_parts (batch) WHERE batch IS NOT NULL;
+CREATE TABLE trace_batches (
+    id INTEGER PRIMARY KEY,
+    first_ns INTEGER NOT NULL,
+    last_ns INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
     profile BLOB NOT NULL
 );

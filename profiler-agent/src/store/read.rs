@@ -34,7 +34,8 @@ pub struct TraceSummary {
     pub last_unix_ns: u64,
     pub samples: u64,
     pub cpu_ns: u64,
-    /// Stored profile bytes (every part).
+    /// Stored profile bytes (every part; a part in a batch counts its share of the batch's
+    /// profile, by samples).
     pub bytes: u64,
     /// Stored incarnations (more than one after a late return past the agent's window).
     pub parts: u64,
@@ -246,24 +247,28 @@ impl StoreReader {
         ))
     }
 
-    /// The trace's pprof as stored (raw when small, else gzip; `pprof::decode` reads both,
-    /// `pprof::ensure_gzip` makes a `.pb.gz` of it); its parts merged when there are several.
+    /// The trace's pprof: as stored (raw when small, else gzip; `pprof::decode` reads both,
+    /// `pprof::ensure_gzip` makes a `.pb.gz` of it) when it is one part with a profile of its
+    /// own (schema 5 and older); else its part cut out of its batch's profile, or its parts
+    /// merged, gzip-compressed.
     pub fn trace_pprof(&self, trace_id: &[u8; 16]) -> Result<Vec<u8>> {
         let mut parts = self.trace_parts(trace_id)?;
-        if parts.len() == 1 {
-            return Ok(parts.remove(0));
+        if let [StoredPart::Own(_)] = parts.as_slice()
+            && let Some(StoredPart::Own(bytes)) = parts.pop()
+        {
+            return Ok(bytes);
         }
-        Ok(pprof::encode_gzip(&self.merge(&parts)?))
+        Ok(pprof::encode_gzip(&self.merge(parts)?))
     }
 
     /// The trace's profile, decoded (and merged).
     pub fn trace_profile(&self, trace_id: &[u8; 16]) -> Result<pb::Profile> {
         let parts = self.trace_parts(trace_id)?;
-        self.merge(&parts)
+        self.merge(parts)
     }
 
     /// The profiles of the trace's parts, oldest incarnation first.
-    fn trace_parts(&self, trace_id: &[u8; 16]) -> Result<Vec<Vec<u8>>> {
+    fn trace_parts(&self, trace_id: &[u8; 16]) -> Result<Vec<StoredPart>> {
         // One read transaction: the part ids and the parts they name come from the same
         // snapshot, whatever the writer commits in between.
         let snapshot = self.conn.unchecked_transaction().map_err(self.err())?;
@@ -272,21 +277,58 @@ impl StoreReader {
             .and_then(|mut s| s.query_row([&trace_id[..]], |r| r.get(0)).optional())
             .map_err(self.err())?;
         let mut stmt = snapshot
-            .prepare_cached("SELECT part, profile FROM trace_parts WHERE id = ?1")
+            .prepare_cached(
+                "SELECT part, first_ns, last_ns, profile, batch, batch_index FROM trace_parts \
+                 WHERE id = ?1",
+            )
             .map_err(self.err())?;
-        let mut parts: Vec<(i64, Vec<u8>)> = Vec::new();
+        type Row = (i64, i64, i64, Vec<u8>, Option<i64>, i64);
+        let mut rows: Vec<Row> = Vec::new();
         for id in super::parse_part_ids(part_ids.as_deref().unwrap_or_default()) {
-            let part = stmt
-                .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+            let row = stmt
+                .query_row([id], |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                })
                 .optional()
                 .map_err(self.err())?;
-            parts.extend(part);
+            rows.extend(row);
         }
-        if parts.is_empty() {
+        if rows.is_empty() {
             return Err(StoreError::TraceNotFound(hex(trace_id)));
         }
-        parts.sort_by_key(|(part, _)| *part);
-        Ok(parts.into_iter().map(|(_, profile)| profile).collect())
+        rows.sort_by_key(|row| row.0);
+        // Parts of one trace are mostly in different batches; a batch read twice is decoded once.
+        let mut batches: Vec<(i64, pb::Profile)> = Vec::new();
+        let mut parts = Vec::with_capacity(rows.len());
+        for (_, first_ns, last_ns, profile, batch, index) in rows {
+            let Some(batch) = batch else {
+                parts.push(StoredPart::Own(profile));
+                continue;
+            };
+            if !batches.iter().any(|(id, _)| *id == batch) {
+                let bytes: Vec<u8> = snapshot
+                    .prepare_cached("SELECT profile FROM trace_batches WHERE id = ?1")
+                    .and_then(|mut s| s.query_row([batch], |r| r.get(0)))
+                    .map_err(self.err())?;
+                batches.push((batch, self.decode(&bytes)?));
+            }
+            let (_, profile) = batches
+                .iter()
+                .find(|(id, _)| *id == batch)
+                .expect("decoded above");
+            let mut part = pprof::extract_labelled(profile, super::PART_LABEL, index);
+            part.time_nanos = first_ns;
+            part.duration_nanos = last_ns.saturating_sub(first_ns);
+            parts.push(StoredPart::Decoded(Box::new(part)));
+        }
+        Ok(parts)
     }
 
     /// Every sample of the window's buckets (those overlapping it), merged. Also returns the
@@ -327,8 +369,8 @@ impl StoreReader {
             rows.iter().map(|r| r.1).min().unwrap_or(0).max(0) as u64,
             rows.iter().map(|r| r.2).max().unwrap_or(0).max(0) as u64,
         );
-        let blobs: Vec<Vec<u8>> = rows.into_iter().map(|r| r.0).collect();
-        Ok((self.merge(&blobs)?, covered))
+        let blobs = rows.into_iter().map(|r| StoredPart::Own(r.0)).collect();
+        Ok((self.merge(blobs)?, covered))
     }
 
     /// Services in the buckets since `since_ns`, by samples.
@@ -377,14 +419,20 @@ impl StoreReader {
         })
     }
 
-    fn merge(&self, blobs: &[Vec<u8>]) -> Result<pb::Profile> {
-        let decode_error = |e: anyhow::Error| StoreError::Corrupt {
+    fn decode(&self, bytes: &[u8]) -> Result<pb::Profile> {
+        pprof::decode(bytes).map_err(|e| StoreError::Corrupt {
             path: self.path.clone(),
             detail: format!("a stored profile does not decode: {e:#}"),
-        };
-        let profiles = blobs
-            .iter()
-            .map(|b| pprof::decode(b).map_err(decode_error))
+        })
+    }
+
+    fn merge(&self, parts: Vec<StoredPart>) -> Result<pb::Profile> {
+        let profiles = parts
+            .into_iter()
+            .map(|part| match part {
+                StoredPart::Own(bytes) => self.decode(&bytes),
+                StoredPart::Decoded(profile) => Ok(*profile),
+            })
             .collect::<Result<Vec<_>>>()?;
         if profiles.len() == 1 {
             return Ok(profiles.into_iter().next().unwrap_or_default());
@@ -394,6 +442,14 @@ impl StoreReader {
             detail: format!("cannot merge stored profiles: {e:#}"),
         })
     }
+}
+
+/// One stored part of a trace.
+enum StoredPart {
+    /// A profile of its own, as stored (schema 5 and older).
+    Own(Vec<u8>),
+    /// Cut out of its batch's profile.
+    Decoded(Box<pb::Profile>),
 }
 
 fn summary(r: &rusqlite::Row<'_>) -> rusqlite::Result<TraceSummary> {

@@ -1,9 +1,9 @@
-//! The store as a collector sink. On the collector thread it only encodes (the symbolizer
-//! lives there) and gathers records into a batch; a batch goes to the writer thread once it is
-//! [`BATCH_WAIT`] old (checked at the collector's tick) or [`BATCH`] records long, through a
-//! bounded queue. A full queue drops the batch and counts its records
-//! (`store_dropped_queue_full`), so sampling never waits for the disk. The writer commits each
-//! batch as one transaction and runs retention every [`RETENTION_EVERY`].
+//! The store as a collector sink. On the collector thread it adds each trace's samples to the
+//! batch's one profile (the symbolizer lives there) and gathers index records; a batch goes to
+//! the writer thread once it is [`BATCH_WAIT`] old (checked at the collector's tick) or
+//! [`BATCH`] records long, through a bounded queue. A full queue drops the batch and counts its
+//! records (`store_dropped_queue_full`), so sampling never waits for the disk. The writer
+//! commits each batch as one transaction and runs retention every [`RETENTION_EVERY`].
 
 use std::{
     sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError},
@@ -11,7 +11,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{BucketRecord, Retention, Store, TraceProcess, TraceRecord, unix_now_ns};
+use super::{
+    BucketRecord, PART_LABEL, Retention, Store, TraceBatch, TraceProcess, TraceRecord, unix_now_ns,
+};
 use crate::{
     collector::{Sink, SinkContext},
     export::{self, pprof},
@@ -20,25 +22,40 @@ use crate::{
 };
 
 /// Records per batch (one transaction) at most.
-const BATCH: usize = 512;
+pub(super) const BATCH: usize = 512;
+/// Samples (distinct stacks and label sets) in a batch's trace profile at most: a query
+/// decodes the whole profile of its trace's batch, about a millisecond at this size. A trace
+/// with more samples goes in a batch of its own.
+pub(super) const BATCH_SAMPLES: usize = 2048;
 /// Batches waiting for the writer at most: 16 × 2 s of a busy machine while the disk stalls.
 const QUEUE_BATCHES: usize = 16;
 /// How long a batch gathers records before it goes to the writer: one transaction (and one WAL
-/// commit, which rewrites every index page it touched) and one wake-up of the writer per two
-/// seconds, rather than per trace. Traces reach the store after they went idle anyway.
+/// commit, which rewrites every index page it touched), one profile for all its traces and one
+/// wake-up of the writer per two seconds, rather than per trace. Traces reach the store after
+/// they went idle anyway.
 const BATCH_WAIT: Duration = Duration::from_secs(2);
 /// How often retention runs (and once at start).
 const RETENTION_EVERY: Duration = Duration::from_secs(10);
 
-enum Record {
-    Trace(TraceRecord),
-    Bucket(BucketRecord),
+/// What the writer stores in one transaction.
+struct Batch {
+    traces: TraceBatch,
+    buckets: Vec<BucketRecord>,
+}
+
+impl Batch {
+    fn records(&self) -> usize {
+        self.traces.traces.len() + self.buckets.len()
+    }
 }
 
 pub struct StoreSink {
-    queue: Option<SyncSender<Vec<Record>>>,
-    /// The batch being gathered, and when its first record came.
-    pending: Vec<Record>,
+    queue: Option<SyncSender<Batch>>,
+    /// The batch being gathered: its traces' samples (one profile, each trace's labelled with
+    /// its index), their index records, the buckets, and when its first record came.
+    trace_samples: Option<pprof::PprofTables>,
+    traces: Vec<TraceRecord>,
+    buckets: Vec<BucketRecord>,
     pending_since: Instant,
     writer: Option<JoinHandle<()>>,
     metrics: Metrics,
@@ -54,37 +71,60 @@ impl StoreSink {
             .spawn(move || write_loop(store, retention, &rx, &writer_metrics))?;
         Ok(Self {
             queue: Some(queue),
-            pending: Vec::new(),
+            trace_samples: None,
+            traces: Vec::new(),
+            buckets: Vec::new(),
             pending_since: Instant::now(),
             writer: Some(writer),
             metrics,
         })
     }
 
-    fn send(&mut self, record: Record) {
-        if self.pending.is_empty() {
+    fn pending(&self) -> usize {
+        self.traces.len() + self.buckets.len()
+    }
+
+    /// Call before adding a record.
+    fn note_new_record(&mut self) {
+        if self.pending() == 0 {
             self.pending_since = Instant::now();
         }
-        self.pending.push(record);
-        if self.pending.len() >= BATCH {
+    }
+
+    fn hand_over_if_full(&mut self) {
+        if self.pending() >= BATCH {
             self.hand_over();
         }
     }
 
     fn hand_over(&mut self) {
-        if self.pending.is_empty() {
+        if self.pending() == 0 {
             return;
         }
-        let batch = std::mem::take(&mut self.pending);
+        let traces = std::mem::take(&mut self.traces);
+        let profile = match self.trace_samples.take() {
+            Some(mut samples) if !traces.is_empty() => {
+                let first = traces.iter().map(|t| t.first_ns).min().unwrap_or(0);
+                let last = traces.iter().map(|t| t.last_ns).max().unwrap_or(first);
+                samples.set_window(first, last - first);
+                pprof::encode_for_store(&samples.finish())
+            }
+            _ => Vec::new(),
+        };
+        let batch = Batch {
+            traces: TraceBatch { profile, traces },
+            buckets: std::mem::take(&mut self.buckets),
+        };
         let Some(queue) = &self.queue else { return };
         match queue.try_send(batch) {
             Ok(()) => {}
             Err(TrySendError::Full(b)) => {
-                self.metrics.add("store_dropped_queue_full", b.len() as u64);
+                self.metrics
+                    .add("store_dropped_queue_full", b.records() as u64);
             }
             Err(TrySendError::Disconnected(b)) => {
                 self.metrics
-                    .add("store_dropped_writer_gone", b.len() as u64);
+                    .add("store_dropped_writer_gone", b.records() as u64);
             }
         }
     }
@@ -99,12 +139,22 @@ impl Sink for StoreSink {
             .flat_map(|k| k.stack.iter().copied())
             .collect();
         cx.symbolizer.resolve(frames, cx.objects);
-        let profile = export::trace_to_pprof(trace, cx.frequency_hz, cx.symbolizer, cx.objects);
-        self.send(Record::Trace(trace_record(
-            trace,
-            cx.frequency_hz,
-            pprof::encode_for_store(&profile),
-        )));
+        self.note_new_record();
+        let index = self.traces.len() as u32;
+        let samples = self
+            .trace_samples
+            .take()
+            .unwrap_or_else(|| pprof::PprofTables::new(cx.frequency_hz, 0, 0));
+        let mut builder = samples.resume(cx.symbolizer, cx.objects);
+        export::add_trace_samples(&mut builder, trace, Some((PART_LABEL, i64::from(index))));
+        let samples = builder.suspend();
+        let full = samples.samples() >= BATCH_SAMPLES;
+        self.trace_samples = Some(samples);
+        self.traces
+            .push(trace_record(trace, cx.frequency_hz, index));
+        if full || self.pending() >= BATCH {
+            self.hand_over();
+        }
     }
 
     fn tick(&mut self) {
@@ -125,7 +175,8 @@ impl Sink for StoreSink {
             cx.symbolizer,
             cx.objects,
         ) {
-            self.send(Record::Bucket(BucketRecord {
+            self.note_new_record();
+            self.buckets.push(BucketRecord {
                 start_ns: window.0,
                 end_ns: window.1,
                 pid: p.pid,
@@ -136,7 +187,8 @@ impl Sink for StoreSink {
                 samples: p.samples,
                 cpu_ns: p.samples * period,
                 profile: pprof::encode_for_store(&p.profile),
-            }));
+            });
+            self.hand_over_if_full();
         }
     }
 }
@@ -160,7 +212,7 @@ fn period_ns(frequency_hz: u64) -> u64 {
     1_000_000_000 / frequency_hz.max(1)
 }
 
-fn trace_record(trace: &TraceProfile, frequency_hz: u64, profile: Vec<u8>) -> TraceRecord {
+fn trace_record(trace: &TraceProfile, frequency_hz: u64, index: u32) -> TraceRecord {
     let mut processes: Vec<TraceProcess> = trace
         .process_names
         .iter()
@@ -192,14 +244,14 @@ fn trace_record(trace: &TraceProfile, frequency_hz: u64, profile: Vec<u8>) -> Tr
         cpu_ns: trace.total_samples * period_ns(frequency_hz),
         processes,
         spans,
-        profile,
+        index,
     }
 }
 
 fn write_loop(
     mut store: Store,
     retention: Retention,
-    rx: &mpsc::Receiver<Vec<Record>>,
+    rx: &mpsc::Receiver<Batch>,
     metrics: &Metrics,
 ) {
     run_retention(&mut store, &retention, metrics);
@@ -219,26 +271,16 @@ fn write_loop(
     store.checkpoint();
 }
 
-fn write_batch(store: &mut Store, batch: Vec<Record>, metrics: &Metrics) {
-    let (mut traces, mut buckets) = (Vec::new(), Vec::new());
-    for record in batch {
-        match record {
-            Record::Trace(t) => traces.push(t),
-            Record::Bucket(b) => buckets.push(b),
-        }
-    }
-    match store.write(&traces, &buckets) {
+fn write_batch(store: &mut Store, batch: Batch, metrics: &Metrics) {
+    match store.write(&batch.traces, &batch.buckets) {
         Ok(()) => {
-            metrics.add("store_traces_written", traces.len() as u64);
-            metrics.add("store_buckets_written", buckets.len() as u64);
+            metrics.add("store_traces_written", batch.traces.traces.len() as u64);
+            metrics.add("store_buckets_written", batch.buckets.len() as u64);
         }
         Err(e) => {
             // The file is left as it was (the transaction rolled back); only this batch is lost.
             metrics.add("store_write_errors", 1);
-            metrics.add(
-                "store_records_lost_write_error",
-                (traces.len() + buckets.len()) as u64,
-            );
+            metrics.add("store_records_lost_write_error", batch.records() as u64);
             tracing::error!(error = %e, "cannot write to the store");
         }
     }

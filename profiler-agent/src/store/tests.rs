@@ -11,7 +11,7 @@ use super::*;
 use crate::{
     collector::{Sink, SinkContext},
     context::TraceContext,
-    export::{pprof, render::Stacks, synthetic},
+    export::{pprof, pprof_proto as pb, render::Stacks, synthetic},
     metrics::Metrics,
     process::ObjectStore,
     profile::{
@@ -69,10 +69,70 @@ fn part_rows(db: &Path) -> (i64, i64) {
     (rows, orphans as i64)
 }
 
-fn record(id: u8, part: u64, first: u64, samples_seed: u64, service: &str) -> TraceRecord {
+/// A trace's index record and the profile of its samples, as the store sink gathers them.
+#[derive(Clone)]
+struct Part {
+    record: TraceRecord,
+    profile: pb::Profile,
+}
+
+impl std::ops::Deref for Part {
+    type Target = TraceRecord;
+    fn deref(&self) -> &TraceRecord {
+        &self.record
+    }
+}
+
+impl std::ops::DerefMut for Part {
+    fn deref_mut(&mut self) -> &mut TraceRecord {
+        &mut self.record
+    }
+}
+
+/// Each sample's labels as text, sorted, for comparing profiles whose tables differ.
+fn sample_labels(p: &pb::Profile) -> Vec<Vec<String>> {
+    let text = |i: i64| p.string_table[i as usize].clone();
+    let mut samples: Vec<Vec<String>> = p
+        .sample
+        .iter()
+        .map(|s| {
+            let mut labels: Vec<String> = s
+                .label
+                .iter()
+                .map(|l| format!("{}={}{}", text(l.key), text(l.str), l.num))
+                .collect();
+            labels.sort();
+            labels
+        })
+        .collect();
+    samples.sort();
+    samples
+}
+
+/// Writes `parts` as one batch (one shared profile), with `buckets`.
+fn write(store: &mut Store, parts: &[Part], buckets: &[BucketRecord]) -> super::Result<()> {
+    let batch =
+        TraceBatch::from_profiles(parts.iter().map(|p| (p.record.clone(), p.profile.clone())));
+    store.write(&batch, buckets)
+}
+
+/// Batches no part is in (retention and re-flushes must delete them).
+fn unused_batches(db: &Path) -> i64 {
+    rusqlite::Connection::open(db)
+        .unwrap()
+        .query_row(
+            "SELECT count(*) FROM trace_batches b \
+             WHERE NOT EXISTS (SELECT 1 FROM trace_parts p WHERE p.batch = b.id)",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+fn record(id: u8, part: u64, first: u64, samples_seed: u64, service: &str) -> Part {
     let trace_id = [id; 16];
     let profile = synthetic::trace_profile(trace_id, first, samples_seed);
-    TraceRecord {
+    let record = TraceRecord {
         trace_id,
         part,
         first_ns: first,
@@ -96,8 +156,9 @@ fn record(id: u8, part: u64, first: u64, samples_seed: u64, service: &str) -> Tr
             },
         }],
         spans: vec![[id, 0, 0, 0, 0, 0, 0, 1]],
-        profile: pprof::encode_gzip(&profile),
-    }
+        index: 0,
+    };
+    Part { record, profile }
 }
 
 fn bucket(start: u64, pid: u32, service: &str, seed: u64) -> BucketRecord {
@@ -130,7 +191,7 @@ fn round_trip_and_filters() {
     let mut store = Store::open(&dir.db()).unwrap();
     let a = record(0xaa, T0, T0, 1, "checkout");
     let b = record(0xbb, T0 + NS, T0 + 5 * NS, 2, "cart");
-    store.write(&[a.clone(), b.clone()], &[]).unwrap();
+    write(&mut store, &[a.clone(), b.clone()], &[]).unwrap();
 
     // A reader in parallel with the open writer (WAL).
     let reader = StoreReader::open(&dir.db()).unwrap();
@@ -139,7 +200,26 @@ fn round_trip_and_filters() {
     assert_eq!((summary.first_unix_ns, summary.last_unix_ns), (T0, T0 + NS));
     assert_eq!(summary.services, vec!["checkout".to_owned()]);
     assert_eq!(summary.parts, 1);
-    assert_eq!(reader.trace_pprof(&[0xaa; 16]).unwrap(), a.profile);
+    // Cut out of the batch's profile: its own samples, labels and dictionary only.
+    let stored = pprof::decode(&reader.trace_pprof(&[0xaa; 16]).unwrap()).unwrap();
+    assert_eq!(Stacks::of(&stored).folded, Stacks::of(&a.profile).folded);
+    assert_eq!(sample_labels(&stored), sample_labels(&a.profile));
+    assert!(
+        !stored
+            .string_table
+            .iter()
+            .any(|s| s == PART_LABEL || s.contains("bbbbbbbb")),
+        "only what trace aa's samples use: {:?}",
+        stored.string_table
+    );
+    assert_eq!(
+        (stored.time_nanos, stored.duration_nanos),
+        (T0 as i64, NS as i64)
+    );
+    assert_eq!(
+        Stacks::of(&reader.trace_profile(&[0xbb; 16]).unwrap()).folded,
+        Stacks::of(&b.profile).folded
+    );
     let (processes, spans) = reader.trace_detail(&[0xaa; 16]).unwrap();
     assert_eq!(processes[0].pid, 100 + 0xaa);
     assert_eq!(spans, vec!["aa00000000000001".to_owned()]);
@@ -224,12 +304,12 @@ fn round_trip_and_filters() {
 fn late_samples_replace_their_part_and_new_incarnations_merge() {
     let dir = TempDir::new("late");
     let mut store = Store::open(&dir.db()).unwrap();
-    store.write(&[record(0xaa, T0, T0, 1, "s")], &[]).unwrap();
+    write(&mut store, &[record(0xaa, T0, T0, 1, "s")], &[]).unwrap();
     // The same incarnation flushed again with late samples: replaces.
     let mut late = record(0xaa, T0, T0, 1, "s");
     late.samples = 80;
     late.last_ns = T0 + 9 * NS;
-    store.write(&[late], &[]).unwrap();
+    write(&mut store, &[late], &[]).unwrap();
     let reader = StoreReader::open(&dir.db()).unwrap();
     let t = reader.trace(&[0xaa; 16]).unwrap();
     assert_eq!((t.samples, t.parts, t.last_unix_ns), (80, 1, T0 + 9 * NS));
@@ -238,11 +318,12 @@ fn late_samples_replace_their_part_and_new_incarnations_merge() {
         (1, 0),
         "the re-flush replaced its part's row"
     );
+    assert_eq!(unused_batches(&dir.db()), 0, "and its batch, now unused");
 
     // A new incarnation (after the agent's late window, or a restart): added, then merged.
     let mut again = record(0xaa, T0 + 600 * NS, T0 + 600 * NS, 2, "s2");
     again.processes[0].pid = 7;
-    store.write(&[again], &[]).unwrap();
+    write(&mut store, &[again], &[]).unwrap();
     let t = reader.trace(&[0xaa; 16]).unwrap();
     assert_eq!(
         (t.samples, t.parts),
@@ -255,7 +336,7 @@ fn late_samples_replace_their_part_and_new_incarnations_merge() {
     let mut later = record(0xaa, T0, T0, 1, "s");
     later.samples = 90;
     later.last_ns = T0 + 10 * NS;
-    store.write(&[later], &[]).unwrap();
+    write(&mut store, &[later], &[]).unwrap();
     let t = reader.trace(&[0xaa; 16]).unwrap();
     assert_eq!(
         (t.samples, t.parts),
@@ -266,23 +347,36 @@ fn late_samples_replace_their_part_and_new_incarnations_merge() {
     assert_eq!(merged.total_samples, 2 * u64::from(synthetic::SAMPLES));
     let raw = pprof::decode(&reader.trace_pprof(&[0xaa; 16]).unwrap()).unwrap();
     assert_eq!(Stacks::of(&raw).folded, merged.folded);
+
+    // Flushed twice in one batch (late samples within the batch's 2 s): the later one counts.
+    let mut twice = record(0xcc, T0, T0, 1, "s");
+    twice.samples = 3;
+    let mut again = twice.clone();
+    again.samples = 5;
+    again.profile = record(0xcc, T0, T0, 5, "s").profile;
+    write(&mut store, &[twice, again.clone()], &[]).unwrap();
+    assert_eq!(reader.trace(&[0xcc; 16]).unwrap().samples, 5);
+    assert_eq!(
+        Stacks::of(&reader.trace_profile(&[0xcc; 16]).unwrap()).folded,
+        Stacks::of(&again.profile).folded
+    );
 }
 
 #[test]
 fn windows_merge_buckets_of_a_service() {
     let dir = TempDir::new("window");
     let mut store = Store::open(&dir.db()).unwrap();
-    store
-        .write(
-            &[],
-            &[
-                bucket(T0, 1, "checkout", 1),
-                bucket(T0 + 10 * NS, 1, "checkout", 2),
-                bucket(T0 + 10 * NS, 2, "cart", 3),
-                bucket(T0 + 100 * NS, 1, "checkout", 4),
-            ],
-        )
-        .unwrap();
+    write(
+        &mut store,
+        &[],
+        &[
+            bucket(T0, 1, "checkout", 1),
+            bucket(T0 + 10 * NS, 1, "checkout", 2),
+            bucket(T0 + 10 * NS, 2, "cart", 3),
+            bucket(T0 + 100 * NS, 1, "checkout", 4),
+        ],
+    )
+    .unwrap();
     let reader = StoreReader::open(&dir.db()).unwrap();
     let window = Window {
         service: Some("checkout".into()),
@@ -345,12 +439,12 @@ fn retention_by_age_and_by_size_is_counted() {
     let mut store = Store::open(&dir.db()).unwrap();
     let old = record(1, T0, T0, 1, "s");
     let new = record(2, T0 + 3600 * NS, T0 + 3600 * NS, 2, "s");
-    store
-        .write(
-            &[old, new],
-            &[bucket(T0, 1, "s", 1), bucket(T0 + 3600 * NS, 1, "s", 2)],
-        )
-        .unwrap();
+    write(
+        &mut store,
+        &[old, new],
+        &[bucket(T0, 1, "s", 1), bucket(T0 + 3600 * NS, 1, "s", 2)],
+    )
+    .unwrap();
     let day = Retention {
         max_age: Duration::from_secs(1800),
         max_bytes: u64::MAX,
@@ -381,7 +475,7 @@ fn retention_by_age_and_by_size_is_counted() {
     );
 
     // Size: 300 traces of a few KiB each, then a cap of a quarter of that.
-    let many: Vec<TraceRecord> = (0..300u32)
+    let many: Vec<Part> = (0..300u32)
         .map(|i| {
             let mut r = record(
                 3,
@@ -413,7 +507,10 @@ fn retention_by_age_and_by_size_is_counted() {
             r
         })
         .collect();
-    store.write(&many, &[]).unwrap();
+    // In batches, as the agent writes them: a batch's profile goes with its last trace.
+    for batch in many.chunks(10) {
+        write(&mut store, batch, &[]).unwrap();
+    }
     let full = store.used_bytes().unwrap();
     let cap = Retention {
         max_age: Duration::from_secs(1 << 30),
@@ -425,6 +522,7 @@ fn retention_by_age_and_by_size_is_counted() {
     let (rows, orphans) = part_rows(&dir.db());
     assert_eq!(orphans, 0);
     assert!(rows < 150, "{rows} parts left");
+    assert_eq!(unused_batches(&dir.db()), 0);
     // The freed pages went back to the file system, but for an eighth of those in use.
     let pages = |name: &str| -> i64 {
         rusqlite::Connection::open(dir.db())
@@ -500,7 +598,7 @@ fn corrupt_files_are_refused_and_left_untouched() {
     let traces: Vec<_> = (1..=40)
         .map(|i| record(i, T0, T0, u64::from(i), "s"))
         .collect();
-    store.write(&traces, &[]).unwrap();
+    write(&mut store, &traces, &[]).unwrap();
     store.checkpoint();
     drop(store);
     let len = std::fs::metadata(dir.db()).unwrap().len();
@@ -637,6 +735,109 @@ fn sink_writes_traces_and_buckets_through_its_writer() {
     assert_eq!(labels["process_name"], "app");
 }
 
+/// Many traces through the sink: batches are cut by samples as well as records, and every
+/// trace reads back with its own samples and labels only.
+#[test]
+fn sink_batches_read_back_one_trace_each() {
+    let dir = TempDir::new("sink-batches");
+    let metrics = Metrics::default();
+    let store = Store::open(&dir.db()).unwrap();
+    let retention = Retention {
+        max_age: Duration::from_secs(86_400 * 365 * 100),
+        max_bytes: u64::MAX,
+    };
+    let mut sink = StoreSink::start(store, retention, metrics.clone()).unwrap();
+    let mut symbolizer = Symbolizer::new(metrics.clone());
+    let objects = ObjectStore::new(16, metrics.clone());
+    let mut cx = SinkContext {
+        symbolizer: &mut symbolizer,
+        objects: &objects,
+        frequency_hz: 100,
+    };
+    let mut table = TraceTable::new(TraceTableConfig {
+        idle_timeout_ns: 10,
+        ..Default::default()
+    });
+    let mut aggregate = Aggregate::default();
+    let now = crate::query::unix_ns(std::time::SystemTime::now());
+    let details = Arc::new(ProcessDetails::default());
+    // 300 traces of 1 + i % 20 distinct stacks: ~3,150 samples, more than one batch holds.
+    let traces = 300u64;
+    let mut expected = Vec::new();
+    for i in 0..traces {
+        let context = TraceContext {
+            trace_id: [
+                (i % 251) as u8,
+                (i / 251) as u8,
+                0x5e,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+                1,
+            ],
+            span_id: [i as u8; 8],
+            sampled: true,
+            labels: Arc::new([]),
+        };
+        let stacks = 1 + i % 20;
+        for s in 0..stacks {
+            let frames = vec![
+                Frame::Kernel {
+                    address: 0x1000 + s,
+                },
+                Frame::Kernel { address: i },
+            ];
+            let t = now + i * 1000 + s;
+            let stack = aggregate.add(5, 6, frames, Some(&context), t);
+            table.add(TracedSample {
+                context: &context,
+                pid: 5,
+                tid: 6,
+                thread_name: "w",
+                process_name: "app",
+                details: &details,
+                stack: aggregate.stacks.shared(stack),
+                unix_ns: t,
+            });
+        }
+        expected.push((context.trace_id, stacks));
+        table.flush_idle(now + i * 1000 + 500, |p| sink.trace(p, &mut cx));
+    }
+    drop(sink);
+    assert_eq!(metrics.get("store_traces_written"), traces);
+    let batches: i64 = rusqlite::Connection::open(dir.db())
+        .unwrap()
+        .query_row("SELECT count(*) FROM trace_batches", [], |r| r.get(0))
+        .unwrap();
+    assert!(batches >= 2, "{batches} batches");
+    let reader = StoreReader::open(&dir.db()).unwrap();
+    for (trace_id, stacks) in expected {
+        let profile = reader.trace_profile(&trace_id).unwrap();
+        assert_eq!(Stacks::of(&profile).total_samples, stacks);
+        let hex = crate::context::hex(&trace_id);
+        for sample in &profile.sample {
+            let text = |i: i64| profile.string_table[i as usize].as_str();
+            let keys: Vec<&str> = sample.label.iter().map(|l| text(l.key)).collect();
+            assert!(!keys.contains(&PART_LABEL), "{keys:?}");
+            let trace = sample
+                .label
+                .iter()
+                .find(|l| text(l.key) == "trace_id")
+                .unwrap();
+            assert_eq!(text(trace.str), hex);
+        }
+    }
+}
+
 /// What a version 3 agent left: its schema, verbatim, with trace 0xaa (two processes, two
 /// spans, one part) and then `more` (SQL run on the connection: the older versions).
 fn version_3_store(path: &Path, more: &str) -> Vec<u8> {
@@ -756,7 +957,7 @@ fn a_version_3_store_is_upgraded_by_the_agent_and_refused_by_readers_until_then(
     // A new part of the old trace adds its process and span to what the row had.
     let mut late = record(0xaa, T0 + 60 * NS, T0 + 60 * NS, 2, "late");
     late.processes[0].pid = 5;
-    store.write(&[late], &[]).unwrap();
+    write(&mut store, &[late], &[]).unwrap();
     let (processes, spans) = reader.trace_detail(&[0xaa; 16]).unwrap();
     let pids: Vec<u32> = processes.iter().map(|p| p.pid).collect();
     assert_eq!(pids, vec![3, 5, 9]);
@@ -790,7 +991,7 @@ fn a_version_1_store_is_upgraded_by_the_agent_and_refused_by_readers_until_then(
     );
     refused_as_outdated(&dir.db(), 1);
     let mut store = Store::open(&dir.db()).unwrap();
-    store.write(&[record(0xbb, T0, T0, 1, "new")], &[]).unwrap();
+    write(&mut store, &[record(0xbb, T0, T0, 1, "new")], &[]).unwrap();
     let reader = StoreReader::open(&dir.db()).unwrap();
     let (processes, _) = reader.trace_detail(&[0xbb; 16]).unwrap();
     assert_eq!(processes[0].namespace, "shop");
@@ -882,15 +1083,32 @@ fn an_older_trace_of_two_parts_keeps_both_in_order_when_upgraded() {
         vec![T0 as i64, (T0 + 600 * NS) as i64],
         "oldest part first"
     );
-    // No index is left on trace_parts: a new trace costs one random-key insert (`traces`).
-    let indexes: i64 = rusqlite::Connection::open(dir.db())
+    // No random-key index on trace_parts: a new trace costs one random-key insert
+    // (`traces`); the batch index grows at its end.
+    let indexes: Vec<String> = rusqlite::Connection::open(dir.db())
         .unwrap()
-        .query_row(
-            "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'trace_parts'",
-            [],
-            |r| r.get(0),
-        )
+        .prepare("SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'trace_parts'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
         .unwrap();
-    assert_eq!(indexes, 0);
+    assert_eq!(indexes, vec!["trace_parts_by_batch".to_owned()]);
+
+    // Parts written since (in a batch's profile) merge with the older ones, and a re-flush of
+    // an older part replaces it.
+    let mut store = store;
+    let third = record(0xaa, T0 + 1200 * NS, T0 + 1200 * NS, 3, "s3");
+    let refreshed = record(0xaa, T0, T0, 4, "checkout");
+    write(&mut store, &[third.clone(), refreshed.clone()], &[]).unwrap();
+    let t = reader.trace(&[0xaa; 16]).unwrap();
+    assert_eq!(t.parts, 3);
+    let total = |p: &pb::Profile| Stacks::of(p).total_samples;
+    assert_eq!(
+        total(&reader.trace_profile(&[0xaa; 16]).unwrap()),
+        total(&refreshed.profile) + expected(&second) + total(&third.profile)
+    );
+    assert_eq!(part_rows(&dir.db()), (3, 0));
+    assert_eq!(unused_batches(&dir.db()), 0);
     drop(store);
 }

@@ -8,6 +8,8 @@ use std::{
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension as _, Transaction, params};
 
+use crate::export::{pprof, pprof_proto as pb};
+
 use super::{
     MIGRATIONS, Result, SCHEMA, SCHEMA_VERSION, StoreError, WriterLock, check_identity,
     check_integrity, open_connection, sql_ns,
@@ -29,8 +31,49 @@ pub struct TraceRecord {
     pub cpu_ns: u64,
     pub processes: Vec<TraceProcess>,
     pub spans: Vec<[u8; 8]>,
-    /// Symbolized pprof, gzip-compressed.
+    /// Its samples in the batch's profile are those labelled [`super::PART_LABEL`] = `index`.
+    pub index: u32,
+}
+
+/// Traces written together, and the one profile that holds all their samples: each trace's
+/// labelled [`super::PART_LABEL`] = its `index`. Strings, functions and locations the traces
+/// share (most of a profile's bytes) are stored once per batch, not once per trace.
+#[derive(Debug, Clone, Default)]
+pub struct TraceBatch {
+    /// Symbolized pprof (`pprof::encode_for_store`); empty when there are no traces.
     pub profile: Vec<u8>,
+    pub traces: Vec<TraceRecord>,
+}
+
+impl TraceBatch {
+    /// A batch of traces whose profiles were built one by one (tests, the store bench, a
+    /// tool): labels each profile's samples with its trace's index and merges them.
+    pub fn from_profiles(parts: impl IntoIterator<Item = (TraceRecord, pb::Profile)>) -> Self {
+        let mut traces = Vec::new();
+        let mut profiles = Vec::new();
+        for (index, (mut trace, mut profile)) in parts.into_iter().enumerate() {
+            trace.index = index as u32;
+            let key = profile.string_table.len() as i64;
+            profile.string_table.push(super::PART_LABEL.to_owned());
+            for sample in &mut profile.sample {
+                sample.label.push(pb::Label {
+                    key,
+                    num: index as i64,
+                    ..Default::default()
+                });
+            }
+            traces.push(trace);
+            profiles.push(profile);
+        }
+        if traces.is_empty() {
+            return Self::default();
+        }
+        let merged = pprof::merge(&profiles).expect("trace profiles share their sample types");
+        Self {
+            profile: pprof::encode_for_store(&merged),
+            traces,
+        }
+    }
 }
 
 /// Every sample of one process during one agent interval.
@@ -166,13 +209,13 @@ impl Store {
         |e| StoreError::sqlite(&self.path, e)
     }
 
-    /// Writes traces and buckets in one transaction.
-    pub fn write(&mut self, traces: &[TraceRecord], buckets: &[BucketRecord]) -> Result<()> {
+    /// Writes a batch of traces and buckets in one transaction.
+    pub fn write(&mut self, traces: &TraceBatch, buckets: &[BucketRecord]) -> Result<()> {
         let path = self.path.clone();
         let err = |e| StoreError::sqlite(&path, e);
         let tx = self.conn.transaction().map_err(err)?;
-        for trace in traces {
-            put_trace(&tx, trace).map_err(err)?;
+        if !traces.traces.is_empty() {
+            put_traces(&tx, traces).map_err(err)?;
         }
         for bucket in buckets {
             put_bucket(&tx, bucket).map_err(err)?;
@@ -277,17 +320,17 @@ impl Store {
         let path = self.path.clone();
         let err = |e| StoreError::sqlite(&path, e);
         let tx = self.conn.transaction().map_err(err)?;
+        let mut batches = Vec::new();
         for id in ids {
             let part_ids: Option<String> = tx
                 .prepare_cached("DELETE FROM traces WHERE trace_id = ?1 RETURNING part_ids")
                 .and_then(|mut s| s.query_row([id], |r| r.get(0)).optional())
                 .map_err(err)?;
             for part_id in super::parse_part_ids(part_ids.as_deref().unwrap_or_default()) {
-                tx.prepare_cached("DELETE FROM trace_parts WHERE id = ?1")
-                    .and_then(|mut s| s.execute([part_id]))
-                    .map_err(err)?;
+                batches.extend(delete_part(&tx, part_id).map_err(err)?);
             }
         }
+        drop_unused_batches(&tx, batches).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(ids.len() as u64)
     }
@@ -328,12 +371,67 @@ fn incremental_vacuum(conn: &Connection, pages: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
+/// The batch's profile, then each trace's part and index row.
+fn put_traces(tx: &Transaction<'_>, batch: &TraceBatch) -> rusqlite::Result<()> {
+    let first_ns = batch.traces.iter().map(|t| t.first_ns).min().unwrap_or(0);
+    let last_ns = batch.traces.iter().map(|t| t.last_ns).max().unwrap_or(0);
+    tx.prepare_cached(
+        "INSERT INTO trace_batches (first_ns, last_ns, bytes, profile) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        sql_ns(first_ns),
+        sql_ns(last_ns),
+        batch.profile.len() as i64,
+        batch.profile,
+    ])?;
+    let batch_id = tx.last_insert_rowid();
+    // Each part is charged its share of the batch's bytes, by samples.
+    let samples = batch.traces.iter().map(|t| t.samples).sum::<u64>().max(1);
+    let mut unused = Vec::new();
+    for t in &batch.traces {
+        let bytes =
+            (batch.profile.len() as u128 * u128::from(t.samples) / u128::from(samples)) as i64;
+        unused.extend(put_trace(tx, t, batch_id, bytes)?);
+    }
+    drop_unused_batches(tx, unused)
+}
+
+/// Deletes a part's row; returns the batch it was in.
+fn delete_part(tx: &Transaction<'_>, part_id: i64) -> rusqlite::Result<Option<i64>> {
+    Ok(tx
+        .prepare_cached("DELETE FROM trace_parts WHERE id = ?1 RETURNING batch")?
+        .query_row([part_id], |r| r.get::<_, Option<i64>>(0))
+        .optional()?
+        .flatten())
+}
+
+/// Deletes those of `batches` that no part is in any more.
+fn drop_unused_batches(tx: &Transaction<'_>, mut batches: Vec<i64>) -> rusqlite::Result<()> {
+    batches.sort_unstable();
+    batches.dedup();
+    for batch in batches {
+        tx.prepare_cached(
+            "DELETE FROM trace_batches WHERE id = ?1 \
+             AND NOT EXISTS (SELECT 1 FROM trace_parts WHERE batch = ?1)",
+        )?
+        .execute([batch])?;
+    }
+    Ok(())
+}
+
+/// Stores one trace's part (its samples are in batch `batch_id`); returns the batch of a part
+/// it replaced, which may now be unused.
+fn put_trace(
+    tx: &Transaction<'_>,
+    t: &TraceRecord,
+    batch_id: i64,
+    bytes: i64,
+) -> rusqlite::Result<Option<i64>> {
     let id = &t.trace_id[..];
     // The part goes at the end of `trace_parts` (appended pages, not a random-key insert).
     tx.prepare_cached(
         "INSERT INTO trace_parts (trace_id, part, first_ns, last_ns, samples, cpu_ns, bytes, \
-         profile) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+         profile, batch, batch_index) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, X'', ?8, ?9)",
     )?
     .execute(params![
         id,
@@ -342,8 +440,9 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
         sql_ns(t.last_ns),
         sql_ns(t.samples),
         sql_ns(t.cpu_ns),
-        t.profile.len() as i64,
-        t.profile,
+        bytes,
+        batch_id,
+        t.index,
     ])?;
     let row = tx.last_insert_rowid();
     // Most traces are new to the store: their index row is this part's own figures, written
@@ -361,14 +460,14 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
             sql_ns(t.last_ns),
             sql_ns(t.samples),
             sql_ns(t.cpu_ns),
-            t.profile.len() as i64,
+            bytes,
             services(&t.processes),
             processes_json(&t.processes),
             spans_text(t.spans.iter().map(|s| crate::context::hex(s))),
             row.to_string(),
         ])? == 1;
     if new_trace {
-        return Ok(());
+        return Ok(None);
     }
     let (stored_processes, stored_spans, stored_ids): (String, String, String) = tx
         .prepare_cached("SELECT processes, spans, part_ids FROM traces WHERE trace_id = ?1")?
@@ -402,12 +501,12 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
         last_ns: sql_ns(t.last_ns),
         samples: sql_ns(t.samples),
         cpu_ns: sql_ns(t.cpu_ns),
-        bytes: t.profile.len() as i64,
+        bytes,
     };
     // A re-flush of a stored incarnation: the row just appended replaces its old row.
+    let mut replaced_batch = None;
     if let Some(old) = parts.iter().position(|p| p.part == this.part) {
-        tx.prepare_cached("DELETE FROM trace_parts WHERE id = ?1")?
-            .execute([parts.swap_remove(old).id])?;
+        replaced_batch = delete_part(tx, parts.swap_remove(old).id)?;
     }
     parts.push(this);
     parts.sort_by_key(|p| p.part);
@@ -450,7 +549,7 @@ fn put_trace(tx: &Transaction<'_>, t: &TraceRecord) -> rusqlite::Result<()> {
         spans_text(spans.into_iter()),
         super::part_ids_text(&ids),
     ])?;
-    Ok(())
+    Ok(replaced_batch)
 }
 
 /// One part's row id and figures, to re-aggregate a trace's `traces` row.
