@@ -21,12 +21,12 @@ use profiler_agent::{
     context::{TraceContext, decode_thread_context},
     ebpf::decode::{decode, encode_sample},
     export::{
-        aggregate_to_pprof,
+        add_trace_samples, aggregate_to_pprof,
         otlp::{
             DEFAULT_MAX_REQUEST_BYTES,
             encode::{EncodeOptions, LiveSymbols, build_requests, encode},
         },
-        pprof::{encode_for_store, encode_gzip},
+        pprof::{PprofTables, encode_for_store, encode_gzip},
         trace_to_pprof,
     },
     metrics::Metrics,
@@ -393,6 +393,19 @@ fn pprof(c: &mut Criterion) {
                         .len()
                 })
                 .sum::<usize>()
+        })
+    });
+    // What the store sink does since schema 6: every trace's samples into the batch's one
+    // profile, encoded once for the batch.
+    group.bench_function("store_batch/per_trace", |b| {
+        b.iter(|| {
+            let mut tables = PprofTables::new(FREQUENCY_HZ, WINDOW.0, WINDOW.1 - WINDOW.0);
+            for (index, trace) in traces.iter().enumerate() {
+                let mut builder = tables.resume(&mut symbolizer, objects);
+                add_trace_samples(&mut builder, trace, Some(("store.part", index as i64)));
+                tables = builder.suspend();
+            }
+            encode_for_store(&tables.finish()).len()
         })
     });
     group.finish();
