@@ -10,20 +10,20 @@
 //! What is stored needs no symbolizer to read: every profile is a symbolized pprof (raw when
 //! small, else gzip), so a query works after the processes and the agent are gone.
 //!
-//! - `trace_parts`: one row per incarnation of a trace (see `TraceProfile::created_unix_ns`),
-//!   appended in rowid order. A re-flush of the same incarnation (late samples, within the
-//!   agent's late window) replaces its row; a new incarnation (after that window, or after a
-//!   restart) adds one, and queries merge the parts. So late samples always merge into the
-//!   stored trace. A part's samples are in its batch's profile (`batch`), labelled
-//!   [`PART_LABEL`] = `batch_index`; parts written before schema 6 hold their own profile.
-//! - `trace_batches`: one row per write (the writer's 2 s batch): one symbolized profile of
-//!   all its traces' samples, so the strings, functions and locations they share are stored
-//!   once. A batch goes when no part names it any more.
+//! - `trace_batches`: one row per write (the sink's 2 s batch): one symbolized profile of all
+//!   its traces' samples, so the strings, functions and locations they share are stored once.
+//!   A trace's part is the samples labelled [`PART_LABEL`] = its index; `live` counts the
+//!   parts that name the batch, which goes with the last of them.
 //! - `traces`: the index, one row per trace (times, samples, CPU, bytes, services), kept equal
-//!   to the aggregate of its parts, with the row ids of its parts, the processes it ran in
-//!   (pid, process, service, Kubernetes namespace and pod; JSON) and its span ids in the same
-//!   row: a new trace is one random-key B-tree insert (`traces`), a page the WAL rewrites; its
-//!   part goes at the end of `trace_parts`.
+//!   to the aggregate of its parts, with the processes it ran in (pid, process, service,
+//!   Kubernetes namespace and pod; JSON), its span ids and its parts, all in the row: a new
+//!   trace is one random-key B-tree insert, a page the WAL rewrites. A part is an incarnation
+//!   of the trace (see `TraceProfile::created_unix_ns`). `batch_parts` lists those in batches
+//!   with their figures ([`BatchPart`]); `part_ids` the `trace_parts` rows of those written
+//!   before schema 6, each with a profile of its own. A re-flush of the same incarnation (late
+//!   samples, within the agent's late window) replaces its part; a new incarnation (after that
+//!   window, or after a restart) adds one, and queries merge the parts. So late samples always
+//!   merge into the stored trace.
 //! - `buckets`: one row per process per agent interval with every sample of that interval
 //!   (traced ones labelled `traced=true`, without their ids), for time-window flame graphs.
 //!
@@ -63,7 +63,7 @@ const SCHEMA_VERSION: i32 = 6;
 /// profile (`trace_batches`).
 const MIN_READABLE_VERSION: i32 = 6;
 /// The numeric sample label that tells the traces of a `trace_batches` profile apart: a part's
-/// `batch_index`. Readers cut a part out by it and drop it.
+/// index in its batch (`BatchPart::index`). Readers cut a part out by it and drop it.
 pub(crate) const PART_LABEL: &str = "store.part";
 /// What brings a store of each older version to the next one (index 0: version 1 → 2). The
 /// agent applies them when it opens the store; readers refuse an older schema until then.
@@ -114,15 +114,14 @@ const MIGRATIONS: &[&str] = &[
           (SELECT id FROM trace_parts p WHERE p.trace_id = traces.trace_id ORDER BY part)),
        '');
      DROP INDEX migration_parts_by_trace;",
-    // 6: the traces of one write share one profile (`trace_batches`): a trace's part row no
-    // longer holds a profile of its own (strings, functions and locations repeated in every
-    // trace, and most of the bytes each commit wrote). Older parts keep theirs.
+    // 6: the traces of one write share one profile (`trace_batches`), and a trace's parts in
+    // a batch are listed in its `traces` row: a new trace is one row written, not two, and no
+    // profile of its own (strings, functions and locations repeated in every trace were most
+    // of the bytes each commit wrote). Older parts keep their `trace_parts` rows.
     "CREATE TABLE trace_batches (
        id INTEGER PRIMARY KEY, first_ns INTEGER NOT NULL, last_ns INTEGER NOT NULL,
-       bytes INTEGER NOT NULL, profile BLOB NOT NULL);
-     ALTER TABLE trace_parts ADD COLUMN batch INTEGER;
-     ALTER TABLE trace_parts ADD COLUMN batch_index INTEGER NOT NULL DEFAULT 0;
-     CREATE INDEX trace_parts_by_batch ON trace_parts (batch) WHERE batch IS NOT NULL;",
+       bytes INTEGER NOT NULL, live INTEGER NOT NULL, profile BLOB NOT NULL);
+     ALTER TABLE traces ADD COLUMN batch_parts TEXT NOT NULL DEFAULT '';",
 ];
 const _: () = assert!(MIGRATIONS.len() as i32 == SCHEMA_VERSION - 1);
 /// How long a statement waits for another connection's lock before failing as locked.
@@ -140,7 +139,8 @@ CREATE TABLE traces (
     services TEXT NOT NULL,
     processes TEXT NOT NULL DEFAULT '[]',
     spans TEXT NOT NULL DEFAULT '',
-    part_ids TEXT NOT NULL DEFAULT ''
+    part_ids TEXT NOT NULL DEFAULT '',
+    batch_parts TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 CREATE INDEX traces_by_last ON traces (last_ns);
 CREATE TABLE trace_parts (
@@ -152,16 +152,14 @@ CREATE TABLE trace_parts (
     samples INTEGER NOT NULL,
     cpu_ns INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
-    profile BLOB NOT NULL,
-    batch INTEGER,
-    batch_index INTEGER NOT NULL DEFAULT 0
+    profile BLOB NOT NULL
 );
-CREATE INDEX trace_parts_by_batch ON trace_parts (batch) WHERE batch IS NOT NULL;
 CREATE TABLE trace_batches (
     id INTEGER PRIMARY KEY,
     first_ns INTEGER NOT NULL,
     last_ns INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
+    live INTEGER NOT NULL,
     profile BLOB NOT NULL
 );
 CREATE TABLE buckets (
@@ -371,6 +369,90 @@ fn parse_part_ids(text: &str) -> Vec<i64> {
 
 fn part_ids_text(ids: &[i64]) -> String {
     ids.iter().map(i64::to_string).collect::<Vec<_>>().join(" ")
+}
+
+/// A trace's part in a batch, as its `traces` row lists it: which incarnation, where its
+/// samples are, and its figures (to re-aggregate the row when another part comes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BatchPart {
+    part: i64,
+    batch: i64,
+    index: i64,
+    first_ns: i64,
+    last_ns: i64,
+    samples: i64,
+    cpu_ns: i64,
+    bytes: i64,
+}
+
+/// A trace's own figures, from its `traces` row: (first_ns, last_ns, samples, cpu_ns, bytes).
+type RowFigures = (i64, i64, i64, i64, i64);
+
+impl BatchPart {
+    /// The `batch_parts` column: parts separated by spaces, each integers separated by commas:
+    /// `part,batch,index` for a trace's only part (its figures are the row's: `row`), else
+    /// with `first_ns,last_ns,samples,cpu_ns,bytes` after them. The short form keeps the
+    /// `traces` row, written for every new trace, small. An entry that does not parse (a row
+    /// edited by hand) is skipped.
+    fn parse_list(text: &str, row: RowFigures) -> Vec<Self> {
+        text.split_whitespace()
+            .filter_map(|entry| {
+                let f: Vec<i64> = entry
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<std::result::Result<_, _>>()
+                    .ok()?;
+                let (part, batch, index, figures) = match *f.as_slice() {
+                    [part, batch, index] => (part, batch, index, row),
+                    [part, batch, index, first, last, samples, cpu, bytes] => {
+                        (part, batch, index, (first, last, samples, cpu, bytes))
+                    }
+                    _ => return None,
+                };
+                let (first_ns, last_ns, samples, cpu_ns, bytes) = figures;
+                Some(Self {
+                    part,
+                    batch,
+                    index,
+                    first_ns,
+                    last_ns,
+                    samples,
+                    cpu_ns,
+                    bytes,
+                })
+            })
+            .collect()
+    }
+
+    /// The column for a trace whose parts in batches are `parts` and that has `other_parts`
+    /// (`trace_parts` rows) besides.
+    fn list_text(parts: &[Self], other_parts: usize) -> String {
+        if let [only] = parts
+            && other_parts == 0
+        {
+            return only.short_text();
+        }
+        parts
+            .iter()
+            .map(|p| {
+                format!(
+                    "{},{},{},{},{},{}",
+                    p.short_text(),
+                    p.first_ns,
+                    p.last_ns,
+                    p.samples,
+                    p.cpu_ns,
+                    p.bytes
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// The entry of a trace's only part.
+    fn short_text(&self) -> String {
+        format!("{},{},{}", self.part, self.batch, self.index)
+    }
 }
 
 /// Nanoseconds as SQLite integers (i64: good until 2262).

@@ -269,66 +269,74 @@ impl StoreReader {
 
     /// The profiles of the trace's parts, oldest incarnation first.
     fn trace_parts(&self, trace_id: &[u8; 16]) -> Result<Vec<StoredPart>> {
-        // One read transaction: the part ids and the parts they name come from the same
+        // One read transaction: the trace's row and the parts it names come from the same
         // snapshot, whatever the writer commits in between.
         let snapshot = self.conn.unchecked_transaction().map_err(self.err())?;
-        let part_ids: Option<String> = snapshot
-            .prepare_cached("SELECT part_ids FROM traces WHERE trace_id = ?1")
-            .and_then(|mut s| s.query_row([&trace_id[..]], |r| r.get(0)).optional())
-            .map_err(self.err())?;
-        let mut stmt = snapshot
+        let listed: Option<(String, String, super::RowFigures)> = snapshot
             .prepare_cached(
-                "SELECT part, first_ns, last_ns, profile, batch, batch_index FROM trace_parts \
-                 WHERE id = ?1",
+                "SELECT part_ids, batch_parts, first_ns, last_ns, samples, cpu_ns, bytes \
+                 FROM traces WHERE trace_id = ?1",
             )
-            .map_err(self.err())?;
-        type Row = (i64, i64, i64, Vec<u8>, Option<i64>, i64);
-        let mut rows: Vec<Row> = Vec::new();
-        for id in super::parse_part_ids(part_ids.as_deref().unwrap_or_default()) {
-            let row = stmt
-                .query_row([id], |r| {
+            .and_then(|mut s| {
+                s.query_row([&trace_id[..]], |r| {
                     Ok((
                         r.get(0)?,
                         r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
+                        (r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?),
                     ))
                 })
                 .optional()
+            })
+            .map_err(self.err())?;
+        let Some((part_ids, batch_parts, row)) = listed else {
+            return Err(StoreError::TraceNotFound(hex(trace_id)));
+        };
+        let mut parts: Vec<(i64, StoredPart)> = Vec::new();
+        // Parts written before schema 6: a profile each.
+        let mut stmt = snapshot
+            .prepare_cached("SELECT part, profile FROM trace_parts WHERE id = ?1")
+            .map_err(self.err())?;
+        for id in super::parse_part_ids(&part_ids) {
+            let part = stmt
+                .query_row([id], |r| Ok((r.get(0)?, StoredPart::Own(r.get(1)?))))
+                .optional()
                 .map_err(self.err())?;
-            rows.extend(row);
+            parts.extend(part);
         }
-        if rows.is_empty() {
+        // Parts in batches: cut out of the batch's profile (decoded once per batch).
+        let mut batches: Vec<(i64, pb::Profile)> = Vec::new();
+        for p in super::BatchPart::parse_list(&batch_parts, row) {
+            let batch = match batches.iter().position(|(id, _)| *id == p.batch) {
+                Some(i) => &batches[i].1,
+                None => {
+                    let bytes: Option<Vec<u8>> = snapshot
+                        .prepare_cached("SELECT profile FROM trace_batches WHERE id = ?1")
+                        .and_then(|mut s| s.query_row([p.batch], |r| r.get(0)).optional())
+                        .map_err(self.err())?;
+                    let Some(bytes) = bytes else {
+                        return Err(StoreError::Corrupt {
+                            path: self.path.clone(),
+                            detail: format!(
+                                "trace {} names batch {}, which is not in the store",
+                                hex(trace_id),
+                                p.batch
+                            ),
+                        });
+                    };
+                    batches.push((p.batch, self.decode(&bytes)?));
+                    &batches[batches.len() - 1].1
+                }
+            };
+            let mut profile = pprof::extract_labelled(batch, super::PART_LABEL, p.index);
+            profile.time_nanos = p.first_ns;
+            profile.duration_nanos = p.last_ns.saturating_sub(p.first_ns);
+            parts.push((p.part, StoredPart::Decoded(Box::new(profile))));
+        }
+        if parts.is_empty() {
             return Err(StoreError::TraceNotFound(hex(trace_id)));
         }
-        rows.sort_by_key(|row| row.0);
-        // Parts of one trace are mostly in different batches; a batch read twice is decoded once.
-        let mut batches: Vec<(i64, pb::Profile)> = Vec::new();
-        let mut parts = Vec::with_capacity(rows.len());
-        for (_, first_ns, last_ns, profile, batch, index) in rows {
-            let Some(batch) = batch else {
-                parts.push(StoredPart::Own(profile));
-                continue;
-            };
-            if !batches.iter().any(|(id, _)| *id == batch) {
-                let bytes: Vec<u8> = snapshot
-                    .prepare_cached("SELECT profile FROM trace_batches WHERE id = ?1")
-                    .and_then(|mut s| s.query_row([batch], |r| r.get(0)))
-                    .map_err(self.err())?;
-                batches.push((batch, self.decode(&bytes)?));
-            }
-            let (_, profile) = batches
-                .iter()
-                .find(|(id, _)| *id == batch)
-                .expect("decoded above");
-            let mut part = pprof::extract_labelled(profile, super::PART_LABEL, index);
-            part.time_nanos = first_ns;
-            part.duration_nanos = last_ns.saturating_sub(first_ns);
-            parts.push(StoredPart::Decoded(Box::new(part)));
-        }
-        Ok(parts)
+        parts.sort_by_key(|(part, _)| *part);
+        Ok(parts.into_iter().map(|(_, part)| part).collect())
     }
 
     /// Every sample of the window's buckets (those overlapping it), merged. Also returns the

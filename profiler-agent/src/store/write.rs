@@ -11,7 +11,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension as _, Transaction, param
 use crate::export::{pprof, pprof_proto as pb};
 
 use super::{
-    MIGRATIONS, Result, SCHEMA, SCHEMA_VERSION, StoreError, WriterLock, check_identity,
+    BatchPart, MIGRATIONS, Result, SCHEMA, SCHEMA_VERSION, StoreError, WriterLock, check_identity,
     check_integrity, open_connection, sql_ns,
 };
 
@@ -320,17 +320,26 @@ impl Store {
         let path = self.path.clone();
         let err = |e| StoreError::sqlite(&path, e);
         let tx = self.conn.transaction().map_err(err)?;
-        let mut batches = Vec::new();
+        let mut released = Vec::new();
         for id in ids {
-            let part_ids: Option<String> = tx
-                .prepare_cached("DELETE FROM traces WHERE trace_id = ?1 RETURNING part_ids")
-                .and_then(|mut s| s.query_row([id], |r| r.get(0)).optional())
+            let parts: Option<(String, String)> = tx
+                .prepare_cached(
+                    "DELETE FROM traces WHERE trace_id = ?1 RETURNING part_ids, batch_parts",
+                )
+                .and_then(|mut s| s.query_row([id], |r| Ok((r.get(0)?, r.get(1)?))).optional())
                 .map_err(err)?;
-            for part_id in super::parse_part_ids(part_ids.as_deref().unwrap_or_default()) {
-                batches.extend(delete_part(&tx, part_id).map_err(err)?);
+            let Some((part_ids, batch_parts)) = parts else {
+                continue;
+            };
+            for part_id in super::parse_part_ids(&part_ids) {
+                tx.prepare_cached("DELETE FROM trace_parts WHERE id = ?1")
+                    .and_then(|mut s| s.execute([part_id]))
+                    .map_err(err)?;
             }
+            let parts = BatchPart::parse_list(&batch_parts, Default::default());
+            released.extend(parts.iter().map(|p| p.batch));
         }
-        drop_unused_batches(&tx, batches).map_err(err)?;
+        release_batches(&tx, released).map_err(err)?;
         tx.commit().map_err(err)?;
         Ok(ids.len() as u64)
     }
@@ -371,109 +380,109 @@ fn incremental_vacuum(conn: &Connection, pages: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// The batch's profile, then each trace's part and index row.
+/// The batch's profile, then each trace's `traces` row, which lists its part in the batch.
 fn put_traces(tx: &Transaction<'_>, batch: &TraceBatch) -> rusqlite::Result<()> {
     let first_ns = batch.traces.iter().map(|t| t.first_ns).min().unwrap_or(0);
     let last_ns = batch.traces.iter().map(|t| t.last_ns).max().unwrap_or(0);
+    // Every record becomes one part naming the batch; a part replaced later releases it.
     tx.prepare_cached(
-        "INSERT INTO trace_batches (first_ns, last_ns, bytes, profile) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO trace_batches (first_ns, last_ns, bytes, live, profile) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
     )?
     .execute(params![
         sql_ns(first_ns),
         sql_ns(last_ns),
         batch.profile.len() as i64,
+        batch.traces.len() as i64,
         batch.profile,
     ])?;
     let batch_id = tx.last_insert_rowid();
     // Each part is charged its share of the batch's bytes, by samples.
     let samples = batch.traces.iter().map(|t| t.samples).sum::<u64>().max(1);
-    let mut unused = Vec::new();
+    let mut released = Vec::new();
     for t in &batch.traces {
-        let bytes =
-            (batch.profile.len() as u128 * u128::from(t.samples) / u128::from(samples)) as i64;
-        unused.extend(put_trace(tx, t, batch_id, bytes)?);
+        let part = BatchPart {
+            part: sql_ns(t.part),
+            batch: batch_id,
+            index: i64::from(t.index),
+            first_ns: sql_ns(t.first_ns),
+            last_ns: sql_ns(t.last_ns),
+            samples: sql_ns(t.samples),
+            cpu_ns: sql_ns(t.cpu_ns),
+            bytes: (batch.profile.len() as u128 * u128::from(t.samples) / u128::from(samples))
+                as i64,
+        };
+        released.extend(put_trace(tx, t, part)?);
     }
-    drop_unused_batches(tx, unused)
+    release_batches(tx, released)
 }
 
-/// Deletes a part's row; returns the batch it was in.
-fn delete_part(tx: &Transaction<'_>, part_id: i64) -> rusqlite::Result<Option<i64>> {
-    Ok(tx
-        .prepare_cached("DELETE FROM trace_parts WHERE id = ?1 RETURNING batch")?
-        .query_row([part_id], |r| r.get::<_, Option<i64>>(0))
-        .optional()?
-        .flatten())
-}
-
-/// Deletes those of `batches` that no part is in any more.
-fn drop_unused_batches(tx: &Transaction<'_>, mut batches: Vec<i64>) -> rusqlite::Result<()> {
+/// Each entry of `batches` is one part that no longer names that batch; a batch no part names
+/// any more is deleted.
+fn release_batches(tx: &Transaction<'_>, mut batches: Vec<i64>) -> rusqlite::Result<()> {
     batches.sort_unstable();
-    batches.dedup();
-    for batch in batches {
-        tx.prepare_cached(
-            "DELETE FROM trace_batches WHERE id = ?1 \
-             AND NOT EXISTS (SELECT 1 FROM trace_parts WHERE batch = ?1)",
-        )?
-        .execute([batch])?;
+    for run in batches.chunk_by(|a, b| a == b) {
+        tx.prepare_cached("UPDATE trace_batches SET live = live - ?2 WHERE id = ?1")?
+            .execute([run[0], run.len() as i64])?;
+        tx.prepare_cached("DELETE FROM trace_batches WHERE id = ?1 AND live <= 0")?
+            .execute([run[0]])?;
     }
     Ok(())
 }
 
-/// Stores one trace's part (its samples are in batch `batch_id`); returns the batch of a part
-/// it replaced, which may now be unused.
+/// Stores one trace's part; returns the batch of a part it replaced (released).
 fn put_trace(
     tx: &Transaction<'_>,
     t: &TraceRecord,
-    batch_id: i64,
-    bytes: i64,
+    this: BatchPart,
 ) -> rusqlite::Result<Option<i64>> {
     let id = &t.trace_id[..];
-    // The part goes at the end of `trace_parts` (appended pages, not a random-key insert).
-    tx.prepare_cached(
-        "INSERT INTO trace_parts (trace_id, part, first_ns, last_ns, samples, cpu_ns, bytes, \
-         profile, batch, batch_index) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, X'', ?8, ?9)",
-    )?
-    .execute(params![
-        id,
-        sql_ns(t.part),
-        sql_ns(t.first_ns),
-        sql_ns(t.last_ns),
-        sql_ns(t.samples),
-        sql_ns(t.cpu_ns),
-        bytes,
-        batch_id,
-        t.index,
-    ])?;
-    let row = tx.last_insert_rowid();
-    // Most traces are new to the store: their index row is this part's own figures, written
-    // without reading anything back. A trace already there (a late re-flush, a new part) is
+    // Most traces are new to the store: their row is this part's own figures, written without
+    // reading anything back. A trace already there (a late re-flush, a new part) is
     // re-aggregated from its parts below.
     let new_trace =
         tx.prepare_cached(
             "INSERT OR IGNORE INTO traces (trace_id, first_ns, last_ns, samples, cpu_ns, bytes, \
-             parts, services, processes, spans, part_ids) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?8, ?9, ?10)",
+             parts, services, processes, spans, part_ids, batch_parts) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, 1, ?7, ?8, ?9, '', ?10)",
         )?
         .execute(params![
             id,
-            sql_ns(t.first_ns),
-            sql_ns(t.last_ns),
-            sql_ns(t.samples),
-            sql_ns(t.cpu_ns),
-            bytes,
+            this.first_ns,
+            this.last_ns,
+            this.samples,
+            this.cpu_ns,
+            this.bytes,
             services(&t.processes),
             processes_json(&t.processes),
             spans_text(t.spans.iter().map(|s| crate::context::hex(s))),
-            row.to_string(),
+            this.short_text(),
         ])? == 1;
     if new_trace {
         return Ok(None);
     }
-    let (stored_processes, stored_spans, stored_ids): (String, String, String) = tx
-        .prepare_cached("SELECT processes, spans, part_ids FROM traces WHERE trace_id = ?1")?
-        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
-    // The trace's stored parts.
-    let mut parts = Vec::new();
+    let (stored_processes, stored_spans, stored_ids, stored_batch_parts, row): (
+        String,
+        String,
+        String,
+        String,
+        super::RowFigures,
+    ) = tx
+        .prepare_cached(
+            "SELECT processes, spans, part_ids, batch_parts, first_ns, last_ns, samples, \
+             cpu_ns, bytes FROM traces WHERE trace_id = ?1",
+        )?
+        .query_row([id], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get(2)?,
+                r.get(3)?,
+                (r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?),
+            ))
+        })?;
+    // Its parts written before schema 6, each a row of its own.
+    let mut rows = Vec::new();
     for part_id in super::parse_part_ids(&stored_ids) {
         let part = tx
             .prepare_cached(
@@ -492,24 +501,21 @@ fn put_trace(
                 })
             })
             .optional()?;
-        parts.extend(part);
+        rows.extend(part);
     }
-    let this = PartFigures {
-        id: row,
-        part: sql_ns(t.part),
-        first_ns: sql_ns(t.first_ns),
-        last_ns: sql_ns(t.last_ns),
-        samples: sql_ns(t.samples),
-        cpu_ns: sql_ns(t.cpu_ns),
-        bytes,
-    };
-    // A re-flush of a stored incarnation: the row just appended replaces its old row.
-    let mut replaced_batch = None;
-    if let Some(old) = parts.iter().position(|p| p.part == this.part) {
-        replaced_batch = delete_part(tx, parts.swap_remove(old).id)?;
+    let mut batch_parts = BatchPart::parse_list(&stored_batch_parts, row);
+    // A re-flush of a stored incarnation replaces its part.
+    let mut released = None;
+    if let Some(old) = rows.iter().position(|p| p.part == this.part) {
+        tx.prepare_cached("DELETE FROM trace_parts WHERE id = ?1")?
+            .execute([rows.swap_remove(old).id])?;
     }
-    parts.push(this);
-    parts.sort_by_key(|p| p.part);
+    if let Some(old) = batch_parts.iter().position(|p| p.part == this.part) {
+        released = Some(batch_parts.swap_remove(old).batch);
+    }
+    batch_parts.push(this);
+    batch_parts.sort_by_key(|p| p.part);
+    rows.sort_by_key(|p| p.part);
     // A row this agent cannot parse (edited by hand) loses its process list, not the trace.
     let mut processes = super::read::parse_processes(&stored_processes);
     for p in &t.processes {
@@ -522,37 +528,40 @@ fn put_trace(
     spans.extend(t.spans.iter().map(|s| crate::context::hex(s)));
     spans.sort_unstable();
     spans.dedup();
-    let ids: Vec<i64> = parts.iter().map(|p| p.id).collect();
+    let figures: Vec<(i64, i64, i64, i64, i64)> = rows
+        .iter()
+        .map(|p| (p.first_ns, p.last_ns, p.samples, p.cpu_ns, p.bytes))
+        .chain(
+            batch_parts
+                .iter()
+                .map(|p| (p.first_ns, p.last_ns, p.samples, p.cpu_ns, p.bytes)),
+        )
+        .collect();
+    let ids: Vec<i64> = rows.iter().map(|p| p.id).collect();
     tx.prepare_cached(
         "INSERT OR REPLACE INTO traces (trace_id, first_ns, last_ns, samples, cpu_ns, bytes, \
-         parts, services, processes, spans, part_ids) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+         parts, services, processes, spans, part_ids, batch_parts) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     )?
     .execute(params![
         id,
-        parts
-            .iter()
-            .map(|p| p.first_ns)
-            .min()
-            .unwrap_or(this.first_ns),
-        parts
-            .iter()
-            .map(|p| p.last_ns)
-            .max()
-            .unwrap_or(this.last_ns),
-        parts.iter().map(|p| p.samples).sum::<i64>(),
-        parts.iter().map(|p| p.cpu_ns).sum::<i64>(),
-        parts.iter().map(|p| p.bytes).sum::<i64>(),
-        parts.len() as i64,
+        figures.iter().map(|f| f.0).min().unwrap_or(this.first_ns),
+        figures.iter().map(|f| f.1).max().unwrap_or(this.last_ns),
+        figures.iter().map(|f| f.2).sum::<i64>(),
+        figures.iter().map(|f| f.3).sum::<i64>(),
+        figures.iter().map(|f| f.4).sum::<i64>(),
+        figures.len() as i64,
         services(&processes),
         processes_json(&processes),
         spans_text(spans.into_iter()),
         super::part_ids_text(&ids),
+        BatchPart::list_text(&batch_parts, ids.len()),
     ])?;
-    Ok(replaced_batch)
+    Ok(released)
 }
 
-/// One part's row id and figures, to re-aggregate a trace's `traces` row.
+/// One `trace_parts` row's id and figures (a part written before schema 6), to re-aggregate
+/// its trace's `traces` row.
 #[derive(Clone, Copy)]
 struct PartFigures {
     id: i64,
