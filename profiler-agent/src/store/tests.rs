@@ -654,20 +654,27 @@ fn foreign_missing_and_locked_files_are_clear_errors() {
     holder.execute_batch("COMMIT;").unwrap();
 }
 
-/// The sink path as the collector drives it: a trace handed out, revived by a late sample and
-/// handed out again, and an interval; everything is written when the sink is dropped.
-#[test]
-fn sink_writes_traces_and_buckets_through_its_writer() {
-    let dir = TempDir::new("sink");
+/// A store sink writing a new store in `dir` (nothing old enough to delete), and the metrics,
+/// symbolizer and object store a collector would drive it with.
+fn sink_on(dir: &TempDir) -> (Metrics, StoreSink, Symbolizer, ObjectStore) {
     let metrics = Metrics::default();
     let store = Store::open(&dir.db()).unwrap();
     let retention = Retention {
         max_age: Duration::from_secs(86_400 * 365 * 100),
         max_bytes: u64::MAX,
     };
-    let mut sink = StoreSink::start(store, retention, metrics.clone()).unwrap();
-    let mut symbolizer = Symbolizer::new(metrics.clone());
+    let sink = StoreSink::start(store, retention, metrics.clone()).unwrap();
+    let symbolizer = Symbolizer::new(metrics.clone());
     let objects = ObjectStore::new(16, metrics.clone());
+    (metrics, sink, symbolizer, objects)
+}
+
+/// The sink path as the collector drives it: a trace handed out, revived by a late sample and
+/// handed out again, and an interval; everything is written when the sink is dropped.
+#[test]
+fn sink_writes_traces_and_buckets_through_its_writer() {
+    let dir = TempDir::new("sink");
+    let (metrics, mut sink, mut symbolizer, objects) = sink_on(&dir);
     let mut cx = SinkContext {
         symbolizer: &mut symbolizer,
         objects: &objects,
@@ -753,15 +760,7 @@ fn sink_writes_traces_and_buckets_through_its_writer() {
 #[test]
 fn sink_batches_read_back_one_trace_each() {
     let dir = TempDir::new("sink-batches");
-    let metrics = Metrics::default();
-    let store = Store::open(&dir.db()).unwrap();
-    let retention = Retention {
-        max_age: Duration::from_secs(86_400 * 365 * 100),
-        max_bytes: u64::MAX,
-    };
-    let mut sink = StoreSink::start(store, retention, metrics.clone()).unwrap();
-    let mut symbolizer = Symbolizer::new(metrics.clone());
-    let objects = ObjectStore::new(16, metrics.clone());
+    let (metrics, mut sink, mut symbolizer, objects) = sink_on(&dir);
     let mut cx = SinkContext {
         symbolizer: &mut symbolizer,
         objects: &objects,
