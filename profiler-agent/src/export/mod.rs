@@ -11,7 +11,6 @@ pub mod synthetic;
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::Arc,
 };
 
 use anyhow::Context as _;
@@ -49,7 +48,7 @@ pub fn aggregate_to_pprof(
         symbolizer,
         objects,
     );
-    let placements = placement_labels(&aggregate.process_details);
+    let placements = aggregate_placements(aggregate);
     for (key, value) in aggregate.sorted_samples() {
         let thread = name_of(&aggregate.thread_names, key.tid);
         let process = name_of(&aggregate.process_names, key.pid);
@@ -117,7 +116,7 @@ pub fn process_profiles(
             .or_default() += value.count;
     }
     let (start, end) = window;
-    let placements = placement_labels(&aggregate.process_details);
+    let placements = aggregate_placements(aggregate);
     by_pid
         .into_iter()
         .map(|(pid, samples)| {
@@ -198,21 +197,28 @@ pub fn add_trace_samples(
     extra: Option<(&str, i64)>,
 ) {
     let trace_id = hex(&trace.trace_id);
-    let placements = placement_labels(&trace.process_details);
+    let placements = placement_labels(
+        trace
+            .processes
+            .iter()
+            .map(|(pid, process)| (*pid, &*process.details)),
+    );
     for (key, value) in trace.sorted_samples() {
         let span_id = hex(&key.span_id);
-        let thread = name_of(&trace.thread_names, key.tid);
-        let process = name_of(&trace.process_names, key.pid);
+        let process = trace.processes.get(&key.pid);
         let mut labels = vec![
             ("trace_id", LabelValue::Str(&trace_id)),
             ("span_id", LabelValue::Str(&span_id)),
             ("pid", LabelValue::Num(i64::from(key.pid))),
             ("tid", LabelValue::Num(i64::from(key.tid))),
-            ("thread_name", LabelValue::Str(thread)),
-            ("process_name", LabelValue::Str(process)),
+            ("thread_name", LabelValue::Str(trace.thread_name(key.tid))),
+            (
+                "process_name",
+                LabelValue::Str(process.map_or("", |p| p.name.as_str())),
+            ),
         ];
-        if let Some(service) = trace.service_names.get(&key.pid) {
-            labels.push(("service_name", LabelValue::Str(service)));
+        if let Some(process) = process {
+            labels.push(("service_name", LabelValue::Str(process.service_name())));
         }
         push_placement(&mut labels, placements.get(&key.pid));
         labels.extend(key.labels.iter().map(|(k, v)| (&**k, LabelValue::Str(v))));
@@ -226,14 +232,23 @@ fn name_of(names: &foldhash::HashMap<u32, String>, id: u32) -> &str {
     names.get(&id).map_or("", String::as_str)
 }
 
+fn aggregate_placements(aggregate: &Aggregate) -> HashMap<u32, Vec<(String, String)>> {
+    placement_labels(
+        aggregate
+            .process_details
+            .iter()
+            .map(|(pid, d)| (*pid, &**d)),
+    )
+}
+
 /// Each process's placement labels (pod, container, pid in its container), computed once per
 /// profile rather than once per sample.
-fn placement_labels<S>(
-    details: &HashMap<u32, Arc<ProcessDetails>, S>,
+fn placement_labels<'a>(
+    details: impl IntoIterator<Item = (u32, &'a ProcessDetails)>,
 ) -> HashMap<u32, Vec<(String, String)>> {
     details
-        .iter()
-        .map(|(pid, d)| (*pid, d.placement_labels()))
+        .into_iter()
+        .map(|(pid, d)| (pid, d.placement_labels()))
         .filter(|(_, labels)| !labels.is_empty())
         .collect()
 }

@@ -8,6 +8,7 @@
 //! `max_retained`; evictions are counted.
 
 use foldhash::{HashMap, HashMapExt};
+use litemap::LiteMap;
 use std::{collections::VecDeque, sync::Arc};
 
 use super::{Frame, ProcessDetails, SampleValue};
@@ -31,11 +32,11 @@ pub struct TraceProfile {
     pub total_samples: u64,
     pub first_unix_ns: u64,
     pub last_unix_ns: u64,
-    pub thread_names: HashMap<u32, String>,
-    pub process_names: HashMap<u32, String>,
-    pub service_names: HashMap<u32, String>,
-    /// What the agent knew of each process when it first sampled it for this trace.
-    pub process_details: HashMap<u32, Arc<ProcessDetails>>,
+    /// Each sampled thread's name, as last seen. A sorted vector rather than a hash map: a
+    /// trace has a few threads, and a trace is created (and later dropped) per request.
+    pub thread_names: LiteMap<u32, String>,
+    /// Each sampled process, by pid, as the agent knew it at the trace's first sample in it.
+    pub processes: LiteMap<u32, TracedProcess>,
     /// How many times this trace was handed to sinks before (0: first time).
     pub previous_flushes: u32,
     /// Time of the sample that created this in-memory profile; never changes. With the trace
@@ -53,13 +54,16 @@ impl TraceProfile {
             total_samples: 0,
             first_unix_ns: unix_ns,
             last_unix_ns: unix_ns,
-            thread_names: HashMap::new(),
-            process_names: HashMap::new(),
-            service_names: HashMap::new(),
-            process_details: HashMap::new(),
+            thread_names: LiteMap::new(),
+            processes: LiteMap::new(),
             previous_flushes: 0,
             created_unix_ns: unix_ns,
         }
+    }
+
+    /// A sampled thread's name; empty when it was never recorded.
+    pub fn thread_name(&self, tid: u32) -> &str {
+        self.thread_names.get(&tid).map_or("", String::as_str)
     }
 
     /// Samples in a stable order.
@@ -75,6 +79,19 @@ impl TraceProfile {
             ))
         });
         v
+    }
+}
+
+/// A process a trace's samples came from.
+#[derive(Clone, Debug)]
+pub struct TracedProcess {
+    pub name: String,
+    pub details: Arc<ProcessDetails>,
+}
+
+impl TracedProcess {
+    pub fn service_name(&self) -> &str {
+        self.details.service_name()
     }
 }
 
@@ -187,22 +204,19 @@ impl TraceTable {
         profile.total_samples += 1;
         profile.first_unix_ns = profile.first_unix_ns.min(t);
         profile.last_unix_ns = profile.last_unix_ns.max(t);
-        if profile.thread_names.get(&sample.tid).map(String::as_str) != Some(sample.thread_name) {
+        if profile.thread_name(sample.tid) != sample.thread_name {
             profile
                 .thread_names
                 .insert(sample.tid, sample.thread_name.to_owned());
         }
-        profile
-            .process_names
-            .entry(sample.pid)
-            .or_insert_with(|| sample.process_name.to_owned());
-        if !profile.process_details.contains_key(&sample.pid) {
-            profile
-                .service_names
-                .insert(sample.pid, sample.details.service_name().to_owned());
-            profile
-                .process_details
-                .insert(sample.pid, sample.details.clone());
+        if !profile.processes.contains_key(&sample.pid) {
+            profile.processes.insert(
+                sample.pid,
+                TracedProcess {
+                    name: sample.process_name.to_owned(),
+                    details: sample.details.clone(),
+                },
+            );
         }
         true
     }
@@ -346,6 +360,75 @@ mod tests {
             ..Default::default()
         });
         assert!(add(&mut t, &ctx(1, 1, false), 10));
+    }
+
+    #[test]
+    fn keeps_each_process_as_first_seen_and_each_thread_as_last_seen() {
+        let mut t = TraceTable::new(TraceTableConfig::default());
+        let c = ctx(1, 1, true);
+        let details = |exe: &str| {
+            Arc::new(ProcessDetails {
+                exe_name: exe.into(),
+                ..Default::default()
+            })
+        };
+        let mut sample = |pid, tid, thread_name, process_name, exe: &str, unix_ns| {
+            t.add(TracedSample {
+                context: &c,
+                pid,
+                tid,
+                thread_name,
+                process_name,
+                details: &details(exe),
+                stack: Arc::new([Frame::Kernel { address: 1 }]),
+                unix_ns,
+            })
+        };
+        // Out of pid order, a process renamed mid-trace and a thread renamed mid-trace.
+        assert!(sample(30, 31, "worker", "api", "api-bin", 10));
+        assert!(sample(20, 21, "db-1", "db", "db-bin", 20));
+        assert!(sample(
+            30,
+            31,
+            "worker-renamed",
+            "api-renamed",
+            "other-bin",
+            30
+        ));
+        assert!(sample(30, 32, "io", "api", "api-bin", 40));
+        let mut seen = Vec::new();
+        t.flush_all(|p| {
+            let processes: Vec<_> = p
+                .processes
+                .iter()
+                .map(|(pid, process)| {
+                    (
+                        *pid,
+                        process.name.clone(),
+                        process.service_name().to_owned(),
+                    )
+                })
+                .collect();
+            let threads: Vec<_> = [21, 31, 32, 99]
+                .map(|tid| p.thread_name(tid).to_owned())
+                .into();
+            seen.push((processes, threads));
+        });
+        assert_eq!(
+            seen,
+            vec![(
+                vec![
+                    (20, "db".into(), "db-bin".into()),
+                    (30, "api".into(), "api-bin".into()),
+                ],
+                vec![
+                    "db-1".into(),
+                    "worker-renamed".into(),
+                    "io".into(),
+                    String::new()
+                ],
+            )]
+        );
     }
 
     #[test]

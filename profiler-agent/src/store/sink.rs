@@ -214,25 +214,21 @@ fn period_ns(frequency_hz: u64) -> u64 {
 }
 
 fn trace_record(trace: &TraceProfile, frequency_hz: u64, index: u32) -> TraceRecord {
-    let mut processes: Vec<TraceProcess> = trace
-        .process_names
+    // Sorted by pid, as the trace keeps them.
+    let processes: Vec<TraceProcess> = trace
+        .processes
         .iter()
-        .map(|(pid, name)| {
-            let pod = trace.process_details.get(pid).and_then(|d| d.pod.as_ref());
+        .map(|(pid, process)| {
+            let pod = process.details.pod.as_ref();
             TraceProcess {
                 pid: *pid,
-                process_name: name.clone(),
-                service: trace
-                    .service_names
-                    .get(pid)
-                    .cloned()
-                    .unwrap_or_else(|| name.clone()),
+                process_name: process.name.clone(),
+                service: process.service_name().to_owned(),
                 namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),
                 pod: pod.map(|p| p.name.clone()).unwrap_or_default(),
             }
         })
         .collect();
-    processes.sort_by_key(|p| p.pid);
     let mut spans: Vec<[u8; 8]> = trace.samples.keys().map(|k| k.span_id).collect();
     spans.sort_unstable();
     spans.dedup();
