@@ -15,10 +15,9 @@
 //! and, when the next sample would not fit, rolls that sample's dictionary additions back and
 //! starts a new request with its own dictionary.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
-};
+use std::{collections::BTreeMap, sync::Arc};
+
+use foldhash::{HashMap, HashMapExt};
 
 use opentelemetry_proto::tonic::{
     collector::profiles::v1development::ExportProfilesServiceRequest,
