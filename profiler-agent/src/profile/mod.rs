@@ -234,7 +234,7 @@ impl Aggregate {
 
     /// Every distinct frame referenced by a sample.
     pub fn frames(&self) -> impl Iterator<Item = Frame> + '_ {
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = foldhash::HashSet::default();
         self.samples
             .keys()
             .flat_map(|k| self.stacks.get(k.stack).iter().copied())
