@@ -654,6 +654,29 @@ fn foreign_missing_and_locked_files_are_clear_errors() {
     holder.execute_batch("COMMIT;").unwrap();
 }
 
+/// One sample of process 5, thread 6 ("w" of "app"), into both the interval aggregate and the
+/// trace table, as the collector adds it.
+fn add_traced(
+    aggregate: &mut Aggregate,
+    table: &mut TraceTable,
+    context: &TraceContext,
+    details: &Arc<ProcessDetails>,
+    frames: Vec<Frame>,
+    unix_ns: u64,
+) {
+    let stack = aggregate.add(5, 6, frames, Some(context), unix_ns);
+    table.add(TracedSample {
+        context,
+        pid: 5,
+        tid: 6,
+        thread_name: "w",
+        process_name: "app",
+        details,
+        stack: aggregate.stacks.shared(stack),
+        unix_ns,
+    });
+}
+
 /// A store sink writing a new store in `dir` (nothing old enough to delete), and the metrics,
 /// symbolizer and object store a collector would drive it with.
 fn sink_on(dir: &TempDir) -> (Metrics, StoreSink, Symbolizer, ObjectStore) {
@@ -703,17 +726,8 @@ fn sink_writes_traces_and_buckets_through_its_writer() {
         ..Default::default()
     });
     let mut add = |table: &mut TraceTable, t: u64| {
-        let stack = aggregate.add(5, 6, vec![Frame::Kernel { address: 1 }], Some(&context), t);
-        table.add(TracedSample {
-            context: &context,
-            pid: 5,
-            tid: 6,
-            thread_name: "w",
-            process_name: "app",
-            details: &details,
-            stack: aggregate.stacks.shared(stack),
-            unix_ns: t,
-        });
+        let frames = vec![Frame::Kernel { address: 1 }];
+        add_traced(&mut aggregate, table, &context, &details, frames, t);
     };
     add(&mut table, now);
     add(&mut table, now + 1);
@@ -809,17 +823,7 @@ fn sink_batches_read_back_one_trace_each() {
                 Frame::Kernel { address: i },
             ];
             let t = now + i * 1000 + s;
-            let stack = aggregate.add(5, 6, frames, Some(&context), t);
-            table.add(TracedSample {
-                context: &context,
-                pid: 5,
-                tid: 6,
-                thread_name: "w",
-                process_name: "app",
-                details: &details,
-                stack: aggregate.stacks.shared(stack),
-                unix_ns: t,
-            });
+            add_traced(&mut aggregate, &mut table, &context, &details, frames, t);
         }
         expected.push((context.trace_id, stacks));
         table.flush_idle(now + i * 1000 + 500, |p| sink.trace(p, &mut cx));
