@@ -212,7 +212,11 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
                 settings.rounds,
                 profiler.label()
             ));
-            measurements.push(run.measure(profiler, round)?);
+            let measurement = run.measure(profiler, round)?;
+            if profiler != Profiler::None {
+                progress(&format!("  {}", measurement.summary()));
+            }
+            measurements.push(measurement);
         }
     }
     drop(fixtures);
@@ -1280,6 +1284,22 @@ impl Measurement {
     fn cpu_us_per_sample(&self) -> Option<f64> {
         let samples = self.samples.filter(|&s| s > 0)?;
         Some(self.cpu_ms? * 1000.0 / samples as f64)
+    }
+
+    /// This window's headline figures, for the progress log: the table keeps only medians and
+    /// spreads, and a round that stands out is worth placing in time.
+    fn summary(&self) -> String {
+        let figure = |value: Option<f64>, unit: &str| {
+            value.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2} {unit}"))
+        };
+        format!(
+            "eBPF {}, process CPU {} ({}), {} samples",
+            figure(self.ebpf_us_per_sample(), "µs per sample"),
+            figure(self.cpu_us_per_sample(), "µs per sample"),
+            figure(self.cpu_pct(), "% of one CPU"),
+            self.samples
+                .map_or_else(|| "n/a".to_owned(), |s| s.to_string()),
+        )
     }
 
     fn capture_ratio(&self) -> Option<f64> {
