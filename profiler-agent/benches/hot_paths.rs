@@ -210,9 +210,6 @@ impl Interval {
             agg.process_details
                 .entry(s.pid)
                 .or_insert_with(|| details.clone());
-            agg.service_names
-                .entry(s.pid)
-                .or_insert_with(|| details.service_name().to_owned());
             agg.set_thread_name(s.tid, Self::thread_name(s.tid));
             let context = (i % 3 == 0).then(|| &self.contexts[s.context]);
             agg.add(

@@ -344,11 +344,6 @@ impl Collector {
                 details
             }
         };
-        let service = details.service_name();
-        self.aggregate
-            .service_names
-            .entry(sample.tgid)
-            .or_insert_with(|| service.to_owned());
         self.aggregate
             .set_thread_name(sample.tid, &sample.thread_name);
         let unix_ns = self.clock.to_unix(sample.ktime_ns);

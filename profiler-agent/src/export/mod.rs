@@ -60,8 +60,8 @@ pub fn aggregate_to_pprof(
             ("thread_name", LabelValue::Str(thread)),
             ("process_name", LabelValue::Str(process)),
         ];
-        if let Some(service) = aggregate.service_names.get(&key.pid) {
-            labels.push(("service_name", LabelValue::Str(service)));
+        if let Some(details) = aggregate.process_details.get(&key.pid) {
+            labels.push(("service_name", LabelValue::Str(details.service_name())));
         }
         push_placement(&mut labels, placements.get(&key.pid));
         if let (Some((trace_id, span_id)), Some(context)) = (&ids, context) {
@@ -125,7 +125,10 @@ pub fn process_profiles(
                 .get(&pid)
                 .cloned()
                 .unwrap_or_else(|| format!("pid {pid}"));
-            let service_name = aggregate.service_names.get(&pid).cloned();
+            let service_name = aggregate
+                .process_details
+                .get(&pid)
+                .map(|d| d.service_name().to_owned());
             let mut builder = PprofBuilder::new(
                 frequency_hz,
                 start,

@@ -178,9 +178,7 @@ pub struct Aggregate {
     contexts: Vec<TraceContext>,
     pub thread_names: HashMap<u32, String>,
     pub process_names: HashMap<u32, String>,
-    /// `service.name` of processes that published one (OTEP 4719 process context).
-    pub service_names: HashMap<u32, String>,
-    /// Per-process details, first seen in this interval.
+    /// Per-process details, first seen in this interval (its `service.name` among them).
     pub process_details: HashMap<u32, Arc<ProcessDetails>>,
     pub total_samples: u64,
 }
