@@ -110,6 +110,12 @@ struct SamplingArgs {
     /// Where bpffs is mounted (OBI's map is `<root>/otel/traces_ctx_v1`).
     #[arg(long, env = "PROFILER_BPFFS_ROOT", default_value = "/sys/fs/bpf")]
     bpffs_root: PathBuf,
+    /// Measure the sampler's own kernel time: turns the kernel's eBPF run-time statistics on
+    /// while the agent runs (machine-wide: two clock reads per run of every eBPF program; needs
+    /// CAP_SYS_ADMIN). Reported in /metrics (`profiler_ebpf_program_run_seconds_total`) and at
+    /// the end of `record`.
+    #[arg(long, env = "PROFILER_BPF_STATS")]
+    bpf_stats: bool,
 }
 
 impl SamplingArgs {
@@ -139,6 +145,7 @@ impl SamplingArgs {
                 .chain(&traces.span_id_labels)
                 .cloned()
                 .collect(),
+            bpf_stats: self.bpf_stats,
         })
     }
 }
@@ -666,6 +673,12 @@ fn print_summary(output: &std::path::Path, summary: &profiler_agent::record::Rec
         k.get(Counter::SkippedCgroup),
         k.get(Counter::SkippedIdle),
     );
+    if let Some(per_run) = k.sampler_time_per_run() {
+        eprintln!(
+            "kernel time: {:.2} µs per sampler run (bpf_stats)",
+            per_run.as_nanos() as f64 / 1000.0
+        );
+    }
     let dropped: u64 = summary
         .agent
         .iter()

@@ -160,7 +160,11 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
     if let Some(api) = api {
         api.stop().await;
     }
-    tracing::info!(kernel = ?finished.kernel.0, agent = ?finished.metrics.snapshot(), "stopped");
+    let sampler_ns_per_run = finished
+        .kernel
+        .sampler_time_per_run()
+        .map(|t| t.as_nanos() as u64);
+    tracing::info!(kernel = ?finished.kernel.counters, ?sampler_ns_per_run, agent = ?finished.metrics.snapshot(), "stopped");
     Ok(())
 }
 
@@ -303,5 +307,5 @@ fn log_counters(recording: &Recording) {
     if lost > 0 {
         tracing::warn!(lost, "samples dropped: ring buffer full");
     }
-    tracing::debug!(kernel = ?kernel.0, agent = ?recording.metrics.snapshot(), "counters");
+    tracing::debug!(kernel = ?kernel.counters, agent = ?recording.metrics.snapshot(), "counters");
 }

@@ -140,6 +140,59 @@ async fn full_ring_buffer_is_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn bpf_stats_measure_the_samplers_own_kernel_time() {
+    require_root();
+    let fixture = Fixture::start(Command::new(burn_c()));
+    let config = profiler_agent::ebpf::SamplerConfig {
+        bpf_stats: true,
+        ..sampler_config(Some(vec![fixture.pid]), 99)
+    };
+    let recording = profiler_agent::record::Recording::start(&config).expect("start recording");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let live = recording.kernel_counters();
+    let finished = recording.finish(|_| ()).await.unwrap();
+    for counters in [&live, &finished.kernel] {
+        let sampler = counters
+            .programs
+            .iter()
+            .find(|p| p.program == "on_cpu_sample")
+            .unwrap_or_else(|| panic!("no statistics for the sampler: {:?}", counters.programs));
+        let ticks = counters.get(Counter::Invocations);
+        println!(
+            "on_cpu_sample: {} runs in {:?}, {ticks} ticks counted by the program",
+            sampler.runs, sampler.run_time
+        );
+        // Statistics go on after the programs are attached, and the programs are read before
+        // the counters: every counted run is also a tick, and almost every tick is counted.
+        assert!(
+            sampler.runs <= ticks,
+            "{} runs > {ticks} ticks",
+            sampler.runs
+        );
+        assert!(
+            sampler.runs >= ticks / 2 && sampler.runs > 100,
+            "{} runs of {ticks} ticks",
+            sampler.runs
+        );
+        let per_run = counters.sampler_time_per_run().expect("time per run");
+        assert!(
+            per_run > Duration::from_nanos(50) && per_run < Duration::from_millis(1),
+            "{per_run:?} per run"
+        );
+    }
+    // A tracepoint program is reported too, whether or not it ran.
+    assert!(
+        finished
+            .kernel
+            .programs
+            .iter()
+            .any(|p| p.program == "on_process_exit"),
+        "{:?}",
+        finished.kernel.programs
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn short_lived_process_is_symbolized_after_exit() {
     require_root();
     let mut recording =

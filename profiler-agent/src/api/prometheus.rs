@@ -24,7 +24,7 @@ impl<'a> Family<'a> {
         }
     }
 
-    fn sample(&mut self, labels: &[(&str, &str)], value: u64) {
+    fn sample(&mut self, labels: &[(&str, &str)], value: impl std::fmt::Display) {
         let _ = write!(self.out, "{}", self.name);
         if !labels.is_empty() {
             let text: Vec<String> = labels
@@ -187,6 +187,27 @@ pub fn render(
         }
     }
 
+    let mut f = Family::new(
+        &mut out,
+        "profiler_ebpf_program_run_seconds_total",
+        "counter",
+        "Kernel time in each of the agent's eBPF programs (the kernel's bpf_stats: zero while \
+         they are off; see --bpf-stats). A label reader entered by a tail call counts in \
+         on_cpu_sample.",
+    );
+    for p in &kernel.programs {
+        f.sample(&[("program", &p.program)], p.run_time.as_secs_f64());
+    }
+    let mut f = Family::new(
+        &mut out,
+        "profiler_ebpf_program_runs_total",
+        "counter",
+        "Runs of each of the agent's eBPF programs (bpf_stats, as above).",
+    );
+    for p in &kernel.programs {
+        f.sample(&[("program", &p.program)], p.runs);
+    }
+
     for c in Counter::ALL {
         let name = format!("profiler_kernel_{}_total", sanitize(c.name()));
         Family::new(
@@ -215,7 +236,12 @@ mod tests {
         agent.insert("store_deleted_traces_size".to_owned(), 7);
         agent.insert("context_decoded_thread_context".to_owned(), 11);
         let mut kernel = KernelCounters::default();
-        kernel.0.insert(Counter::SamplesEmitted.name(), 100);
+        kernel.counters.insert(Counter::SamplesEmitted.name(), 100);
+        kernel.programs.push(crate::ebpf::ProgramRuns {
+            program: "on_cpu_sample".to_owned(),
+            run_time: std::time::Duration::from_micros(2500),
+            runs: 1000,
+        });
         let stats = StoreStats {
             traces: 2,
             buckets: 1,
@@ -230,6 +256,12 @@ mod tests {
         ));
         assert!(text.contains("profiler_store_deleted_total{kind=\"traces\",reason=\"size\"} 7\n"));
         assert!(text.contains("profiler_store_bytes 4096\n"));
+        assert!(text.contains(
+            "profiler_ebpf_program_run_seconds_total{program=\"on_cpu_sample\"} 0.0025\n"
+        ));
+        assert!(
+            text.contains("profiler_ebpf_program_runs_total{program=\"on_cpu_sample\"} 1000\n")
+        );
         assert!(text.contains("profiler_agent_records_dropped_queue_full_total 3\n"));
         // Every sample line belongs to a family announced by HELP and TYPE lines.
         let mut declared = std::collections::HashSet::new();
@@ -240,7 +272,7 @@ mod tests {
                 let name = line.split(['{', ' ']).next().unwrap();
                 assert!(declared.contains(name), "{line}");
                 assert!(
-                    line.rsplit(' ').next().unwrap().parse::<u64>().is_ok(),
+                    line.rsplit(' ').next().unwrap().parse::<f64>().is_ok(),
                     "{line}"
                 );
             }

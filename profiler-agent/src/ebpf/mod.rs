@@ -10,7 +10,9 @@ mod reader;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    os::fd::OwnedFd,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
@@ -48,6 +50,11 @@ pub struct SamplerConfig {
     pub obi_bpffs_root: Option<PathBuf>,
     /// Label keys the kernel searches first in Go labels (trace and span id keys).
     pub wanted_label_keys: Vec<String>,
+    /// Turn the kernel's run-time statistics of eBPF programs on while the sampler runs
+    /// (`BPF_ENABLE_STATS`), so that [`KernelCounters::programs`] measures the sampler's own
+    /// cost. They are machine-wide (every eBPF program pays two clock reads per run) and need
+    /// CAP_SYS_ADMIN; without it the sampler runs with a warning and no statistics.
+    pub bpf_stats: bool,
 }
 
 impl Default for SamplerConfig {
@@ -59,6 +66,7 @@ impl Default for SamplerConfig {
             ring_buffer_bytes: 8 << 20,
             obi_bpffs_root: None,
             wanted_label_keys: vec!["trace_id".into(), "span_id".into()],
+            bpf_stats: false,
         }
     }
 }
@@ -118,6 +126,8 @@ impl ContextSourceMap {
 pub struct Sampler {
     ebpf: Ebpf,
     counters: PerCpuArray<MapData, u64>,
+    /// Held while the kernel's eBPF run-time statistics should stay on (`bpf_stats`).
+    _stats: Option<OwnedFd>,
 }
 
 impl Sampler {
@@ -274,8 +284,13 @@ impl Sampler {
                     .context("CONTEXT_SOURCES map missing")?,
             )?,
         };
+        let stats = config.bpf_stats.then(enable_run_time_stats).flatten();
         Ok((
-            Self { ebpf, counters },
+            Self {
+                ebpf,
+                counters,
+                _stats: stats,
+            },
             KernelChannels {
                 ring,
                 drain_every,
@@ -315,15 +330,64 @@ impl Sampler {
 
     /// Detaches every program, then reads the final counters.
     pub fn stop(self) -> KernelCounters {
-        let Self { ebpf, counters } = self;
+        let Self {
+            ebpf,
+            counters,
+            _stats,
+        } = self;
+        // The programs' statistics go with the programs; the counters are read once nothing
+        // can add to them.
+        let programs = program_runs(&ebpf);
         drop(ebpf);
-        read_counters(&counters)
+        KernelCounters {
+            programs,
+            ..read_counters(&counters)
+        }
     }
 
-    /// Kernel-side counters summed over CPUs.
+    /// Kernel-side counters summed over CPUs, and the programs' run-time statistics.
     pub fn counters(&self) -> KernelCounters {
-        read_counters(&self.counters)
+        KernelCounters {
+            programs: program_runs(&self.ebpf),
+            ..read_counters(&self.counters)
+        }
     }
+}
+
+/// `BPF_ENABLE_STATS`: on for as long as the returned descriptor is open (the kernel counts
+/// holders, so it stays on for whoever else turned it on). `None`, with a warning, when the
+/// kernel refuses.
+fn enable_run_time_stats() -> Option<OwnedFd> {
+    match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
+        Ok(fd) => Some(fd),
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "cannot turn on eBPF run-time statistics (BPF_ENABLE_STATS needs CAP_SYS_ADMIN \
+                 and Linux 5.8): the sampler's own cost will read as zero"
+            );
+            None
+        }
+    }
+}
+
+/// Run time and run count of each loaded program, as the kernel's statistics have them (zero
+/// while the statistics are off). A label reader entered by a tail call is not counted on its
+/// own: its time is inside the sampler's.
+fn program_runs(ebpf: &Ebpf) -> Vec<ProgramRuns> {
+    let mut runs: Vec<ProgramRuns> = ebpf
+        .programs()
+        .filter_map(|(name, program)| {
+            let info = program.info().ok()?;
+            Some(ProgramRuns {
+                program: name.to_owned(),
+                run_time: info.run_time(),
+                runs: info.run_count(),
+            })
+        })
+        .collect();
+    runs.sort_by(|a, b| a.program.cmp(&b.program));
+    runs
 }
 
 fn sync_cgroup_filter(ebpf: &mut Ebpf, ids: &BTreeSet<u64>) -> anyhow::Result<usize> {
@@ -362,17 +426,46 @@ fn read_counters(map: &PerCpuArray<MapData, u64>) -> KernelCounters {
             .unwrap_or(0);
         values.insert(counter.name(), total);
     }
-    KernelCounters(values)
+    KernelCounters {
+        counters: values,
+        programs: Vec::new(),
+    }
 }
 
 /// Snapshot of the kernel-side counters, by name.
 #[derive(Debug, Clone, Default)]
-pub struct KernelCounters(pub BTreeMap<&'static str, u64>);
+pub struct KernelCounters {
+    pub counters: BTreeMap<&'static str, u64>,
+    /// Each program's run-time statistics (see [`SamplerConfig::bpf_stats`]).
+    pub programs: Vec<ProgramRuns>,
+}
 
 impl KernelCounters {
     pub fn get(&self, counter: Counter) -> u64 {
-        self.0.get(counter.name()).copied().unwrap_or(0)
+        self.counters.get(counter.name()).copied().unwrap_or(0)
     }
+
+    /// Mean time of one run of the sampler (`on_cpu_sample`, its tail calls included), over
+    /// every tick it ran on (idle and filtered ones too), when the statistics counted any.
+    pub fn sampler_time_per_run(&self) -> Option<Duration> {
+        let sampler = self
+            .programs
+            .iter()
+            .find(|p| p.program == names::ON_CPU_SAMPLE)?;
+        let per_run = sampler
+            .run_time
+            .as_nanos()
+            .checked_div(u128::from(sampler.runs))?;
+        Some(Duration::from_nanos(per_run as u64))
+    }
+}
+
+/// One program's share of the kernel's eBPF run-time statistics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramRuns {
+    pub program: String,
+    pub run_time: Duration,
+    pub runs: u64,
 }
 
 const TRACEFS: &str = "/sys/kernel/tracing";
