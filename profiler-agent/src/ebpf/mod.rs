@@ -340,16 +340,17 @@ impl Sampler {
         let programs = program_runs(&ebpf);
         drop(ebpf);
         KernelCounters {
+            counters: read_counters(&counters),
             programs,
-            ..read_counters(&counters)
         }
     }
 
     /// Kernel-side counters summed over CPUs, and the programs' run-time statistics.
     pub fn counters(&self) -> KernelCounters {
+        // The programs first: every run they count is then also in the counters read after.
         KernelCounters {
             programs: program_runs(&self.ebpf),
-            ..read_counters(&self.counters)
+            counters: read_counters(&self.counters),
         }
     }
 }
@@ -417,7 +418,7 @@ fn sync_cgroup_filter(ebpf: &mut Ebpf, ids: &BTreeSet<u64>) -> anyhow::Result<us
     Ok(changed)
 }
 
-fn read_counters(map: &PerCpuArray<MapData, u64>) -> KernelCounters {
+fn read_counters(map: &PerCpuArray<MapData, u64>) -> BTreeMap<&'static str, u64> {
     let mut values = BTreeMap::new();
     for counter in Counter::ALL {
         let total = map
@@ -426,10 +427,7 @@ fn read_counters(map: &PerCpuArray<MapData, u64>) -> KernelCounters {
             .unwrap_or(0);
         values.insert(counter.name(), total);
     }
-    KernelCounters {
-        counters: values,
-        programs: Vec::new(),
-    }
+    values
 }
 
 /// Snapshot of the kernel-side counters, by name.
