@@ -129,6 +129,8 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(options.interval);
     tick.tick().await;
     let mut counters = tokio::time::interval(COUNTERS_EVERY);
+    let shutdown = crate::shutdown_signal();
+    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -146,7 +148,7 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
                     tracing::warn!(error = %format!("{e:#}"), "workload filter not updated");
                 }
             }
-            _ = crate::shutdown_signal() => break,
+            _ = &mut shutdown => break,
         }
     }
     tracing::info!("shutting down: flushing the last interval and every open trace");
