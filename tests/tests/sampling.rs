@@ -1,5 +1,5 @@
 //! The sampler against real processes: attribution of known functions to known threads, the
-//! pid filter, drops when the ring buffer is full, short-lived processes.
+//! pid filter, drops when the ring buffer is full, short-lived processes, bursts of execs.
 //! Needs root; run through `cargo xtask test`.
 
 use std::{process::Command, time::Duration};
@@ -137,6 +137,46 @@ async fn full_ring_buffer_is_counted() {
         "no drop counted with a one-page ring buffer at 4 kHz"
     );
     assert!(emitted > 0);
+}
+
+/// A node busy starting processes: every exec signals the reader (a process event in a drained
+/// ring), but it drains at most once per 100 ms for them, and no event is lost for that.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_of_execs_costs_few_drains_and_loses_no_event() {
+    require_root();
+    const EXECS: u32 = 400;
+    let started = std::time::Instant::now();
+    // No process is sampled: the ring carries only process events.
+    let recording = profiler_agent::record::Recording::start(&sampler_config(Some(vec![]), 99))
+        .expect("start recording");
+    let status = Command::new("sh")
+        .args([
+            "-c",
+            &format!("i=0; while [ $i -lt {EXECS} ]; do /bin/true; i=$((i+1)); done"),
+        ])
+        .status()
+        .expect("run sh");
+    assert!(status.success());
+    let finished = recording.finish(|_| ()).await.expect("finish");
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let drains = finished.metrics.get("ring_drains");
+    let records = finished.metrics.get("records_received");
+    println!(
+        "{EXECS} execs in {elapsed_ms} ms: {records} records, {drains} drains, {} process events lost",
+        finished.kernel.get(Counter::ProcessEventsLost)
+    );
+    // Each exec is at least an exec and an exit event.
+    assert!(
+        records >= 2 * u64::from(EXECS),
+        "{records} records for {EXECS} execs"
+    );
+    assert_eq!(finished.kernel.get(Counter::ProcessEventsLost), 0);
+    // One drain per 100 ms for signals, the periodic ones (2 s at 99 Hz), and a few on request.
+    let bound = elapsed_ms / 100 + elapsed_ms / 2000 + 5;
+    assert!(
+        drains <= bound,
+        "{drains} drains in {elapsed_ms} ms (at most {bound} expected)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

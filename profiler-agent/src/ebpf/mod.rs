@@ -107,18 +107,25 @@ pub struct KernelChannels {
 /// The `CONTEXT_SOURCES` map: which trace-context source the kernel reads for each process.
 pub struct ContextSourceMap {
     map: HashMap<MapData, u32, ContextSource>,
+    /// The keys in `map`: this is its only writer. Most processes never get a source, and a
+    /// delete for each exit was a system call each, hundreds a second on a node busy starting
+    /// processes.
+    tgids: std::collections::HashSet<u32>,
 }
 
 impl ContextSourceMap {
     pub fn set(&mut self, tgid: u32, source: &ContextSource) -> anyhow::Result<()> {
         self.map
             .insert(tgid, source, 0)
-            .with_context(|| format!("set the context source of {tgid}"))
+            .with_context(|| format!("set the context source of {tgid}"))?;
+        self.tgids.insert(tgid);
+        Ok(())
     }
 
     pub fn remove(&mut self, tgid: u32) {
-        // Absent is fine: most processes never had a source.
-        let _ = self.map.remove(&tgid);
+        if self.tgids.remove(&tgid) {
+            let _ = self.map.remove(&tgid);
+        }
     }
 }
 
@@ -283,6 +290,8 @@ impl Sampler {
                 ebpf.take_map(names::CONTEXT_SOURCES)
                     .context("CONTEXT_SOURCES map missing")?,
             )?,
+            // Created empty by this load (never pinned).
+            tgids: Default::default(),
         };
         let stats = config.bpf_stats.then(enable_run_time_stats).flatten();
         Ok((

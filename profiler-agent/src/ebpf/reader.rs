@@ -1,7 +1,9 @@
 //! Drains the ring buffer. The kernel side submits samples without waking us, so the reader
 //! drains on a tick, on request, and whenever the kernel does signal: a process event submitted
 //! into a drained ring wakes it (one behind undrained samples does not: the ring signals only a
-//! reader that has caught up).
+//! reader that has caught up). Signals are answered at most once per [`MIN_DRAIN_INTERVAL`]:
+//! on a node that starts hundreds of processes a second, each exec would otherwise cost a
+//! wake-up of this task and of the collector.
 
 use std::time::Duration;
 
@@ -76,17 +78,28 @@ pub fn spawn_reader<T: From<Vec<Record>> + Send + 'static>(
         let mut tick = tokio::time::interval(drain_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heartbeat = tokio::time::Instant::now();
+        let mut signals = SignalGate::default();
         loop {
             let mut asked = None;
             tokio::select! {
                 _ = tick.tick() => {}
-                guard = fd.readable_mut() => { guard?.clear_ready(); }
+                guard = fd.readable_mut(), if signals.listening() => {
+                    guard?.clear_ready();
+                    if let Some(drain_at) = signals.on_signal(tokio::time::Instant::now()) {
+                        // Too soon after the last drain: that drain comes on the tick instead,
+                        // and further signals until then change nothing.
+                        tick.reset_at(drain_at);
+                        continue;
+                    }
+                }
                 Some(reply) = drain_requests.recv() => { asked = Some(reply); }
                 _ = stop.changed() => {
                     let _ = drain(fd.get_mut(), &records, &metrics);
                     return Ok(());
                 }
             }
+            signals.drained(tokio::time::Instant::now());
+            metrics.inc("ring_drains");
             let Some(new_code) = drain(fd.get_mut(), &records, &metrics) else {
                 return Ok(());
             };
@@ -114,6 +127,36 @@ pub fn spawn_reader<T: From<Vec<Record>> + Send + 'static>(
             }
         }
     })
+}
+
+/// Whether a kernel signal (a process event in a drained ring) is answered now. One that comes
+/// within [`MIN_DRAIN_INTERVAL`] of the last drain, whatever caused that drain, is answered by
+/// a drain at the end of that interval, and the reader stops listening for signals until then.
+#[derive(Debug, Default)]
+struct SignalGate {
+    last_drain: Option<tokio::time::Instant>,
+    deferred: bool,
+}
+
+impl SignalGate {
+    fn listening(&self) -> bool {
+        !self.deferred
+    }
+
+    /// None: drain now. Some(t): drain at `t` instead.
+    fn on_signal(&mut self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let drain_at = self.last_drain? + MIN_DRAIN_INTERVAL;
+        if now >= drain_at {
+            return None;
+        }
+        self.deferred = true;
+        Some(drain_at)
+    }
+
+    fn drained(&mut self, now: tokio::time::Instant) {
+        self.last_drain = Some(now);
+        self.deferred = false;
+    }
 }
 
 /// Whether the drain saw a process exec or an executable mmap; None when the consumer is gone.
@@ -171,6 +214,31 @@ fn hand_over<T: From<Vec<Record>>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signals_are_answered_at_most_once_per_minimum_interval() {
+        let start = tokio::time::Instant::now();
+        let mut gate = SignalGate::default();
+        // Nothing drained yet: the first signal is answered at once.
+        assert_eq!(gate.on_signal(start), None);
+        gate.drained(start);
+        // A signal soon after is deferred to the end of the interval, and no longer listened
+        // for until that drain.
+        let soon = start + Duration::from_millis(5);
+        assert_eq!(gate.on_signal(soon), Some(start + MIN_DRAIN_INTERVAL));
+        assert!(!gate.listening());
+        let at = start + MIN_DRAIN_INTERVAL;
+        gate.drained(at);
+        assert!(gate.listening());
+        // A drain on the tick or on request counts too.
+        assert_eq!(
+            gate.on_signal(at + Duration::from_millis(99)),
+            Some(at + MIN_DRAIN_INTERVAL)
+        );
+        gate.drained(at + MIN_DRAIN_INTERVAL);
+        // A signal after a quiet interval is answered at once.
+        assert_eq!(gate.on_signal(at + 3 * MIN_DRAIN_INTERVAL), None);
+    }
 
     #[test]
     fn drains_about_two_hundred_samples_per_cpu_within_bounds() {
