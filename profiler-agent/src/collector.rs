@@ -19,7 +19,7 @@ use crate::{
     },
     k8s::{PodMetadataHandle, ProcessPod},
     metrics::{CounterBatch, Metrics},
-    process::{ObjectStore, ProcessTable},
+    process::{MapsOnce, ObjectStore, ProcessTable},
     profile::{
         Aggregate, PodDetails, ProcessDetails,
         traces::{TraceProfile, TraceTable, TraceTableConfig, TracedSample},
@@ -316,14 +316,16 @@ impl Collector {
     }
 
     fn add_sample(&mut self, sample: RawSample) {
+        let mut maps = MapsOnce::default();
         if let Some(sources) = &mut self.sources {
-            sources.on_sample(sample.tgid);
+            sources.on_sample(sample.tgid, &mut maps);
         }
         let frames = self.processes.normalize(
             sample.tgid,
             &sample.thread_name,
             &sample.user_stack,
             &sample.kernel_stack,
+            &mut maps,
         );
         if !self.aggregate.process_names.contains_key(&sample.tgid) {
             let name = self

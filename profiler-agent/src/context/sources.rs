@@ -26,6 +26,7 @@ use crate::{
     ebpf::ContextSourceMap,
     metrics::Metrics,
     process::{
+        MapsOnce,
         golang::{self, GoBinary, LabelsFormat},
         process_context::{ProcessContextError, ProcessContextInfo, ProcessContextReader},
         tls::{self, LibcFlavor, TlsSymbol},
@@ -115,10 +116,11 @@ impl ContextSources {
         }
     }
 
-    /// A sample of `pid` arrived: inspect it if it is new or has new code.
-    pub fn on_sample(&mut self, pid: u32) {
+    /// A sample of `pid` arrived: inspect it if it is new or has new code. `maps`: the
+    /// process's mappings, read here if needed and left for the rest of the sample's handling.
+    pub fn on_sample(&mut self, pid: u32, maps: &mut MapsOnce) {
         match self.processes.get(&pid) {
-            None | Some(ProcessState::NoWriter { new_code: true }) => self.inspect(pid),
+            None | Some(ProcessState::NoWriter { new_code: true }) => self.inspect(pid, maps),
             Some(_) => {}
         }
     }
@@ -149,7 +151,7 @@ impl ContextSources {
             .map(|(pid, _)| *pid)
             .collect();
         for pid in retry {
-            self.inspect(pid);
+            self.inspect(pid, &mut MapsOnce::default());
         }
         let mut gone = Vec::new();
         for (pid, (reader, meta)) in &mut self.contexts {
@@ -202,13 +204,13 @@ impl ContextSources {
         self.map.remove(pid);
     }
 
-    fn inspect(&mut self, pid: u32) {
+    fn inspect(&mut self, pid: u32, maps: &mut MapsOnce) {
         self.metrics.inc("context_process_inspections");
         let attempts = match self.processes.get(&pid) {
             Some(ProcessState::Retry { attempts }) => *attempts,
             _ => 0,
         };
-        let state = match self.resolve(pid) {
+        let state = match self.resolve(pid, maps) {
             Ok(Some(source)) => {
                 let kind = ContextKind::from_u8(source.kind);
                 match self.map.set(pid, &source) {
@@ -244,16 +246,17 @@ impl ContextSources {
     }
 
     /// The best source among the process's mapped objects, resolved against its memory.
-    fn resolve(&mut self, pid: u32) -> Result<Option<ContextSource>, tls::TlsError> {
+    fn resolve(
+        &mut self,
+        pid: u32,
+        maps: &mut MapsOnce,
+    ) -> Result<Option<ContextSource>, tls::TlsError> {
         let proc_dir = self.proc_root.join(pid.to_string());
-        let Ok(maps) =
-            procfs::process::Process::new_with_root(proc_dir.clone()).and_then(|p| p.maps())
-        else {
+        let Ok(maps) = maps.get(&proc_dir) else {
             return Ok(None);
         };
-        let maps = maps.0;
         let mut best: Option<(Candidate, Vec<MemoryMap>, PathBuf)> = None;
-        for (key, entries) in group_by_file(&maps) {
+        for (key, entries) in group_by_file(maps) {
             let open_path = map_files_path(&proc_dir, &entries[0]);
             let Some(sources) = self.object_sources(key, &open_path, &proc_dir, &entries[0]) else {
                 continue;
@@ -290,7 +293,7 @@ impl ContextSources {
                     source: e,
                 })?;
                 let bias = tls::load_bias(&ReadCache::new(&file), &entries)?;
-                let location = tls::resolve(pid, &symbol, bias, LibcFlavor::detect(&maps))?;
+                let location = tls::resolve(pid, &symbol, bias, LibcFlavor::detect(maps))?;
                 let reader = match kind {
                     ContextKind::CustomLabels => ContextReader::CustomLabels,
                     _ => ContextReader::ThreadContext,

@@ -13,16 +13,44 @@ pub mod tls;
 
 use foldhash::{HashMap, HashMapExt};
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
-use procfs::process::{MMPermissions, MMapPath};
+use procfs::process::{MMPermissions, MMapPath, MemoryMap};
 
 pub use objects::{Object, ObjectId, ObjectStore};
 use objects::{ObjectKey, clean_path};
 
 use crate::{k8s::cgroup::CgroupIdentity, metrics::Metrics, profile::Frame};
+
+/// A process's `/proc/<pid>/maps`, read at its first use and then shared by whatever the
+/// handling of one sample needs it for. A new process's first sample needs its mappings twice
+/// (its trace-context source, then its symbolization): reading and parsing them twice was a
+/// third of the collector's time on a node starting processes all the time.
+#[derive(Debug, Default)]
+pub struct MapsOnce {
+    read: Option<(PathBuf, Result<Vec<MemoryMap>, String>)>,
+}
+
+impl MapsOnce {
+    /// The mappings of the process whose procfs directory is `proc_dir`, or why they could not
+    /// be read (most often: the process is gone).
+    pub fn get(&mut self, proc_dir: &Path) -> Result<&[MemoryMap], &str> {
+        let read = match self.read.take() {
+            Some((dir, maps)) if dir == proc_dir => (dir, maps),
+            _ => {
+                let maps = procfs::process::Process::new_with_root(proc_dir.to_owned())
+                    .and_then(|p| p.maps())
+                    .map(|m| m.0)
+                    .map_err(|e| e.to_string());
+                (proc_dir.to_owned(), maps)
+            }
+        };
+        let (_, maps) = self.read.insert(read);
+        maps.as_deref().map_err(String::as_str)
+    }
+}
 
 /// After new executable code is mapped (the kernel's mmap event), a miss re-reads the maps at
 /// most this often.
@@ -180,7 +208,15 @@ impl ProcessTable {
     /// Normalizes a sampled stack: kernel frames first (leaf first), then user frames.
     /// Every frame but the sample's leaf is a return address and is looked up as `address - 1`,
     /// which keeps it inside the calling instruction (and the calling function).
-    pub fn normalize(&mut self, pid: u32, comm: &str, user: &[u64], kernel: &[u64]) -> Vec<Frame> {
+    /// `maps`: the process's mappings, if this sample's handling has read them already.
+    pub fn normalize(
+        &mut self,
+        pid: u32,
+        comm: &str,
+        user: &[u64],
+        kernel: &[u64],
+        maps: &mut MapsOnce,
+    ) -> Vec<Frame> {
         let mut frames = Vec::with_capacity(user.len() + kernel.len());
         for (i, &addr) in kernel.iter().enumerate() {
             let address = if i == 0 { addr } else { addr.wrapping_sub(1) };
@@ -189,7 +225,7 @@ impl ProcessTable {
         if user.is_empty() {
             return frames;
         }
-        self.ensure_loaded(pid, comm);
+        self.ensure_loaded(pid, comm, maps);
         for (i, &addr) in user.iter().enumerate() {
             // The first user frame is the interrupted (or syscall) instruction pointer, exact.
             let lookup = if i == 0 { addr } else { addr.wrapping_sub(1) };
@@ -201,7 +237,7 @@ impl ProcessTable {
     fn user_frame(&mut self, pid: u32, addr: u64) -> Frame {
         if let Some(frame) = self.lookup(pid, addr) {
             if self.perf_map_may_have_appeared(pid, frame) {
-                self.refresh(pid, None);
+                self.refresh(pid, None, &mut MapsOnce::default());
                 return self.lookup(pid, addr).unwrap_or(frame);
             }
             return frame;
@@ -214,7 +250,7 @@ impl ProcessTable {
                     || (p.new_code && since >= REFRESH_INTERVAL))
         });
         if stale {
-            self.refresh(pid, None);
+            self.refresh(pid, None, &mut MapsOnce::default());
             if let Some(frame) = self.lookup(pid, addr) {
                 return frame;
             }
@@ -270,13 +306,13 @@ impl ProcessTable {
         })
     }
 
-    fn ensure_loaded(&mut self, pid: u32, comm: &str) {
+    fn ensure_loaded(&mut self, pid: u32, comm: &str, maps: &mut MapsOnce) {
         if !self.processes.contains_key(&pid) {
-            self.refresh(pid, Some(comm));
+            self.refresh(pid, Some(comm), maps);
         }
     }
 
-    fn refresh(&mut self, pid: u32, comm: Option<&str>) {
+    fn refresh(&mut self, pid: u32, comm: Option<&str>, maps: &mut MapsOnce) {
         let previous = self.processes.remove(&pid);
         let proc_dir = self.proc_root.join(pid.to_string());
         let exe_path = std::fs::read_link(proc_dir.join("exe"))
@@ -304,12 +340,10 @@ impl ProcessTable {
             ),
         };
         let mut jit = previous.as_ref().and_then(|p| p.jit);
-        let mappings = match procfs::process::Process::new_with_root(proc_dir.clone())
-            .and_then(|p| p.maps())
-        {
+        let mappings = match maps.get(&proc_dir) {
             Ok(maps) => {
                 let ns_pid = container_pid.unwrap_or(pid);
-                self.executable_mappings(&proc_dir, ns_pid, &mut jit, maps.0)
+                self.executable_mappings(&proc_dir, ns_pid, &mut jit, maps)
             }
             Err(e) => {
                 // Gone already, or not readable: keep whatever we knew.
@@ -349,9 +383,9 @@ impl ProcessTable {
         proc_dir: &std::path::Path,
         ns_pid: u32,
         jit: &mut Option<ObjectId>,
-        maps: Vec<procfs::process::MemoryMap>,
+        maps: &[MemoryMap],
     ) -> Vec<Mapping> {
-        let is_jit = |m: &procfs::process::MemoryMap| match &m.pathname {
+        let is_jit = |m: &MemoryMap| match &m.pathname {
             MMapPath::Anonymous => true,
             MMapPath::Other(name) => name.starts_with("anon:"),
             _ => false,
@@ -373,11 +407,11 @@ impl ProcessTable {
             }
         }
         let mut out: Vec<Mapping> = maps
-            .into_iter()
+            .iter()
             .filter(|m| m.perms.contains(MMPermissions::EXECUTE))
             .map(|m| {
                 if let Some(object) = *jit
-                    && is_jit(&m)
+                    && is_jit(m)
                 {
                     return Mapping {
                         start: m.address.0,
@@ -433,12 +467,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn maps_are_read_once_per_process_directory() {
+        let root = std::env::temp_dir().join(format!("maps-once-{}", std::process::id()));
+        let (a, b) = (root.join("1"), root.join("2"));
+        for dir in [&a, &b] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        let line = "7f0000000000-7f0000001000 r-xp 00000000 08:01 42 /usr/lib/libx.so\n";
+        std::fs::write(a.join("maps"), line).unwrap();
+        std::fs::write(b.join("maps"), format!("{line}{line}")).unwrap();
+        let mut maps = MapsOnce::default();
+        assert_eq!(maps.get(&a).unwrap().len(), 1);
+        // Changed on disk, but this sample's handling already read it.
+        std::fs::write(a.join("maps"), "").unwrap();
+        assert_eq!(maps.get(&a).unwrap().len(), 1);
+        // Another process is read anew.
+        assert_eq!(maps.get(&b).unwrap().len(), 2);
+        assert_eq!(MapsOnce::default().get(&a).unwrap().len(), 0);
+        let gone = maps.get(&root.join("3")).unwrap_err();
+        assert!(!gone.is_empty());
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
     fn normalizes_own_stack_to_file_offsets() {
         let metrics = Metrics::default();
         let mut table = ProcessTable::new(metrics.clone());
         let pid = std::process::id();
         let here = normalizes_own_stack_to_file_offsets as *const () as u64;
-        let frames = table.normalize(pid, "test", &[here, here + 1], &[0xffff_ffff_8100_0000]);
+        let frames = table.normalize(
+            pid,
+            "test",
+            &[here, here + 1],
+            &[0xffff_ffff_8100_0000],
+            &mut MapsOnce::default(),
+        );
         assert_eq!(frames.len(), 3);
         assert_eq!(
             frames[0],
@@ -482,7 +545,7 @@ mod tests {
 
         let metrics = Metrics::default();
         let mut table = ProcessTable::new(metrics.clone());
-        let frames = table.normalize(pid, "test", &[start + 0x10], &[]);
+        let frames = table.normalize(pid, "test", &[start + 0x10], &[], &mut MapsOnce::default());
         std::fs::remove_file(&map_path).unwrap();
         let Frame::User { object, address } = frames[0] else {
             panic!("{frames:?}")
@@ -500,7 +563,7 @@ mod tests {
         table.recycle_jit_objects(vec![object]);
         let objects_before = table.objects().len();
         std::fs::write(&map_path, format!("{start:x} 40 jitted_again\n")).unwrap();
-        let frames = table.normalize(pid, "test", &[start + 0x10], &[]);
+        let frames = table.normalize(pid, "test", &[start + 0x10], &[], &mut MapsOnce::default());
         std::fs::remove_file(&map_path).unwrap();
         assert!(matches!(frames[0], Frame::User { object: o, .. } if o == object));
         assert_eq!(table.objects().len(), objects_before, "no new object");
@@ -519,11 +582,23 @@ mod tests {
     fn unmapped_addresses_are_frames_not_errors() {
         let metrics = Metrics::default();
         let mut table = ProcessTable::new(metrics.clone());
-        let frames = table.normalize(std::process::id(), "t", &[0x10], &[]);
+        let frames = table.normalize(
+            std::process::id(),
+            "t",
+            &[0x10],
+            &[],
+            &mut MapsOnce::default(),
+        );
         assert!(matches!(frames[0], Frame::User { address: 0x10, .. }));
         assert_eq!(metrics.get("frames_unmapped"), 1);
         // A pid that does not exist: every frame is unmapped, nothing panics.
-        let frames = table.normalize(u32::MAX - 1, "ghost", &[0x1000, 0x2000], &[]);
+        let frames = table.normalize(
+            u32::MAX - 1,
+            "ghost",
+            &[0x1000, 0x2000],
+            &[],
+            &mut MapsOnce::default(),
+        );
         assert_eq!(frames.len(), 2);
     }
 }
