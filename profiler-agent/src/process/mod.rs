@@ -26,8 +26,8 @@ use crate::{k8s::cgroup::CgroupIdentity, metrics::Metrics, profile::Frame};
 
 /// A process's `/proc/<pid>/maps`, read at its first use and then shared by whatever the
 /// handling of one sample needs it for. A new process's first sample needs its mappings twice
-/// (its trace-context source, then its symbolization): reading and parsing them twice was a
-/// third of the collector's time on a node starting processes all the time.
+/// (its trace-context source, then its symbolization), and on a node starting processes all
+/// the time each read is a file of tens to hundreds of lines to format in the kernel and parse.
 #[derive(Debug, Default)]
 pub struct MapsOnce {
     read: Option<(PathBuf, Result<Vec<MemoryMap>, String>)>,
