@@ -253,6 +253,7 @@ fn sample_record() -> (Vec<u8>, Vec<u8>) {
         context_kind: ContextKind::ThreadContext as u8,
         _pad: 0,
         context_len: context.len() as u16,
+        user_stack_top: 0,
     };
     let user = (0..USER_FRAMES as u64).map(|i| 0x5600_0012_3000 + i * 0x2_1f3);
     let kernel = (0..KERNEL_FRAMES as u64).map(|i| 0xffff_ffff_8123_4000 + i * 0x1_3a0);

@@ -325,6 +325,7 @@ impl Collector {
             &sample.thread_name,
             &sample.user_stack,
             &sample.kernel_stack,
+            sample.user_stack_top,
             &mut maps,
         );
         if !self.aggregate.process_names.contains_key(&sample.tgid) {

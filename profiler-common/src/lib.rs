@@ -49,6 +49,9 @@ pub mod sample_flags {
     pub const KERNEL_STACK_ERROR: u16 = 1 << 2;
     /// The kernel stack filled the buffer.
     pub const KERNEL_STACK_TRUNCATED: u16 = 1 << 3;
+    /// [`super::SampleHeader::user_stack_top`] holds the word at the interrupted user stack
+    /// pointer.
+    pub const USER_STACK_TOP: u16 = 1 << 4;
 }
 
 /// Where a sample's trace context came from; the tag of the context payload.
@@ -106,8 +109,14 @@ pub struct SampleHeader {
     pub context_kind: u8,
     pub _pad: u8,
     pub context_len: u16,
+    /// The 8 bytes at the user stack pointer when the tick interrupted user code (flag
+    /// [`sample_flags::USER_STACK_TOP`]), else 0. Frame-pointer unwinding cannot see the caller
+    /// of a function that set up no frame (a Go leaf, an assembly routine, a prologue): its
+    /// return address is still at the stack pointer. User space decides from the function's
+    /// unwind table whether this word is that return address; here it is only captured.
+    pub user_stack_top: u64,
 }
-const _: () = assert!(core::mem::size_of::<SampleHeader>() == 48);
+const _: () = assert!(core::mem::size_of::<SampleHeader>() == 56);
 
 /// Byte room after the header in the per-CPU scratch buffer: both stacks at their maximum, then
 /// the context payload. The layout lets the eBPF side compute offsets the verifier can bound.

@@ -5,6 +5,8 @@ use aya_ebpf::{EbpfContext, programs::PerfEventContext};
 /// Byte offset of `cs` in x86_64 `struct pt_regs`, which starts `struct bpf_perf_event_data`.
 /// This is UAPI (`arch/x86/include/uapi/asm/ptrace.h`), stable across kernels.
 const PT_REGS_CS_OFFSET: usize = 17 * 8;
+/// Byte offset of `sp` in the same `struct pt_regs`.
+const PT_REGS_SP_OFFSET: usize = 19 * 8;
 
 /// True when the sampled CPU was running kernel code (the ring-3 bits of CS are clear).
 #[inline(always)]
@@ -16,4 +18,18 @@ pub fn interrupted_kernel_mode(ctx: &PerfEventContext) -> bool {
             .cast::<u64>()
     };
     cs & 3 == 0
+}
+
+/// The interrupted user stack pointer, when the tick interrupted user code (in kernel mode the
+/// context holds kernel registers).
+#[inline(always)]
+pub fn user_stack_pointer(ctx: &PerfEventContext) -> Option<u64> {
+    if interrupted_kernel_mode(ctx) {
+        return None;
+    }
+    Some(unsafe {
+        *(ctx.as_ptr() as *const u8)
+            .add(PT_REGS_SP_OFFSET)
+            .cast::<u64>()
+    })
 }

@@ -241,6 +241,35 @@ fn stripped_gopclntab_names_unstripped_symbols() {
     }
 }
 
+#[test]
+fn gopclntab_frameless_ranges_are_leaves_and_entries() {
+    for tc in go_toolchains() {
+        let path = build_go_fixture(&tc, GoVariant::Static);
+        let table = pclntab(&path);
+        let ranges = table.frameless_ranges();
+        let what = &tc.version;
+        let frameless = |pc: u64| {
+            let offset = table.segments().vaddr_to_file_offset(pc).unwrap();
+            ranges.iter().any(|r| r.contains(&offset))
+        };
+        // A leaf without locals sets up no frame at all.
+        let leaf = table.find_function("main.burnTraceA").unwrap();
+        assert!(frameless(leaf) && frameless(leaf + 8), "{what}");
+        // main.main has a frame: none at its entry, one after its prologue.
+        let main = table.find_function("main.main").unwrap();
+        assert!(frameless(main), "{what}");
+        let framed = (main..main + 256)
+            .filter(|&pc| table.lookup(pc).is_some_and(|f| f.function == "main.main"))
+            .any(|pc| !frameless(pc));
+        assert!(framed, "{what}: main.main frameless throughout");
+        assert!(
+            ranges.windows(2).all(|w| w[0].end <= w[1].start),
+            "{what}: unsorted"
+        );
+        eprintln!("{what}: {} frameless ranges", ranges.len());
+    }
+}
+
 /// `go tool addr2line` answers for `addresses`: (function, file, line); markers without a
 /// line table (`go:textfipsstart`) answer `("", -1)`.
 fn go_addr2line(tc: &GoToolchain, binary: &Path, addresses: &[u64]) -> Vec<(String, String, i64)> {

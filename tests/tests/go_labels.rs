@@ -104,6 +104,26 @@ async fn check(toolchain: &GoToolchain, variant: GoVariant) {
         );
         assert_attributed(&label, function, total, right, wrong);
     }
+    // The burn functions set up no frame, so the frame-pointer walk alone goes from each
+    // straight to `runtime/pprof.Do`: the closure `forever` passes to `pprof.Do`, their caller,
+    // comes back from the word at the stack pointer (`frames_recovered_frameless`).
+    for function in ["main.burnTraceA", "main.burnTraceB"] {
+        let (mut total, mut with_caller) = (0, 0);
+        for s in samples.iter().filter(|s| &*s.leaf == function) {
+            total += s.count;
+            if s.functions
+                .get(1)
+                .is_some_and(|f| f.starts_with("main.forever.func"))
+            {
+                with_caller += s.count;
+            }
+        }
+        println!("{label}: {function}: {with_caller} of {total} samples with their caller");
+        assert!(
+            with_caller * 10 >= total * 9,
+            "{label}: {function}'s caller in {with_caller} of {total} samples"
+        );
+    }
     // The per-trace pprof of A, filtered on A's trace id, shows A's function only.
     let a = &ids["A"];
     let path = dir.join(format!("{a}.pb.gz"));

@@ -3,7 +3,7 @@
 
 use profiler_common::{
     COMM_LEN, ContextKind, MAX_CONTEXT_BYTES, MAX_STACK_DEPTH, ProcessEvent, RecordKind,
-    SampleHeader,
+    SampleHeader, sample_flags,
 };
 
 /// One decoded ring-buffer record.
@@ -38,6 +38,9 @@ pub struct RawSample {
     pub user_stack: Vec<u64>,
     /// Leaf first.
     pub kernel_stack: Vec<u64>,
+    /// The word at the interrupted user stack pointer, when the kernel read it: the return
+    /// address of a function that set up no frame (see `ProcessTable::normalize`).
+    pub user_stack_top: Option<u64>,
     pub context_kind: ContextKind,
     pub context: Vec<u8>,
 }
@@ -132,6 +135,8 @@ fn decode_sample(bytes: &[u8]) -> Result<RawSample, DecodeError> {
         thread_name: comm_to_string(&header.comm),
         user_stack,
         kernel_stack,
+        user_stack_top: (header.flags & sample_flags::USER_STACK_TOP != 0)
+            .then_some(header.user_stack_top),
         context_kind,
         context: context.to_vec(),
     })
@@ -196,6 +201,7 @@ pub(crate) mod tests {
             },
             _pad: 0,
             context_len,
+            user_stack_top: 0,
         }
     }
 

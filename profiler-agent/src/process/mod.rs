@@ -5,6 +5,7 @@
 //! symbolizable after the process is gone.
 
 pub mod details;
+mod frameless;
 pub mod golang;
 pub mod objects;
 mod perf_map;
@@ -120,6 +121,7 @@ pub struct ProcessTable {
     /// ([`Self::recycle_jit_objects`]): the object table stays bounded by the JIT processes
     /// alive at once, not those ever seen.
     free_jit: Vec<ObjectId>,
+    frameless: frameless::FramelessCode,
     proc_root: PathBuf,
     metrics: Metrics,
 }
@@ -138,6 +140,7 @@ impl ProcessTable {
             anon: None,
             retired_jit: Vec::new(),
             free_jit: Vec::new(),
+            frameless: frameless::FramelessCode::new(),
             proc_root,
             metrics,
         }
@@ -209,15 +212,19 @@ impl ProcessTable {
     /// Every frame but the sample's leaf is a return address and is looked up as `address - 1`,
     /// which keeps it inside the calling instruction (and the calling function).
     /// `maps`: the process's mappings, if this sample's handling has read them already.
+    /// `user_stack_top`: the word at the interrupted user stack pointer, when the kernel read
+    /// it; it becomes the second frame where the first is frameless code whose caller the
+    /// frame-pointer walk skipped (see [`frameless`]).
     pub fn normalize(
         &mut self,
         pid: u32,
         comm: &str,
         user: &[u64],
         kernel: &[u64],
+        user_stack_top: Option<u64>,
         maps: &mut MapsOnce,
     ) -> Vec<Frame> {
-        let mut frames = Vec::with_capacity(user.len() + kernel.len());
+        let mut frames = Vec::with_capacity(user.len() + kernel.len() + 1);
         for (i, &addr) in kernel.iter().enumerate() {
             let address = if i == 0 { addr } else { addr.wrapping_sub(1) };
             frames.push(Frame::Kernel { address });
@@ -229,9 +236,33 @@ impl ProcessTable {
         for (i, &addr) in user.iter().enumerate() {
             // The first user frame is the interrupted (or syscall) instruction pointer, exact.
             let lookup = if i == 0 { addr } else { addr.wrapping_sub(1) };
-            frames.push(self.user_frame(pid, lookup));
+            let frame = self.user_frame(pid, lookup);
+            frames.push(frame);
+            if i == 0
+                && let Some(top) = user_stack_top
+                && let Some(caller) = self.skipped_caller(pid, frame, top)
+            {
+                frames.push(caller);
+            }
         }
         frames
+    }
+
+    /// The caller a frame-pointer walk skipped when the sample's `leaf` runs without a frame:
+    /// the return address at the stack pointer, `stack_top`, when it points into code.
+    fn skipped_caller(&mut self, pid: u32, leaf: Frame, stack_top: u64) -> Option<Frame> {
+        let Frame::User { object, address } = leaf else {
+            return None;
+        };
+        if !self
+            .frameless
+            .is_frameless(object, self.objects.get(object), address, &self.metrics)
+        {
+            return None;
+        }
+        let caller = self.lookup(pid, stack_top.wrapping_sub(1))?;
+        self.metrics.inc("frames_recovered_frameless");
+        Some(caller)
     }
 
     fn user_frame(&mut self, pid: u32, addr: u64) -> Frame {
@@ -500,6 +531,7 @@ mod tests {
             "test",
             &[here, here + 1],
             &[0xffff_ffff_8100_0000],
+            None,
             &mut MapsOnce::default(),
         );
         assert_eq!(frames.len(), 3);
@@ -545,7 +577,14 @@ mod tests {
 
         let metrics = Metrics::default();
         let mut table = ProcessTable::new(metrics.clone());
-        let frames = table.normalize(pid, "test", &[start + 0x10], &[], &mut MapsOnce::default());
+        let frames = table.normalize(
+            pid,
+            "test",
+            &[start + 0x10],
+            &[],
+            None,
+            &mut MapsOnce::default(),
+        );
         std::fs::remove_file(&map_path).unwrap();
         let Frame::User { object, address } = frames[0] else {
             panic!("{frames:?}")
@@ -563,7 +602,14 @@ mod tests {
         table.recycle_jit_objects(vec![object]);
         let objects_before = table.objects().len();
         std::fs::write(&map_path, format!("{start:x} 40 jitted_again\n")).unwrap();
-        let frames = table.normalize(pid, "test", &[start + 0x10], &[], &mut MapsOnce::default());
+        let frames = table.normalize(
+            pid,
+            "test",
+            &[start + 0x10],
+            &[],
+            None,
+            &mut MapsOnce::default(),
+        );
         std::fs::remove_file(&map_path).unwrap();
         assert!(matches!(frames[0], Frame::User { object: o, .. } if o == object));
         assert_eq!(table.objects().len(), objects_before, "no new object");
@@ -587,6 +633,7 @@ mod tests {
             "t",
             &[0x10],
             &[],
+            None,
             &mut MapsOnce::default(),
         );
         assert!(matches!(frames[0], Frame::User { address: 0x10, .. }));
@@ -597,6 +644,7 @@ mod tests {
             "ghost",
             &[0x1000, 0x2000],
             &[],
+            None,
             &mut MapsOnce::default(),
         );
         assert_eq!(frames.len(), 2);

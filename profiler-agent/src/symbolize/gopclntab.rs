@@ -23,6 +23,8 @@
 //!
 //! All reads are bounds-checked: a malformed table gives errors or `None`, never a panic.
 
+use std::ops::Range;
+
 use object::{Object as _, ObjectSection as _, ObjectSegment as _, ReadRef};
 
 /// Functions found at most; beyond this the header is taken as garbage (the largest Go binaries
@@ -349,6 +351,39 @@ impl GoPclntab {
             .unwrap_or_default()
     }
 
+    /// The code, as sorted and disjoint file-offset ranges, where the stack pointer is where
+    /// it was at the function's entry (Go's `pcsp` table reads 0): a leaf that needs no frame
+    /// and the assembly routines that set up none (`memmove`, `memclrNoHeapPointers`,
+    /// `aeshashbody`), and every function's entry before its prologue and its `RET`. There the
+    /// return address is the word at the stack pointer and the frame pointer is still the
+    /// caller's, so a frame-pointer walk skips the caller.
+    pub fn frameless_ranges(&self) -> Vec<Range<u64>> {
+        let mut ranges: Vec<Range<u64>> = Vec::new();
+        for i in 0..self.nfunc {
+            let Some(func) = self.func(i) else { continue };
+            self.pc_value_runs(func.pcsp, func.entry, |value, pcs| {
+                if value != 0 {
+                    return;
+                }
+                match ranges.last_mut() {
+                    Some(last) if last.end == pcs.start => last.end = pcs.end,
+                    _ => ranges.push(pcs),
+                }
+            });
+        }
+        let mut offsets: Vec<Range<u64>> = ranges
+            .into_iter()
+            .filter_map(|r| {
+                let start = self.segments.vaddr_to_file_offset(r.start)?;
+                let last = self.segments.vaddr_to_file_offset(r.end.checked_sub(1)?)?;
+                (last >= start).then(|| start..last + 1)
+            })
+            .collect();
+        offsets.sort_unstable_by_key(|r| r.start);
+        offsets.dedup_by(|b, a| b.start < a.end);
+        offsets
+    }
+
     /// Whether inlined calls can be expanded (the `go:func.*` data was found).
     pub fn has_inline_trees(&self) -> bool {
         self.gofunc.is_some()
@@ -566,6 +601,7 @@ impl GoPclntab {
         Some(Func {
             entry: self.entry(i)?,
             name_off: u32_field(0)?,
+            pcsp: u32_field(3)?,
             pcfile: u32_field(4)?,
             pcln: u32_field(5)?,
             npcdata: u32_field(6)?,
@@ -593,6 +629,40 @@ impl GoPclntab {
             return None;
         }
         c_string(&self.data, self.filetab_off.checked_add(file_off as usize)?)
+    }
+
+    /// Every run of a pc-value table: `f(value, pcs)` for each value and the pcs it covers.
+    fn pc_value_runs(&self, table: u32, entry: u64, mut f: impl FnMut(i32, Range<u64>)) {
+        if table == 0 {
+            return;
+        }
+        let Some(mut p) = self.pctab_off.checked_add(table as usize) else {
+            return;
+        };
+        let (mut pc, mut value, mut first) = (entry, -1i32, true);
+        loop {
+            let Some((uv, n)) = read_uvarint(&self.data, p) else {
+                return;
+            };
+            if uv == 0 && !first {
+                return;
+            }
+            p += n;
+            value = value.wrapping_add(((uv >> 1) as i32) ^ -((uv & 1) as i32));
+            let Some((pc_delta, n)) = read_uvarint(&self.data, p) else {
+                return;
+            };
+            p += n;
+            let Some(end) = u64::from(pc_delta)
+                .checked_mul(self.min_lc)
+                .and_then(|d| pc.checked_add(d))
+            else {
+                return;
+            };
+            f(value, pc..end);
+            pc = end;
+            first = false;
+        }
     }
 
     /// The value a pc-value table (pcfile, pcln, …) gives `target`, walking it from the
@@ -629,6 +699,7 @@ impl GoPclntab {
 struct Func {
     entry: u64,
     name_off: u32,
+    pcsp: u32,
     pcfile: u32,
     pcln: u32,
     npcdata: u32,
