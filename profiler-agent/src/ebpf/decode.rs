@@ -217,6 +217,20 @@ pub(crate) mod tests {
         assert_eq!(s.context_kind, ContextKind::ThreadContext);
         assert_eq!(s.thread_name, "worker");
         assert_eq!((s.tgid, s.tid, s.cpu), (42, 43, 1));
+        assert_eq!(s.user_stack_top, None);
+    }
+
+    #[test]
+    fn the_stack_top_word_counts_only_when_flagged() {
+        let mut h = header(1, 0, 0);
+        h.user_stack_top = 0x4567;
+        let decoded = |h: &SampleHeader| match decode(&encode_sample(h, &[0x10], &[])) {
+            Ok(Record::Sample(s)) => s.user_stack_top,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(decoded(&h), None);
+        h.flags |= sample_flags::USER_STACK_TOP;
+        assert_eq!(decoded(&h), Some(0x4567));
     }
 
     #[test]
