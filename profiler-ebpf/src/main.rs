@@ -158,6 +158,18 @@ fn sample(ctx: &PerfEventContext) {
         count(Counter::UserStackTruncated);
     }
 
+    // The word at the user stack pointer: where the interrupted function has pushed nothing
+    // (a leaf without a frame, assembly, a first instruction), its return address, which the
+    // frame-pointer walk skips. User space decides from the binary's unwind tables.
+    let mut user_stack_top = 0u64;
+    if user_bytes > 0
+        && let Some(sp) = arch::user_stack_pointer(ctx)
+        && let Ok(word) = unsafe { bpf_probe_read_user(sp as *const u64) }
+    {
+        user_stack_top = word;
+        flags |= sample_flags::USER_STACK_TOP;
+    }
+
     // Kernel stack right after the user frames; only when the tick interrupted kernel code
     // (in user mode it is empty, and walking it still costs).
     let mut kernel_bytes = 0usize;
@@ -195,7 +207,7 @@ fn sample(ctx: &PerfEventContext) {
     header.context_kind = ContextKind::None as u8;
     header._pad = 0;
     header.context_len = 0;
-    header.user_stack_top = 0;
+    header.user_stack_top = user_stack_top;
 
     // Trace context right after the frames. The OTEP 4947 thread context, the native case and
     // a short read, is read here: a tail call and the second look-up of the source cost more
@@ -274,13 +286,9 @@ pub(crate) fn finish_sample(
 }
 
 /// Tail-call target for every context source: reads the context of the sampled thread into
-/// the scratch record the sampler prepared, then emits it. With `stack_top`, also the word at
-/// the user stack pointer: Go leaves and the runtime's assembly routines set up no frame, so
-/// their callers are missing from the frame-pointer walk; user space recovers them from it.
+/// the scratch record the sampler prepared, then emits it.
 #[inline(always)]
 fn read_context_and_finish(
-    ctx: &PerfEventContext,
-    stack_top: bool,
     reader: impl Fn(&ContextSource, u32, *mut u8, context::Workspace) -> (ContextKind, usize),
 ) -> u32 {
     let config = CONFIG.load();
@@ -290,14 +298,6 @@ fn read_context_and_finish(
         return 0;
     };
     let scratch = unsafe { &mut *scratch };
-    if stack_top
-        && scratch.header.user_frames > 0
-        && let Some(sp) = arch::user_stack_pointer(ctx)
-        && let Ok(word) = unsafe { bpf_probe_read_user(sp as *const u64) }
-    {
-        scratch.header.user_stack_top = word;
-        scratch.header.flags |= sample_flags::USER_STACK_TOP;
-    }
     let frames =
         (usize::from(scratch.header.user_frames) + usize::from(scratch.header.kernel_frames)) * 8;
     if frames > 2 * STACK_BYTES {
@@ -319,22 +319,22 @@ fn read_context_and_finish(
 }
 
 #[perf_event]
-pub fn read_custom_labels(ctx: PerfEventContext) -> u32 {
-    read_context_and_finish(&ctx, false, |source, fsbase, dest, work| {
+pub fn read_custom_labels(_ctx: PerfEventContext) -> u32 {
+    read_context_and_finish(|source, fsbase, dest, work| {
         context::read_custom_labels(&source.tls, fsbase, dest, work.cursor)
     })
 }
 
 #[perf_event]
-pub fn read_go_labels_map(ctx: PerfEventContext) -> u32 {
-    read_context_and_finish(&ctx, true, |source, fsbase, dest, work| {
+pub fn read_go_labels_map(_ctx: PerfEventContext) -> u32 {
+    read_context_and_finish(|source, fsbase, dest, work| {
         context::read_go_labels(source, fsbase, dest, work, false)
     })
 }
 
 #[perf_event]
-pub fn read_go_labels_slice(ctx: PerfEventContext) -> u32 {
-    read_context_and_finish(&ctx, true, |source, fsbase, dest, work| {
+pub fn read_go_labels_slice(_ctx: PerfEventContext) -> u32 {
+    read_context_and_finish(|source, fsbase, dest, work| {
         context::read_go_labels(source, fsbase, dest, work, true)
     })
 }
