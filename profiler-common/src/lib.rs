@@ -109,11 +109,11 @@ pub struct SampleHeader {
     pub context_kind: u8,
     pub _pad: u8,
     pub context_len: u16,
-    /// The 8 bytes at the user stack pointer when the tick interrupted user code (flag
-    /// [`sample_flags::USER_STACK_TOP`]), else 0. Frame-pointer unwinding cannot see the caller
-    /// of a function that set up no frame (a Go leaf, an assembly routine, a prologue): its
-    /// return address is still at the stack pointer. User space decides from the function's
-    /// unwind table whether this word is that return address; here it is only captured.
+    /// The 8 bytes at the task's user stack pointer (flag [`sample_flags::USER_STACK_TOP`]),
+    /// else 0. Frame-pointer unwinding cannot see the caller of a function that set up no frame
+    /// (a Go leaf, an assembly routine, a prologue, a system-call wrapper): its return address
+    /// is still at the stack pointer. User space decides from the function's unwind table
+    /// whether this word is that return address; here it is only captured.
     pub user_stack_top: u64,
 }
 const _: () = assert!(core::mem::size_of::<SampleHeader>() == 56);

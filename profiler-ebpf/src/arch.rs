@@ -1,6 +1,10 @@
 //! Architecture-specific reads of the interrupted context. x86_64 only for now.
 
-use aya_ebpf::{EbpfContext, programs::PerfEventContext};
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_task_pt_regs},
+    programs::PerfEventContext,
+};
 
 /// Byte offset of `cs` in x86_64 `struct pt_regs`, which starts `struct bpf_perf_event_data`.
 /// This is UAPI (`arch/x86/include/uapi/asm/ptrace.h`), stable across kernels.
@@ -20,16 +24,24 @@ pub fn interrupted_kernel_mode(ctx: &PerfEventContext) -> bool {
     cs & 3 == 0
 }
 
-/// The interrupted user stack pointer, when the tick interrupted user code (in kernel mode the
-/// context holds kernel registers).
+/// The user stack pointer of the sampled task. When the tick interrupted user code it is in
+/// the context; in kernel mode (a system call, or an interrupt's work on its way back to user
+/// code) the context holds kernel registers, and the user ones are at the top of the task's
+/// kernel stack (`bpf_task_pt_regs`).
 #[inline(always)]
 pub fn user_stack_pointer(ctx: &PerfEventContext) -> Option<u64> {
-    if interrupted_kernel_mode(ctx) {
+    if !interrupted_kernel_mode(ctx) {
+        return Some(unsafe {
+            *(ctx.as_ptr() as *const u8)
+                .add(PT_REGS_SP_OFFSET)
+                .cast::<u64>()
+        });
+    }
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
+    if regs.is_null() {
         return None;
     }
-    Some(unsafe {
-        *(ctx.as_ptr() as *const u8)
-            .add(PT_REGS_SP_OFFSET)
-            .cast::<u64>()
-    })
+    // A helper rather than a load: the compiler would otherwise share one load instruction
+    // between the context and this pointer, which the verifier refuses.
+    unsafe { bpf_probe_read_kernel(regs.add(PT_REGS_SP_OFFSET).cast::<u64>()) }.ok()
 }

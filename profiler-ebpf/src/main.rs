@@ -159,8 +159,9 @@ fn sample(ctx: &PerfEventContext) {
     }
 
     // The word at the user stack pointer: where the interrupted function has pushed nothing
-    // (a leaf without a frame, assembly, a first instruction), its return address, which the
-    // frame-pointer walk skips. User space decides from the binary's unwind tables.
+    // (a leaf without a frame, assembly, a first instruction, a libc system-call wrapper), its
+    // return address, which the frame-pointer walk skips. User space decides from the
+    // binary's unwind tables.
     let mut user_stack_top = 0u64;
     if user_bytes > 0
         && let Some(sp) = arch::user_stack_pointer(ctx)

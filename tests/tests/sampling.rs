@@ -73,6 +73,45 @@ async fn attributes_rust_threads() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_system_call_keeps_the_caller_of_its_wrapper() {
+    require_root();
+    let fixture = Fixture::start(Command::new(build_c(
+        "syscall_loop.c",
+        "syscall-loop",
+        &["-O2", "-g", "-fno-omit-frame-pointer"],
+    )));
+    let recording =
+        profiler_agent::record::Recording::start(&sampler_config(Some(vec![fixture.pid]), 99))
+            .expect("start recording");
+    let in_kernel = |s: &profiler_agent::collector::SymbolizedSample| {
+        s.functions.iter().any(|f| f.contains("getppid"))
+            && s.functions.iter().any(|f| f.contains("do_syscall_64"))
+    };
+    let (samples, _) = sample_until(&recording, CAP, |s| {
+        s.iter()
+            .filter(|x| in_kernel(x))
+            .map(|x| x.count)
+            .sum::<u64>()
+            >= 100
+    })
+    .await;
+    recording.finish(|_| ()).await.unwrap();
+    let (mut total, mut with_caller) = (0, 0);
+    for s in samples.iter().filter(|s| in_kernel(s)) {
+        total += s.count;
+        if s.functions.iter().any(|f| &**f == "ask_parent") {
+            with_caller += s.count;
+        }
+    }
+    println!("{with_caller} of {total} samples inside getppid's system call under ask_parent");
+    assert!(total >= 100, "{total} samples in the system call");
+    assert!(
+        with_caller * 10 >= total * 9,
+        "ask_parent in only {with_caller} of {total} system-call samples"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn pid_filter_excludes_other_processes() {
     require_root();
     let profiled = Fixture::start(Command::new(burn_c()));

@@ -20,7 +20,7 @@ use object::{Object as _, ObjectSection as _, read::ReadCache};
 use super::objects::{Object, ObjectId};
 use crate::{
     metrics::Metrics,
-    symbolize::gopclntab::{GoPclntab, LoadSegments, PclntabError},
+    symbolize::{gopclntab::LoadSegments, parse_gopclntab},
 };
 
 /// The frameless code of every object asked about.
@@ -64,7 +64,9 @@ fn read_ranges(object: &Object, metrics: &Metrics) -> Vec<Range<u32>> {
     let Some(file) = object.file() else {
         return Vec::new();
     };
-    let mut ranges = go_ranges(file, object, metrics).unwrap_or_default();
+    let mut ranges = parse_gopclntab(object, metrics)
+        .map(|table| table.frameless_ranges())
+        .unwrap_or_default();
     ranges.extend(eh_frame_ranges(file).unwrap_or_default());
     let mut ranges: Vec<Range<u32>> = ranges
         .into_iter()
@@ -82,18 +84,6 @@ fn read_ranges(object: &Object, metrics: &Metrics) -> Vec<Range<u32>> {
     merged.shrink_to_fit();
     tracing::debug!(object = %object.name, ranges = merged.len(), "frameless code");
     merged
-}
-
-fn go_ranges(file: &File, object: &Object, metrics: &Metrics) -> Option<Vec<Range<u64>>> {
-    match GoPclntab::parse(&ReadCache::new(file)) {
-        Ok(table) => Some(table.frameless_ranges()),
-        Err(PclntabError::NotFound) => None,
-        Err(e) => {
-            metrics.inc("gopclntab_parse_errors");
-            tracing::debug!(object = %object.name, error = %e, "unreadable Go pclntab");
-            None
-        }
-    }
 }
 
 /// The file-offset ranges `.eh_frame` describes with the canonical frame address at `rsp + 8`:
@@ -143,11 +133,7 @@ fn eh_frame_ranges(file: &File) -> Option<Vec<Range<u64>>> {
     Some(
         vaddrs
             .into_iter()
-            .filter_map(|r| {
-                let start = segments.vaddr_to_file_offset(r.start)?;
-                let last = segments.vaddr_to_file_offset(r.end.checked_sub(1)?)?;
-                (last >= start).then(|| start..last + 1)
-            })
+            .filter_map(|r| segments.vaddr_range_to_file_offsets(r))
             .collect(),
     )
 }

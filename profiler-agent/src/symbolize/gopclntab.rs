@@ -143,6 +143,13 @@ impl LoadSegments {
             .map(|s| (vaddr - s.vaddr).wrapping_add(s.file_offset))
     }
 
+    /// The file offsets of a range of virtual addresses that one segment backs.
+    pub fn vaddr_range_to_file_offsets(&self, vaddrs: Range<u64>) -> Option<Range<u64>> {
+        let start = self.vaddr_to_file_offset(vaddrs.start)?;
+        let last = self.vaddr_to_file_offset(vaddrs.end.checked_sub(1)?)?;
+        (last >= start).then(|| start..last + 1)
+    }
+
     fn is_executable(&self, vaddr: u64) -> bool {
         self.segments
             .iter()
@@ -373,11 +380,7 @@ impl GoPclntab {
         }
         let mut offsets: Vec<Range<u64>> = ranges
             .into_iter()
-            .filter_map(|r| {
-                let start = self.segments.vaddr_to_file_offset(r.start)?;
-                let last = self.segments.vaddr_to_file_offset(r.end.checked_sub(1)?)?;
-                (last >= start).then(|| start..last + 1)
-            })
+            .filter_map(|r| self.segments.vaddr_range_to_file_offsets(r))
             .collect();
         offsets.sort_unstable_by_key(|r| r.start);
         offsets.dedup_by(|b, a| b.start < a.end);

@@ -502,7 +502,9 @@ impl Symbolizer {
     }
 }
 
-fn parse_gopclntab(object: &Object, metrics: &Metrics) -> Option<GoPclntab> {
+/// The object's Go pclntab, or `None` for an object that is not Go (a malformed table is
+/// counted in `gopclntab_parse_errors`).
+pub(crate) fn parse_gopclntab(object: &Object, metrics: &Metrics) -> Option<GoPclntab> {
     let cache = ReadCache::new(object.file()?);
     match GoPclntab::parse(&cache) {
         Ok(table) => Some(table),
