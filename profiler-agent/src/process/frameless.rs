@@ -6,7 +6,8 @@
 //! function doing the work is missing from the profile. That happens in whole functions (a
 //! leaf the compiler gave no frame, assembly such as glibc's `memcpy` or Go's `memmove`) and at
 //! every function's first instruction and its `ret`. There the return address is the word at
-//! the stack pointer, which the sampler captures with every user-mode sample. Which
+//! the stack pointer, which the sampler captures with every sample that has a user stack (in
+//! kernel mode from the task's saved user registers: a system call's wrapper). Which
 //! instructions are frameless is read from the binary's own unwind tables, once per binary:
 //! `.eh_frame` (the canonical frame address is `rsp + 8`) and, for Go, which writes no
 //! `.eh_frame` for its own code, the pclntab's `pcsp` table (0).
