@@ -68,7 +68,7 @@ fn read_ranges(object: &Object, metrics: &Metrics) -> Vec<Range<u32>> {
     let mut ranges = parse_gopclntab(object, metrics)
         .map(|table| table.frameless_ranges())
         .unwrap_or_default();
-    ranges.extend(eh_frame_ranges(file).unwrap_or_default());
+    ranges.extend(eh_frame_ranges(file, metrics).unwrap_or_default());
     let mut ranges: Vec<Range<u32>> = ranges
         .into_iter()
         .filter_map(|r| Some(u32::try_from(r.start).ok()?..u32::try_from(r.end).ok()?))
@@ -88,9 +88,9 @@ fn read_ranges(object: &Object, metrics: &Metrics) -> Vec<Range<u32>> {
 }
 
 /// The file-offset ranges `.eh_frame` describes with the canonical frame address at `rsp + 8`:
-/// nothing pushed, the return address at the stack pointer. A malformed entry ends the walk
-/// with what was read before it.
-fn eh_frame_ranges(file: &File) -> Option<Vec<Range<u64>>> {
+/// nothing pushed, the return address at the stack pointer. A malformed entry is counted in
+/// `eh_frame_errors`; one that breaks the entry list ends the walk with what was read before.
+fn eh_frame_ranges(file: &File, metrics: &Metrics) -> Option<Vec<Range<u64>>> {
     let cache = ReadCache::new(file);
     let elf = object::File::parse(&cache).ok()?;
     let section = elf.section_by_name(".eh_frame")?;
@@ -103,16 +103,26 @@ fn eh_frame_ranges(file: &File) -> Option<Vec<Range<u64>>> {
     let mut context = Box::new(gimli::UnwindContext::new());
     let mut vaddrs: Vec<Range<u64>> = Vec::new();
     let mut entries = eh_frame.entries(&bases);
-    while let Ok(Some(entry)) = entries.next() {
+    loop {
+        let entry = match entries.next() {
+            Ok(Some(entry)) => entry,
+            Ok(None) => break,
+            Err(_) => {
+                metrics.inc("eh_frame_errors");
+                break;
+            }
+        };
         let gimli::CieOrFde::Fde(partial) = entry else {
             continue;
         };
         let Ok(fde) =
             partial.parse(|section, bases, offset| section.cie_from_offset(bases, offset))
         else {
+            metrics.inc("eh_frame_errors");
             continue;
         };
         let Ok(mut rows) = fde.rows(&eh_frame, &bases, &mut context) else {
+            metrics.inc("eh_frame_errors");
             continue;
         };
         while let Ok(Some(row)) = rows.next_row() {

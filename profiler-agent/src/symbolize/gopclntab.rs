@@ -368,15 +368,15 @@ impl GoPclntab {
         let mut ranges: Vec<Range<u64>> = Vec::new();
         for i in 0..self.nfunc {
             let Some(func) = self.func(i) else { continue };
-            self.pc_value_runs(func.pcsp, func.entry, |value, pcs| {
+            for (value, pcs) in self.pc_value_runs(func.pcsp, func.entry) {
                 if value != 0 {
-                    return;
+                    continue;
                 }
                 match ranges.last_mut() {
                     Some(last) if last.end == pcs.start => last.end = pcs.end,
                     _ => ranges.push(pcs),
                 }
-            });
+            }
         }
         let mut offsets: Vec<Range<u64>> = ranges
             .into_iter()
@@ -634,67 +634,62 @@ impl GoPclntab {
         c_string(&self.data, self.filetab_off.checked_add(file_off as usize)?)
     }
 
-    /// Every run of a pc-value table: `f(value, pcs)` for each value and the pcs it covers.
-    fn pc_value_runs(&self, table: u32, entry: u64, mut f: impl FnMut(i32, Range<u64>)) {
-        if table == 0 {
-            return;
-        }
-        let Some(mut p) = self.pctab_off.checked_add(table as usize) else {
-            return;
-        };
-        let (mut pc, mut value, mut first) = (entry, -1i32, true);
-        loop {
-            let Some((uv, n)) = read_uvarint(&self.data, p) else {
-                return;
-            };
-            if uv == 0 && !first {
-                return;
-            }
-            p += n;
-            value = value.wrapping_add(((uv >> 1) as i32) ^ -((uv & 1) as i32));
-            let Some((pc_delta, n)) = read_uvarint(&self.data, p) else {
-                return;
-            };
-            p += n;
-            let Some(end) = u64::from(pc_delta)
-                .checked_mul(self.min_lc)
-                .and_then(|d| pc.checked_add(d))
-            else {
-                return;
-            };
-            f(value, pc..end);
-            pc = end;
-            first = false;
+    /// Every run of a pc-value table, from the function's entry: each value and the pcs it
+    /// covers. Each step is a zig-zag varint value delta and a varint pc delta (in units of the
+    /// instruction quantum); a value applies up to (excluding) the step's pc.
+    fn pc_value_runs(&self, table: u32, entry: u64) -> PcValueRuns<'_> {
+        PcValueRuns {
+            data: &self.data,
+            at: (table != 0)
+                .then(|| self.pctab_off.checked_add(table as usize))
+                .flatten(),
+            pc: entry,
+            value: -1,
+            first: true,
+            quantum: self.min_lc,
         }
     }
 
-    /// The value a pc-value table (pcfile, pcln, …) gives `target`, walking it from the
-    /// function's entry. Each step is a zig-zag varint value delta and a varint pc delta (in
-    /// units of the instruction quantum); a value applies up to (excluding) the step's pc.
+    /// The value a pc-value table (pcfile, pcln, …) gives `target`.
     fn pc_value(&self, table: u32, entry: u64, target: u64) -> Option<i32> {
-        if table == 0 {
+        self.pc_value_runs(table, entry)
+            .find(|(_, pcs)| target < pcs.end)
+            .map(|(value, _)| value)
+    }
+}
+
+/// [`GoPclntab::pc_value_runs`]'s iterator; it ends at the table's end or at malformed bytes.
+struct PcValueRuns<'a> {
+    data: &'a [u8],
+    /// The next step's offset; `None` once ended.
+    at: Option<usize>,
+    pc: u64,
+    value: i32,
+    first: bool,
+    quantum: u64,
+}
+
+impl Iterator for PcValueRuns<'_> {
+    type Item = (i32, Range<u64>);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut p = self.at.take()?;
+        let (uv, n) = read_uvarint(self.data, p)?;
+        if uv == 0 && !self.first {
             return None;
         }
-        let mut p = self.pctab_off.checked_add(table as usize)?;
-        let mut pc = entry;
-        let mut value: i32 = -1;
-        let mut first = true;
-        loop {
-            let (uv, n) = read_uvarint(&self.data, p)?;
-            if uv == 0 && !first {
-                return None;
-            }
-            p += n;
-            let delta = ((uv >> 1) as i32) ^ -((uv & 1) as i32);
-            value = value.wrapping_add(delta);
-            let (pc_delta, n) = read_uvarint(&self.data, p)?;
-            p += n;
-            pc = pc.checked_add(u64::from(pc_delta).checked_mul(self.min_lc)?)?;
-            if target < pc {
-                return Some(value);
-            }
-            first = false;
-        }
+        p += n;
+        self.value = self
+            .value
+            .wrapping_add(((uv >> 1) as i32) ^ -((uv & 1) as i32));
+        let (pc_delta, n) = read_uvarint(self.data, p)?;
+        p += n;
+        let end = self
+            .pc
+            .checked_add(u64::from(pc_delta).checked_mul(self.quantum)?)?;
+        let pcs = self.pc..end;
+        (self.pc, self.first, self.at) = (end, false, Some(p));
+        Some((self.value, pcs))
     }
 }
 
