@@ -178,8 +178,15 @@ pub struct EbpfConfig {
     /// Non-zero: sample only tasks whose cgroup v2 id (`bpf_get_current_cgroup_id`) is in
     /// `CGROUP_FILTER` (the workload filter), checked before anything else costs.
     pub filter_by_cgroup: u32,
+    /// Byte offsets of `task_struct->pid` and `->tgid` from the kernel's BTF; 0 in either: the
+    /// sampler calls `bpf_get_current_pid_tgid` instead.
+    pub task_pid_offset: u32,
+    pub task_tgid_offset: u32,
+    /// Byte offset of `task_struct->comm` from the kernel's BTF, when it is 8-byte aligned;
+    /// 0: the sampler copies the name with `bpf_get_current_comm` instead.
+    pub task_comm_offset: u32,
 }
-const _: () = assert!(core::mem::size_of::<EbpfConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<EbpfConfig>() == 36);
 
 /// How the eBPF side finds a thread-local variable of the sampled thread, starting from the
 /// thread pointer (x86_64: `task_struct->thread.fsbase`). User space computes it from the

@@ -1,10 +1,8 @@
 //! Architecture-specific reads of the interrupted context. x86_64 only for now.
 
-use aya_ebpf::{
-    EbpfContext,
-    helpers::{bpf_get_current_task_btf, bpf_probe_read_kernel, bpf_task_pt_regs},
-    programs::PerfEventContext,
-};
+use aya_ebpf::{EbpfContext, programs::PerfEventContext};
+
+use crate::task::Task;
 
 /// Byte offset of `cs` in x86_64 `struct pt_regs`, which starts `struct bpf_perf_event_data`.
 /// This is UAPI (`arch/x86/include/uapi/asm/ptrace.h`), stable across kernels.
@@ -27,9 +25,9 @@ pub fn interrupted_kernel_mode(ctx: &PerfEventContext) -> bool {
 /// The user stack pointer of the sampled task. When the tick interrupted user code it is in
 /// the context; in kernel mode (a system call, or an interrupt's work on its way back to user
 /// code) the context holds kernel registers, and the user ones are at the top of the task's
-/// kernel stack (`bpf_task_pt_regs`).
+/// kernel stack.
 #[inline(always)]
-pub fn user_stack_pointer(ctx: &PerfEventContext) -> Option<u64> {
+pub fn user_stack_pointer(ctx: &PerfEventContext, task: Task) -> Option<u64> {
     if !interrupted_kernel_mode(ctx) {
         return Some(unsafe {
             *(ctx.as_ptr() as *const u8)
@@ -37,11 +35,5 @@ pub fn user_stack_pointer(ctx: &PerfEventContext) -> Option<u64> {
                 .cast::<u64>()
         });
     }
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as *const u8;
-    if regs.is_null() {
-        return None;
-    }
-    // A helper rather than a load: the compiler would otherwise share one load instruction
-    // between the context and this pointer, which the verifier refuses.
-    unsafe { bpf_probe_read_kernel(regs.add(PT_REGS_SP_OFFSET).cast::<u64>()) }.ok()
+    task.saved_user_stack_pointer()
 }

@@ -5,10 +5,7 @@
 //! Each outcome increments its counter.
 
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user,
-        generated::bpf_probe_read_user as probe_read_user_raw,
-    },
+    helpers::{bpf_probe_read_user, generated::bpf_probe_read_user as probe_read_user_raw},
     macros::map,
     maps::{Array, LruHashMap},
 };
@@ -41,13 +38,13 @@ const USER_ADDRESS_LIMIT: u64 = 0x0000_8000_0000_0000;
 #[inline(always)]
 pub fn read_go_labels(
     source: &ContextSource,
-    fsbase_offset: u32,
+    thread_pointer: Option<u64>,
     dest: *mut u8,
     work: Workspace,
     slice: bool,
 ) -> (ContextKind, usize) {
     let (cursor, buffer) = (work.cursor, unsafe { &mut *work.go_labels });
-    let Some(thread_pointer) = thread_pointer(fsbase_offset) else {
+    let Some(thread_pointer) = thread_pointer else {
         count(Counter::ContextThreadPointerFault);
         return (ContextKind::None, 0);
     };
@@ -343,11 +340,11 @@ pub fn read_obi(pid_tgid: u64, dest: *mut u8) -> (ContextKind, usize) {
 #[inline(always)]
 pub fn read_custom_labels(
     tls: &TlsLocation,
-    fsbase_offset: u32,
+    thread_pointer: Option<u64>,
     dest: *mut u8,
     cursor: Cursor,
 ) -> (ContextKind, usize) {
-    let Some(set) = thread_local_pointer(tls, fsbase_offset) else {
+    let Some(set) = thread_local_pointer(tls, thread_pointer) else {
         return (ContextKind::None, 0);
     };
     let Ok(header) = (unsafe { bpf_probe_read_user(set as *const [u64; 2]) }) else {
@@ -420,10 +417,10 @@ const _: () = assert!(MAX_THREAD_CONTEXT_ATTRS <= REST_MASK);
 #[inline(always)]
 pub fn read_thread_context(
     tls: &TlsLocation,
-    fsbase_offset: u32,
+    thread_pointer: Option<u64>,
     dest: *mut u8,
 ) -> (ContextKind, usize) {
-    let Some(record) = thread_local_pointer(tls, fsbase_offset) else {
+    let Some(record) = thread_local_pointer(tls, thread_pointer) else {
         return (ContextKind::None, 0);
     };
     let header_len = core::mem::size_of::<ThreadContextHeader>();
@@ -476,8 +473,8 @@ pub fn read_thread_context(
 /// The pointer a writer stores in its thread-local variable (the active record or label set);
 /// `None` when there is none (counted by outcome).
 #[inline(always)]
-fn thread_local_pointer(tls: &TlsLocation, fsbase_offset: u32) -> Option<u64> {
-    let Some(thread_pointer) = thread_pointer(fsbase_offset) else {
+fn thread_local_pointer(tls: &TlsLocation, thread_pointer: Option<u64>) -> Option<u64> {
+    let Some(thread_pointer) = thread_pointer else {
         count(Counter::ContextThreadPointerFault);
         return None;
     };
@@ -493,18 +490,6 @@ fn thread_local_pointer(tls: &TlsLocation, fsbase_offset: u32) -> Option<u64> {
             None
         }
     }
-}
-
-/// `task_struct->thread.fsbase` of the current task (x86_64 thread pointer).
-#[inline(always)]
-fn thread_pointer(fsbase_offset: u32) -> Option<u64> {
-    if fsbase_offset == 0 {
-        return None;
-    }
-    let task = unsafe { bpf_get_current_task() } as *const u8;
-    let fsbase =
-        unsafe { bpf_probe_read_kernel(task.add(fsbase_offset as usize) as *const u64) }.ok()?;
-    (fsbase != 0).then_some(fsbase)
 }
 
 /// Address of the thread-local variable: static TLS is a fixed offset from the thread pointer;

@@ -26,9 +26,11 @@ use profiler_common::{
     MAX_CONTEXT_BYTES, MAX_FILTERED_CGROUPS, NUM_COUNTERS, ProcessEvent, RecordKind, STACK_BYTES,
     SampleHeader, SampleScratch, sample_flags,
 };
+use task::Task;
 
 mod arch;
 mod context;
+mod task;
 
 /// Load-time settings; user space overrides this before load.
 #[unsafe(no_mangle)]
@@ -39,7 +41,24 @@ static CONFIG: Global<EbpfConfig> = Global::new(EbpfConfig {
     task_fsbase_offset: 0,
     obi_enabled: 0,
     filter_by_cgroup: 0,
+    task_pid_offset: 0,
+    task_tgid_offset: 0,
+    task_comm_offset: 0,
 });
+
+/// A field of `CONFIG`, loaded where it is used. The verifier knows a load from the frozen,
+/// read-only `.rodata` map as a constant, which an offset into a BTF-typed pointer must be; a
+/// copy of the whole struct through the stack loses that.
+macro_rules! config_field {
+    ($field:ident) => {
+        unsafe {
+            core::ptr::read_volatile(core::ptr::addr_of!(
+                (*(&raw const crate::CONFIG).cast::<profiler_common::EbpfConfig>()).$field
+            ))
+        }
+    };
+}
+pub(crate) use config_field;
 
 /// Size is set by user space at load time (`EbpfLoader::map_max_entries`).
 #[map]
@@ -106,7 +125,8 @@ pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
 #[inline(always)]
 fn sample(ctx: &PerfEventContext) {
     let config = CONFIG.load();
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let task = Task::current();
+    let pid_tgid = task.pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let tid = pid_tgid as u32;
     if tid == 0 {
@@ -164,7 +184,7 @@ fn sample(ctx: &PerfEventContext) {
     // binary's unwind tables.
     let mut user_stack_top = 0u64;
     if user_bytes > 0
-        && let Some(sp) = arch::user_stack_pointer(ctx)
+        && let Some(sp) = arch::user_stack_pointer(ctx, task)
         && let Ok(word) = unsafe { bpf_probe_read_user(sp as *const u64) }
     {
         user_stack_top = word;
@@ -202,7 +222,7 @@ fn sample(ctx: &PerfEventContext) {
     header.tgid = tgid;
     header.tid = tid;
     header.ktime_ns = unsafe { bpf_ktime_get_ns() };
-    header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    header.comm = task.comm();
     header.user_frames = (user_bytes / 8) as u16;
     header.kernel_frames = (kernel_bytes / 8) as u16;
     header.context_kind = ContextKind::None as u8;
@@ -219,8 +239,9 @@ fn sample(ctx: &PerfEventContext) {
     match unsafe { CONTEXT_SOURCES.get(tgid) } {
         Some(source) if source.reader == ContextReader::ThreadContext as u8 => {
             let dest = unsafe { scratch.data.as_mut_ptr().add(user_bytes + kernel_bytes) };
+            let thread_pointer = task.thread_pointer();
             let (kind, len) = timed_context_read(|| {
-                context::read_thread_context(&source.tls, config.task_fsbase_offset, dest)
+                context::read_thread_context(&source.tls, thread_pointer, dest)
             });
             finish_sample(scratch, pid_tgid, &config, kind, len);
             return;
@@ -290,10 +311,11 @@ pub(crate) fn finish_sample(
 /// the scratch record the sampler prepared, then emits it.
 #[inline(always)]
 fn read_context_and_finish(
-    reader: impl Fn(&ContextSource, u32, *mut u8, context::Workspace) -> (ContextKind, usize),
+    reader: impl Fn(&ContextSource, Option<u64>, *mut u8, context::Workspace) -> (ContextKind, usize),
 ) -> u32 {
     let config = CONFIG.load();
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let task = Task::current();
+    let pid_tgid = task.pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         return 0;
@@ -311,7 +333,8 @@ fn read_context_and_finish(
                 cursor: context::Cursor(&raw mut scratch.cursor),
                 go_labels: &raw mut scratch.go_labels,
             };
-            timed_context_read(|| reader(source, config.task_fsbase_offset, dest, work))
+            let thread_pointer = task.thread_pointer();
+            timed_context_read(|| reader(source, thread_pointer, dest, work))
         }
         None => (ContextKind::None, 0),
     };
@@ -321,22 +344,22 @@ fn read_context_and_finish(
 
 #[perf_event]
 pub fn read_custom_labels(_ctx: PerfEventContext) -> u32 {
-    read_context_and_finish(|source, fsbase, dest, work| {
-        context::read_custom_labels(&source.tls, fsbase, dest, work.cursor)
+    read_context_and_finish(|source, thread_pointer, dest, work| {
+        context::read_custom_labels(&source.tls, thread_pointer, dest, work.cursor)
     })
 }
 
 #[perf_event]
 pub fn read_go_labels_map(_ctx: PerfEventContext) -> u32 {
-    read_context_and_finish(|source, fsbase, dest, work| {
-        context::read_go_labels(source, fsbase, dest, work, false)
+    read_context_and_finish(|source, thread_pointer, dest, work| {
+        context::read_go_labels(source, thread_pointer, dest, work, false)
     })
 }
 
 #[perf_event]
 pub fn read_go_labels_slice(_ctx: PerfEventContext) -> u32 {
-    read_context_and_finish(|source, fsbase, dest, work| {
-        context::read_go_labels(source, fsbase, dest, work, true)
+    read_context_and_finish(|source, thread_pointer, dest, work| {
+        context::read_go_labels(source, thread_pointer, dest, work, true)
     })
 }
 

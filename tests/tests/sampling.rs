@@ -31,10 +31,32 @@ async fn check_attribution(binary: std::path::PathBuf, label: &str) {
         samples.iter().all(|s| s.pid == fixture.pid),
         "{label}: samples from other processes"
     );
-    for (leaf, entry, middle, other_entry) in [
-        ("burn_a", "thread_a_main", "work_a", "thread_b_main"),
-        ("burn_b", "thread_b_main", "work_b", "thread_a_main"),
+    for (leaf, entry, middle, other_entry, thread) in [
+        (
+            "burn_a",
+            "thread_a_main",
+            "work_a",
+            "thread_b_main",
+            "thread-a",
+        ),
+        (
+            "burn_b",
+            "thread_b_main",
+            "work_b",
+            "thread_a_main",
+            "thread-b",
+        ),
     ] {
+        // The thread's name, as the kernel holds it at the sample (the fixture names each).
+        let misnamed = samples
+            .iter()
+            .filter(|s| &*s.leaf == leaf && s.thread_name != thread)
+            .map(|s| s.thread_name.as_str())
+            .collect::<std::collections::BTreeSet<_>>();
+        assert!(
+            misnamed.is_empty(),
+            "{label}: {leaf} samples on threads named {misnamed:?}, not {thread:?}"
+        );
         let (total, with_entry, with_other) = caller_counts(&samples, leaf, entry, other_entry);
         let (_, full_chain, _) = caller_counts(&samples, leaf, middle, other_entry);
         let entry_rate = with_entry as f64 / total as f64;

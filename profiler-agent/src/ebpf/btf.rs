@@ -1,5 +1,5 @@
-//! A minimal reader of kernel BTF: just enough to answer "at which byte offset is
-//! `task_struct.thread.fsbase`?" at start-up.
+//! A minimal reader of kernel BTF: just enough to answer "at which byte offset are
+//! `task_struct.thread.fsbase`, `pid`, `tgid` and `comm`?" at start-up.
 //!
 //! Rust eBPF programs cannot carry CO-RE field relocations (see ARCHITECTURE.md: no kernel
 //! struct offset is compiled in), so the agent reads the offsets it needs from
@@ -67,36 +67,39 @@ pub enum BtfError {
 /// (e.g. `("task_struct", "thread.fsbase")`), looking through anonymous struct/union members
 /// and typedef/const/volatile/restrict/type-tag modifiers.
 pub fn member_offset(btf: &[u8], struct_name: &str, path: &str) -> Result<u32, BtfError> {
-    let types = Types::parse(btf)?;
-    let mut id = types
-        .find_composite(struct_name)?
-        .ok_or_else(|| BtfError::NoSuchStruct(struct_name.to_owned()))?;
-    let mut container = struct_name.to_owned();
-    let mut total_bits: u64 = 0;
-    for member in path.split('.') {
-        let (bits, member_type) =
-            types
-                .find_member(id, member, 0)?
-                .ok_or_else(|| BtfError::NoSuchMember {
-                    container: container.clone(),
-                    member: member.to_owned(),
-                })?;
-        total_bits += u64::from(bits);
-        id = types.skip_modifiers(member_type)?;
-        container = member.to_owned();
-    }
-    if !total_bits.is_multiple_of(8) {
-        return Err(BtfError::Bitfield(path.to_owned()));
-    }
-    u32::try_from(total_bits / 8).map_err(|_| BtfError::Truncated)
+    Types::parse(btf)?.member_offset(struct_name, path)
 }
 
-/// Offset of `task_struct.thread.fsbase` (the x86_64 user thread pointer) in the running kernel.
-pub fn task_fsbase_offset() -> anyhow::Result<u32> {
-    use anyhow::Context as _;
-    let btf = std::fs::read(VMLINUX_BTF).with_context(|| format!("read {VMLINUX_BTF}"))?;
-    member_offset(&btf, "task_struct", "thread.fsbase")
-        .context("find task_struct.thread.fsbase in the kernel BTF")
+/// Where the sampler finds the current task's fields in the running kernel's `task_struct`.
+/// `None`: not found (or, for `comm`, not 8-byte aligned); the sampler then calls a helper,
+/// and without `fsbase` it reads no trace context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskOffsets {
+    /// `thread.fsbase`, the x86_64 user thread pointer.
+    pub fsbase: Option<u32>,
+    pub pid: Option<u32>,
+    pub tgid: Option<u32>,
+    pub comm: Option<u32>,
+}
+
+impl TaskOffsets {
+    pub fn from_btf(btf: &[u8]) -> Result<Self, BtfError> {
+        let types = Types::parse(btf)?;
+        let offset = |path| types.member_offset("task_struct", path).ok();
+        Ok(Self {
+            fsbase: offset("thread.fsbase"),
+            pid: offset("pid"),
+            tgid: offset("tgid"),
+            comm: offset("comm").filter(|offset| offset % 8 == 0),
+        })
+    }
+
+    /// The offsets in the running kernel (`/sys/kernel/btf/vmlinux`).
+    pub fn of_running_kernel() -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let btf = std::fs::read(VMLINUX_BTF).with_context(|| format!("read {VMLINUX_BTF}"))?;
+        Self::from_btf(&btf).context("parse the kernel BTF")
+    }
 }
 
 /// The type and string sections, with the byte position of every type record (index = id - 1).
@@ -117,6 +120,30 @@ struct TypeHeader {
 }
 
 impl<'a> Types<'a> {
+    /// Byte offset of the dotted member `path` inside the struct or union `struct_name`.
+    fn member_offset(&self, struct_name: &str, path: &str) -> Result<u32, BtfError> {
+        let mut id = self
+            .find_composite(struct_name)?
+            .ok_or_else(|| BtfError::NoSuchStruct(struct_name.to_owned()))?;
+        let mut container = struct_name.to_owned();
+        let mut total_bits: u64 = 0;
+        for member in path.split('.') {
+            let (bits, member_type) =
+                self.find_member(id, member, 0)?
+                    .ok_or_else(|| BtfError::NoSuchMember {
+                        container: container.clone(),
+                        member: member.to_owned(),
+                    })?;
+            total_bits += u64::from(bits);
+            id = self.skip_modifiers(member_type)?;
+            container = member.to_owned();
+        }
+        if !total_bits.is_multiple_of(8) {
+            return Err(BtfError::Bitfield(path.to_owned()));
+        }
+        u32::try_from(total_bits / 8).map_err(|_| BtfError::Truncated)
+    }
+
     fn parse(btf: &'a [u8]) -> Result<Self, BtfError> {
         if read_u16(btf, 0)? != MAGIC {
             return Err(BtfError::BadMagic);
@@ -414,7 +441,7 @@ mod tests {
     /// The running kernel's BTF against bpftool's reading of it. The agent needs both BTF and
     /// bpftool is installed by scripts/setup.sh, so a missing one fails the test.
     #[test]
-    fn vmlinux_fsbase_offset_matches_bpftool() {
+    fn vmlinux_task_offsets_match_bpftool() {
         let btf = std::fs::read(VMLINUX_BTF).expect("kernel BTF at /sys/kernel/btf/vmlinux");
         let started = std::time::Instant::now();
         let offset = member_offset(&btf, "task_struct", "thread.fsbase").expect("fsbase offset");
@@ -435,7 +462,13 @@ mod tests {
         let expected = bpftool_bits_offset(&dump, "task_struct", "thread") / 8
             + bpftool_bits_offset(&dump, "thread_struct", "fsbase") / 8;
         assert_eq!(u64::from(offset), expected);
-        assert_eq!(task_fsbase_offset().expect("task_fsbase_offset"), offset);
+        let task = TaskOffsets::of_running_kernel().expect("task offsets");
+        assert_eq!(task.fsbase, Some(offset));
+        let field = |name| Some(bpftool_bits_offset(&dump, "task_struct", name) / 8);
+        assert_eq!(task.pid.map(u64::from), field("pid"));
+        assert_eq!(task.tgid.map(u64::from), field("tgid"));
+        let comm = field("comm").filter(|offset| offset.is_multiple_of(8));
+        assert_eq!(task.comm.map(u64::from), comm);
         // The budget is 50 ms in release; a debug build is several times slower.
         let budget = if cfg!(debug_assertions) { 500 } else { 50 };
         assert!(

@@ -149,19 +149,25 @@ impl Sampler {
         }
         ensure_tracefs()?;
         raise_memlock_limit();
+        let task = btf::TaskOffsets::of_running_kernel().unwrap_or_else(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "no kernel BTF: task fields come from helpers");
+            btf::TaskOffsets { fsbase: None, pid: None, tgid: None, comm: None }
+        });
+        if task.fsbase.is_none() {
+            tracing::warn!(
+                "no task_struct.thread.fsbase in the kernel BTF: trace contexts will not be read"
+            );
+        }
         let settings = EbpfConfig {
             agent_tgid: std::process::id(),
             filter_by_pid: u32::from(config.pids.is_some()),
             exit_group_dead_offset: exit_group_dead_offset().unwrap_or(0),
-            task_fsbase_offset: match btf::task_fsbase_offset() {
-                Ok(offset) => offset,
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), "no thread pointer offset from BTF: trace contexts will not be read");
-                    0
-                }
-            },
+            task_fsbase_offset: task.fsbase.unwrap_or(0),
             obi_enabled: u32::from(config.obi_bpffs_root.is_some()),
             filter_by_cgroup: u32::from(config.cgroups.is_some()),
+            task_pid_offset: task.pid.unwrap_or(0),
+            task_tgid_offset: task.tgid.unwrap_or(0),
+            task_comm_offset: task.comm.unwrap_or(0),
         };
         let obi_pin = config
             .obi_bpffs_root

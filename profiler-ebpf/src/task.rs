@@ -1,0 +1,81 @@
+//! The sampled task, read through the BTF-typed pointer `bpf_get_current_task_btf` returns.
+//!
+//! Fields are plain loads at offsets user space took from the kernel's BTF (`CONFIG`): one
+//! helper call for the pointer replaces one per field (`bpf_get_current_pid_tgid`,
+//! `bpf_get_current_comm`, `bpf_probe_read_kernel` for the thread pointer). On this
+//! kernel every helper call costs a mitigated return, and the sampler runs on every tick of
+//! every CPU. The offsets are constants of the frozen `.rodata` map, so the verifier checks
+//! each load against `task_struct` once, at load time. An offset user space could not find
+//! is 0, and that field comes from the helper instead.
+
+use aya_ebpf::helpers::{
+    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
+    bpf_probe_read_kernel, bpf_task_pt_regs,
+};
+
+use crate::config_field;
+
+/// Byte offset of `sp` in x86_64 `struct pt_regs` (UAPI, stable across kernels).
+const PT_REGS_SP_OFFSET: usize = 19 * 8;
+
+/// `current`, valid for the program's run.
+#[derive(Clone, Copy)]
+pub struct Task(*const u8);
+
+impl Task {
+    #[inline(always)]
+    pub fn current() -> Self {
+        Self(unsafe { bpf_get_current_task_btf() } as *const u8)
+    }
+
+    /// `tgid << 32 | pid`, as `bpf_get_current_pid_tgid` returns it.
+    #[inline(always)]
+    pub fn pid_tgid(self) -> u64 {
+        let (pid, tgid) = (
+            config_field!(task_pid_offset),
+            config_field!(task_tgid_offset),
+        );
+        if pid == 0 || tgid == 0 {
+            return bpf_get_current_pid_tgid();
+        }
+        let pid = unsafe { *(self.0.add(pid as usize) as *const u32) };
+        let tgid = unsafe { *(self.0.add(tgid as usize) as *const u32) };
+        (u64::from(tgid) << 32) | u64::from(pid)
+    }
+
+    /// The thread's name (`comm`, NUL-padded), as `bpf_get_current_comm` copies it.
+    #[inline(always)]
+    pub fn comm(self) -> [u8; 16] {
+        let offset = config_field!(task_comm_offset);
+        if offset == 0 {
+            return bpf_get_current_comm().unwrap_or([0; 16]);
+        }
+        // User space sets the offset only when it is 8-byte aligned: two word loads.
+        let words = unsafe { *(self.0.add(offset as usize) as *const [u64; 2]) };
+        unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) }
+    }
+
+    /// `thread.fsbase`, the x86_64 user thread pointer; `None` when unknown or not set.
+    #[inline(always)]
+    pub fn thread_pointer(self) -> Option<u64> {
+        let offset = config_field!(task_fsbase_offset);
+        if offset == 0 {
+            return None;
+        }
+        let fsbase = unsafe { *(self.0.add(offset as usize) as *const u64) };
+        (fsbase != 0).then_some(fsbase)
+    }
+
+    /// The user stack pointer saved at the top of the task's kernel stack (valid while the
+    /// task is in the kernel on behalf of user code).
+    #[inline(always)]
+    pub fn saved_user_stack_pointer(self) -> Option<u64> {
+        let regs = unsafe { bpf_task_pt_regs(self.0 as *mut _) } as *const u8;
+        if regs.is_null() {
+            return None;
+        }
+        // A helper rather than a load: the compiler would otherwise share one load
+        // instruction between this pointer and the perf context, which the verifier refuses.
+        unsafe { bpf_probe_read_kernel(regs.add(PT_REGS_SP_OFFSET).cast::<u64>()) }.ok()
+    }
+}
