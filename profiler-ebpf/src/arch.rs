@@ -8,7 +8,7 @@ use crate::task::Task;
 /// This is UAPI (`arch/x86/include/uapi/asm/ptrace.h`), stable across kernels.
 const PT_REGS_CS_OFFSET: usize = 17 * 8;
 /// Byte offset of `sp` in the same `struct pt_regs`.
-const PT_REGS_SP_OFFSET: usize = 19 * 8;
+pub(crate) const PT_REGS_SP_OFFSET: usize = 19 * 8;
 
 /// True when the sampled CPU was running kernel code (the ring-3 bits of CS are clear).
 #[inline(always)]

@@ -13,10 +13,7 @@ use aya_ebpf::helpers::{
     bpf_probe_read_kernel, bpf_task_pt_regs,
 };
 
-use crate::config_field;
-
-/// Byte offset of `sp` in x86_64 `struct pt_regs` (UAPI, stable across kernels).
-const PT_REGS_SP_OFFSET: usize = 19 * 8;
+use crate::{arch::PT_REGS_SP_OFFSET, config_field};
 
 /// `current`, valid for the program's run.
 #[derive(Clone, Copy)]
