@@ -3,7 +3,11 @@
 //! and blazesym's symbolizer is not `Send`), fed through one bounded channel by the ring-buffer
 //! reader (which also sends the 1 s housekeeping tick), and whoever asks it for output.
 
-use std::{collections::HashSet, sync::Arc, thread::JoinHandle};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    thread::JoinHandle,
+};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -129,6 +133,7 @@ pub struct Collector {
     sources: Option<ContextSources>,
     /// Processes whose samples named attribute keys their cached key map lacks.
     stale_key_maps: HashSet<u32>,
+    ends: ProcessEnds,
     clock: MonotonicToUnix,
     window_start: u64,
     metrics: Metrics,
@@ -153,6 +158,7 @@ impl Collector {
             sinks,
             sources: context_sources.map(|map| ContextSources::new(map, metrics.clone())),
             stale_key_maps: HashSet::new(),
+            ends: ProcessEnds::default(),
             window_start: clock.unix_now(),
             clock,
             metrics,
@@ -194,6 +200,7 @@ impl Collector {
                     sink.tick();
                 }
                 self.processes.collect_garbage();
+                self.ends.forget_old();
                 self.symbolizer
                     .retire_jit_objects(self.processes.take_retired_jit_objects());
                 self.processes
@@ -234,15 +241,21 @@ impl Collector {
 
     fn handle_record(&mut self, record: Record) {
         match record {
-            Record::Sample(sample) => self.add_sample(sample),
-            Record::Exec { tgid, .. } => {
+            Record::Sample(sample) => match self.ends.sample_from(sample.tgid, sample.ktime_ns) {
+                SampleTime::Current => self.add_sample(sample, true),
+                SampleTime::BeforeExit => self.add_sample(sample, false),
+                SampleTime::BeforeExec => self.counts.inc("samples_dropped_replaced_image"),
+            },
+            Record::Exec { tgid, ktime_ns, .. } => {
+                self.ends.ended(tgid, ktime_ns, End::Exec);
                 self.notify(ProcessNote::Exec(tgid));
                 self.processes.on_exec(tgid);
                 if let Some(sources) = &mut self.sources {
                     sources.on_exec(tgid);
                 }
             }
-            Record::Exit { tgid, .. } => {
+            Record::Exit { tgid, ktime_ns } => {
+                self.ends.ended(tgid, ktime_ns, End::Exit);
                 self.notify(ProcessNote::Exit(tgid));
                 self.processes.on_exit(tgid);
                 if let Some(sources) = &mut self.sources {
@@ -315,9 +328,12 @@ impl Collector {
         }
     }
 
-    fn add_sample(&mut self, sample: RawSample) {
+    /// `live`: the process has not exited yet as far as the records say (a sample staged on
+    /// another CPU can come after its process's exit): only then is it inspected for a
+    /// context source.
+    fn add_sample(&mut self, sample: RawSample, live: bool) {
         let mut maps = MapsOnce::default();
-        if let Some(sources) = &mut self.sources {
+        if live && let Some(sources) = &mut self.sources {
             sources.on_sample(sample.tgid, &mut maps);
         }
         let frames = self.processes.normalize(
@@ -532,6 +548,70 @@ impl Collector {
     }
 }
 
+/// When each recently ended process image ended (exec or exit), by the kernel's clock. The
+/// kernel stages samples per CPU and writes a process's exec and exit events after that CPU's
+/// staged samples only: one of its samples staged on another CPU can come after the event.
+/// Such a sample belongs to the image before the event.
+#[derive(Default)]
+struct ProcessEnds {
+    by_pid: HashMap<u32, Ends>,
+    /// The latest event time seen: entries far older than it are forgotten.
+    latest_ns: u64,
+}
+
+/// The last exec and the last exit of a pid (0: none seen).
+#[derive(Clone, Copy, Debug, Default)]
+struct Ends {
+    exec_ns: u64,
+    exit_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum End {
+    Exec,
+    Exit,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum SampleTime {
+    /// Taken in the process's current image.
+    Current,
+    /// Taken before the image was replaced by an exec: what the agent knows of the process now
+    /// (its mappings) is the new image's, which would misname every frame.
+    BeforeExec,
+    /// Taken before the process exited (its mappings are kept for a grace period).
+    BeforeExit,
+}
+
+/// Far longer than any sample stays staged (at most 8 ticks, and the agent samples at 1 Hz
+/// or more).
+const PROCESS_END_MEMORY_NS: u64 = 30_000_000_000;
+
+impl ProcessEnds {
+    fn ended(&mut self, pid: u32, ktime_ns: u64, end: End) {
+        self.latest_ns = self.latest_ns.max(ktime_ns);
+        let ends = self.by_pid.entry(pid).or_default();
+        match end {
+            End::Exec => ends.exec_ns = ktime_ns,
+            End::Exit => ends.exit_ns = ktime_ns,
+        }
+    }
+
+    fn sample_from(&self, pid: u32, ktime_ns: u64) -> SampleTime {
+        match self.by_pid.get(&pid) {
+            Some(ends) if ktime_ns < ends.exec_ns => SampleTime::BeforeExec,
+            Some(ends) if ktime_ns < ends.exit_ns => SampleTime::BeforeExit,
+            _ => SampleTime::Current,
+        }
+    }
+
+    fn forget_old(&mut self) {
+        let horizon = self.latest_ns.saturating_sub(PROCESS_END_MEMORY_NS);
+        self.by_pid
+            .retain(|_, ends| ends.exec_ns.max(ends.exit_ns) >= horizon);
+    }
+}
+
 fn pod_details(found: ProcessPod) -> PodDetails {
     PodDetails {
         namespace: found.pod.namespace.clone(),
@@ -539,5 +619,40 @@ fn pod_details(found: ProcessPod) -> PodDetails {
         container: found.container.as_ref().map(|c| c.name.clone()),
         app_name: found.pod.app_name().map(str::to_owned),
         attributes: found.pod.resource_attributes(found.container.as_ref()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sample_is_placed_against_its_processs_exec_and_exit() {
+        let mut ends = ProcessEnds::default();
+        assert_eq!(ends.sample_from(7, 100), SampleTime::Current);
+        ends.ended(7, 1_000, End::Exec);
+        assert_eq!(ends.sample_from(7, 999), SampleTime::BeforeExec);
+        assert_eq!(ends.sample_from(7, 1_000), SampleTime::Current);
+        assert_eq!(ends.sample_from(8, 999), SampleTime::Current);
+        // An exit after the exec: a late sample of the old image is still the old image's.
+        ends.ended(7, 2_000, End::Exit);
+        assert_eq!(ends.sample_from(7, 500), SampleTime::BeforeExec);
+        assert_eq!(ends.sample_from(7, 1_500), SampleTime::BeforeExit);
+        // The pid taken by a new process, which execs: its samples after that are current.
+        ends.ended(7, 3_000, End::Exec);
+        assert_eq!(ends.sample_from(7, 3_001), SampleTime::Current);
+        assert_eq!(ends.sample_from(7, 2_500), SampleTime::BeforeExec);
+    }
+
+    #[test]
+    fn old_ends_are_forgotten() {
+        let mut ends = ProcessEnds::default();
+        ends.ended(1, 1_000, End::Exit);
+        ends.ended(2, PROCESS_END_MEMORY_NS + 500, End::Exec);
+        ends.ended(3, PROCESS_END_MEMORY_NS + 2_000, End::Exit);
+        ends.forget_old();
+        assert_eq!(ends.sample_from(1, 10), SampleTime::Current);
+        assert_eq!(ends.sample_from(2, 10), SampleTime::BeforeExec);
+        assert_eq!(ends.sample_from(3, 10), SampleTime::BeforeExit);
     }
 }

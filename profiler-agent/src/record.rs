@@ -171,9 +171,29 @@ impl Recording {
         self,
         f: impl FnOnce(Flushed<'_>) -> R + Send + 'static,
     ) -> anyhow::Result<Finished<R>> {
-        let kernel = self.sampler.stop();
+        let (kernel, staged) = self.sampler.stop();
         let _ = self.stop.send(true);
         self.reader.await.context("ring-buffer reader panicked")??;
+        // The samples each CPU had staged but not yet written to the ring: they follow the
+        // ring's last records.
+        self.metrics.add("records_received", staged.len() as u64);
+        let mut unsent = Vec::with_capacity(staged.len());
+        for decoded in staged {
+            match decoded {
+                Ok(record) => unsent.push(record),
+                Err(e) => self
+                    .metrics
+                    .inc(&format!("records_dropped_decode_{}", e.reason())),
+            }
+        }
+        self.metrics
+            .add("samples_read_from_staging_at_stop", unsent.len() as u64);
+        if !unsent.is_empty() {
+            self.inbox
+                .send(Message::Records(unsent))
+                .await
+                .map_err(|_| collector_stopped())?;
+        }
         self.inbox
             .send(Message::FlushTraces)
             .await

@@ -25,6 +25,8 @@ pub enum RecordKind {
     ProcessExit = 3,
     /// A process mapped a file with execute permission (a library loaded late, e.g. dlopen).
     ProcessMmapExec = 4,
+    /// Samples of one CPU, staged in [`SampleStaging`] and written to the ring together.
+    SampleBatch = 5,
 }
 
 impl RecordKind {
@@ -34,6 +36,7 @@ impl RecordKind {
             2 => Some(Self::ProcessExec),
             3 => Some(Self::ProcessExit),
             4 => Some(Self::ProcessMmapExec),
+            5 => Some(Self::SampleBatch),
             _ => None,
         }
     }
@@ -144,6 +147,47 @@ const _: () = assert!(
     core::mem::size_of::<SampleScratch>() == MAX_SAMPLE_BYTES + 8 + 8 * GO_LABELS_BUFFER_WORDS
 );
 
+/// Head of a [`RecordKind::SampleBatch`] record: `samples` sample records follow, each as
+/// [`SampleHeader`] describes it and each starting at a multiple of 8 bytes from the end of
+/// this header (zero padding between them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SampleBatchHeader {
+    /// [`RecordKind::SampleBatch`].
+    pub kind: u16,
+    pub _pad: u16,
+    pub samples: u32,
+}
+const _: () = assert!(core::mem::size_of::<SampleBatchHeader>() == 8);
+
+/// Sample bytes one CPU stages before writing them to the ring buffer as one batch.
+pub const STAGING_BYTES: usize = 16384;
+/// A batch holds at most this many ticks of one CPU: writing to the ring costs the same for one
+/// sample as for many (a shared lock and the producer's cache lines, cold on every other tick),
+/// so samples are written a batch at a time, and a batch is never older than this many ticks.
+pub const MAX_STAGED_TICKS: u32 = 8;
+/// Samples are staged only when this much room is left, so an append never needs a check the
+/// verifier cannot follow.
+pub const STAGING_APPEND_LIMIT: usize = STAGING_BYTES - MAX_SAMPLE_BYTES - 8;
+const _: () = assert!(STAGING_BYTES.is_power_of_two());
+
+/// Per-CPU staging of samples (the `STAGING` map's only value). The sampler appends each sample
+/// to `samples` and writes `batch` and the used bytes to the ring when `ticks` reaches
+/// `EbpfConfig::staging_flush_ticks` or the used bytes reach `EbpfConfig::staging_flush_bytes`.
+/// The process exec and exit programs write their CPU's batch before their own event, so that a
+/// process's samples on that CPU come before its end. At stop, user space reads what is left.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SampleStaging {
+    /// Bytes of `samples` in use (a multiple of 8).
+    pub used: u32,
+    /// Ticks of this CPU since the batch's first sample.
+    pub ticks: u32,
+    pub batch: SampleBatchHeader,
+    pub samples: [u8; STAGING_BYTES],
+}
+const _: () = assert!(core::mem::size_of::<SampleStaging>() == 16 + STAGING_BYTES);
+
 /// Process lifecycle record (exec or exit), in the same ring buffer as samples so that it is
 /// ordered with them.
 #[repr(C)]
@@ -185,8 +229,14 @@ pub struct EbpfConfig {
     /// Byte offset of `task_struct->comm` from the kernel's BTF, when it is 8-byte aligned;
     /// 0: the sampler copies the name with `bpf_get_current_comm` instead.
     pub task_comm_offset: u32,
+    /// A CPU's staged samples are written to the ring after this many ticks (1: every sample
+    /// at once); at most [`MAX_STAGED_TICKS`].
+    pub staging_flush_ticks: u32,
+    /// ... or once this many bytes are staged (at most [`STAGING_APPEND_LIMIT`]; small rings
+    /// take small batches).
+    pub staging_flush_bytes: u32,
 }
-const _: () = assert!(core::mem::size_of::<EbpfConfig>() == 36);
+const _: () = assert!(core::mem::size_of::<EbpfConfig>() == 44);
 
 /// How the eBPF side finds a thread-local variable of the sampled thread, starting from the
 /// thread pointer (x86_64: `task_struct->thread.fsbase`). User space computes it from the
@@ -348,6 +398,7 @@ pub mod custom_labels {
 /// Map and global names, shared so the two sides cannot drift.
 pub mod names {
     pub const EVENTS: &str = "EVENTS";
+    pub const STAGING: &str = "STAGING";
     pub const COUNTERS: &str = "COUNTERS";
     pub const PID_FILTER: &str = "PID_FILTER";
     pub const CGROUP_FILTER: &str = "CGROUP_FILTER";
@@ -396,9 +447,9 @@ counters! {
     SkippedSelf = "skipped_self",
     /// Ticks of processes outside the pid allow-list.
     SkippedFiltered = "skipped_filtered",
-    /// Samples written to the ring buffer.
+    /// Samples written to the ring buffer (in batches: see [`SampleStaging`]).
     SamplesEmitted = "samples_emitted",
-    /// Samples lost because the ring buffer was full.
+    /// Samples lost because the ring buffer was full (every sample of a batch that did not fit).
     RingBufferFull = "ringbuf_full",
     /// Process events lost because the ring buffer was full.
     ProcessEventsLost = "process_events_lost",
@@ -443,6 +494,9 @@ counters! {
     /// Ticks of tasks outside the cgroup allow-list (the workload filter): no stack was walked
     /// and no context read for them.
     SkippedCgroup = "skipped_cgroup",
+    /// Sample batches written to the ring buffer: `samples_emitted / sample_batches_emitted`
+    /// samples per ring write.
+    SampleBatchesEmitted = "sample_batches_emitted",
 }
 
 /// One context read in this many (per CPU) is timed into `Counter::ContextReadNs`.
@@ -459,6 +513,8 @@ mod pod {
     // implicit padding (checked by the size assertions above).
     unsafe impl aya::Pod for super::SampleHeader {}
     unsafe impl aya::Pod for super::ProcessEvent {}
+    unsafe impl aya::Pod for super::SampleBatchHeader {}
+    unsafe impl aya::Pod for super::SampleStaging {}
     unsafe impl aya::Pod for super::EbpfConfig {}
     unsafe impl aya::Pod for super::TlsLocation {}
     unsafe impl aya::Pod for super::ContextSource {}
@@ -489,6 +545,7 @@ mod tests {
             RecordKind::ProcessExec,
             RecordKind::ProcessExit,
             RecordKind::ProcessMmapExec,
+            RecordKind::SampleBatch,
         ] {
             assert_eq!(RecordKind::from_u16(k as u16), Some(k));
         }

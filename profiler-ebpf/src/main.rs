@@ -2,9 +2,10 @@
 //!
 //! - `on_cpu_sample` (perf_event, software cpu-clock on every online CPU): filter (idle, self,
 //!   cgroup allow-list, pid allow-list), capture the user and kernel stacks into a per-CPU
-//!   scratch record and copy it to the ring buffer with its real length.
+//!   scratch record and append it, with its real length, to the CPU's batch of samples
+//!   (`staging`), which goes to the ring buffer every few ticks.
 //! - `on_process_exec` / `on_process_exit` (sched tracepoints): process lifecycle records in the
-//!   same ring buffer, so user space sees them in order with the samples.
+//!   same ring buffer, after their CPU's staged samples.
 //!
 //! Every outcome that loses or skips something increments a per-CPU counter.
 #![no_std]
@@ -30,6 +31,7 @@ use task::Task;
 
 mod arch;
 mod context;
+mod staging;
 mod task;
 
 /// Load-time settings; user space overrides this before load.
@@ -44,6 +46,8 @@ static CONFIG: Global<EbpfConfig> = Global::new(EbpfConfig {
     task_pid_offset: 0,
     task_tgid_offset: 0,
     task_comm_offset: 0,
+    staging_flush_ticks: 1,
+    staging_flush_bytes: 0,
 });
 
 /// A field of `CONFIG`, loaded where it is used. The verifier knows a load from the frozen,
@@ -62,7 +66,7 @@ pub(crate) use config_field;
 
 /// Size is set by user space at load time (`EbpfLoader::map_max_entries`).
 #[map]
-static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(4 << 20, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(NUM_COUNTERS as u32, 0);
@@ -86,9 +90,6 @@ static CONTEXT_SOURCES: HashMap<u32, ContextSource> = HashMap::with_max_entries(
 #[map]
 static CONTEXT_READERS: ProgramArray = ProgramArray::with_max_entries(8, 0);
 
-/// Samples are consumed in batches on a timer: never wake the reader per record.
-const RINGBUF_FLAGS: u64 = aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64;
-
 #[inline(always)]
 pub(crate) fn count(counter: Counter) {
     add(counter, 1);
@@ -108,7 +109,7 @@ fn bump(counter: Counter) -> u64 {
 }
 
 #[inline(always)]
-fn add(counter: Counter, n: u64) {
+pub(crate) fn add(counter: Counter, n: u64) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
         // Per-CPU slot, and a perf_event program cannot nest on its own CPU: no atomics needed.
         unsafe { *slot += n };
@@ -118,12 +119,16 @@ fn add(counter: Counter, n: u64) {
 #[perf_event]
 pub fn on_cpu_sample(ctx: PerfEventContext) -> u32 {
     count(Counter::Invocations);
-    sample(&ctx);
+    if !sample(&ctx) {
+        staging::tick_without_sample();
+    }
     0
 }
 
+/// Whether the tick's sample went to staging (a tail call to a context reader does not return
+/// here: the reader stages it).
 #[inline(always)]
-fn sample(ctx: &PerfEventContext) {
+fn sample(ctx: &PerfEventContext) -> bool {
     let config = CONFIG.load();
     let task = Task::current();
     let pid_tgid = task.pid_tgid();
@@ -131,27 +136,27 @@ fn sample(ctx: &PerfEventContext) {
     let tid = pid_tgid as u32;
     if tid == 0 {
         count(Counter::SkippedIdle);
-        return;
+        return false;
     }
     if tgid == config.agent_tgid {
         count(Counter::SkippedSelf);
-        return;
+        return false;
     }
     // The workload filter: one helper call and one lookup, before any stack walk or context read.
     if config.filter_by_cgroup != 0 {
         let cgroup = unsafe { bpf_get_current_cgroup_id() };
         if unsafe { CGROUP_FILTER.get(cgroup) }.is_none() {
             count(Counter::SkippedCgroup);
-            return;
+            return false;
         }
     }
     if config.filter_by_pid != 0 && unsafe { PID_FILTER.get(tgid) }.is_none() {
         count(Counter::SkippedFiltered);
-        return;
+        return false;
     }
     let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
         count(Counter::ScratchUnavailable);
-        return;
+        return false;
     };
     let scratch = unsafe { &mut *scratch };
     let mut flags = 0u16;
@@ -244,12 +249,13 @@ fn sample(ctx: &PerfEventContext) {
                 context::read_thread_context(&source.tls, thread_pointer, dest)
             });
             finish_sample(scratch, pid_tgid, &config, kind, len);
-            return;
+            return true;
         }
         Some(source) => unsafe { CONTEXT_READERS.tail_call(ctx, u32::from(source.reader)) },
         None => count(Counter::ContextNoSource),
     }
     finish_sample(scratch, pid_tgid, &config, ContextKind::None, 0);
+    true
 }
 
 /// Runs one context read, counting the attempt; one attempt in `CONTEXT_READ_TIMING_EVERY` on
@@ -299,12 +305,7 @@ pub(crate) fn finish_sample(
     if len > core::mem::size_of::<SampleScratch>() {
         return;
     }
-    let bytes =
-        unsafe { core::slice::from_raw_parts((scratch as *const SampleScratch).cast::<u8>(), len) };
-    match EVENTS.output::<[u8]>(bytes, RINGBUF_FLAGS) {
-        Ok(()) => count(Counter::SamplesEmitted),
-        Err(_) => count(Counter::RingBufferFull),
-    }
+    staging::stage((scratch as *const SampleScratch).cast::<u8>(), len);
 }
 
 /// Tail-call target for every context source: reads the context of the sampled thread into
@@ -410,6 +411,9 @@ pub fn on_mmap(ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn emit_process_event(kind: RecordKind, tgid: u32) {
+    if kind != RecordKind::ProcessMmapExec {
+        staging::flush_this_cpu();
+    }
     let Some(mut entry) = EVENTS.reserve::<ProcessEvent>(0) else {
         count(Counter::ProcessEventsLost);
         return;

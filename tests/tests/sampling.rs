@@ -206,6 +206,46 @@ async fn full_ring_buffer_is_counted() {
     assert!(emitted > 0);
 }
 
+/// Samples go to the ring buffer in per-CPU batches, and the ones still staged in the kernel
+/// when the sampler stops are read from it then: every tick that captured a sample is in the
+/// profile, and a batch carries several samples.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_captured_sample_reaches_the_profile_in_batches() {
+    require_root();
+    let fixture = Fixture::start(Command::new(burn_c()));
+    let recording =
+        profiler_agent::record::Recording::start(&sampler_config(Some(vec![fixture.pid]), 99))
+            .expect("start recording");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let finished = recording
+        .finish(|f| f.aggregate.total_samples)
+        .await
+        .unwrap();
+    let k = |c| finished.kernel.get(c);
+    let captured = k(Counter::Invocations)
+        - k(Counter::SkippedIdle)
+        - k(Counter::SkippedSelf)
+        - k(Counter::SkippedFiltered)
+        - k(Counter::SkippedCgroup);
+    let emitted = k(Counter::SamplesEmitted);
+    let batches = k(Counter::SampleBatchesEmitted);
+    let at_stop = finished.metrics.get("samples_read_from_staging_at_stop");
+    println!(
+        "captured {captured}, emitted {emitted} in {batches} batches, {at_stop} read at stop, {} in the profile",
+        finished.output
+    );
+    assert_eq!(k(Counter::RingBufferFull), 0);
+    assert!(captured > 150, "{captured} samples in 3 s at 99 Hz of two busy threads");
+    assert_eq!(emitted + at_stop, captured, "samples lost between kernel and agent");
+    assert_eq!(finished.output, captured, "samples missing from the profile");
+    // At 99 Hz a batch holds eight ticks of a CPU, and the fixture's two threads keep the
+    // CPUs they run on busy much of the time (here: 5.7 samples a batch).
+    assert!(
+        emitted >= 3 * batches,
+        "{emitted} samples in {batches} ring writes"
+    );
+}
+
 /// A node busy starting processes: every exec signals the reader (a process event in a drained
 /// ring), but it drains at most once per 100 ms for them, and no event is lost for that.
 #[tokio::test(flavor = "multi_thread")]

@@ -14,7 +14,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::decode::{Record, decode};
+use super::decode::{Record, decode_item};
 use crate::metrics::Metrics;
 
 /// The ring buffer is drained when about this many samples per CPU are waiting (or when the
@@ -168,25 +168,32 @@ fn drain<T: From<Vec<Record>>>(
     let mut received = 0;
     let mut new_code = false;
     let mut batch = Vec::new();
+    let mut consumer_gone = false;
     while let Some(item) = ring.next() {
-        received += 1;
-        match decode(&item) {
-            Ok(record) => {
-                new_code |= matches!(record, Record::Exec { .. } | Record::MmapExec { .. });
-                // Sized once per batch, when its first record comes: grown record by record,
-                // the reallocations and copies were a tenth of the runtime thread's time.
-                if batch.capacity() == 0 {
-                    batch.reserve_exact(RECORDS_PER_BATCH);
+        decode_item(&item, |decoded| {
+            received += 1;
+            match decoded {
+                Ok(record) => {
+                    new_code |= matches!(record, Record::Exec { .. } | Record::MmapExec { .. });
+                    // Sized once per batch, when its first record comes: grown record by
+                    // record, the reallocations and copies were a tenth of the runtime
+                    // thread's time.
+                    if batch.capacity() == 0 {
+                        batch.reserve_exact(RECORDS_PER_BATCH);
+                    }
+                    batch.push(record);
+                    if batch.len() == RECORDS_PER_BATCH && !consumer_gone {
+                        consumer_gone = !hand_over(&mut batch, records, metrics);
+                    }
                 }
-                batch.push(record);
-                if batch.len() == RECORDS_PER_BATCH && !hand_over(&mut batch, records, metrics) {
-                    return None;
+                Err(e) => {
+                    metrics.inc(&format!("records_dropped_decode_{}", e.reason()));
+                    tracing::debug!(error = %e, "undecodable ring-buffer record");
                 }
             }
-            Err(e) => {
-                metrics.inc(&format!("records_dropped_decode_{}", e.reason()));
-                tracing::debug!(error = %e, "undecodable ring-buffer record");
-            }
+        });
+        if consumer_gone {
+            return None;
         }
     }
     metrics.add("records_received", received);
