@@ -235,9 +235,19 @@ async fn every_captured_sample_reaches_the_profile_in_batches() {
         finished.output
     );
     assert_eq!(k(Counter::RingBufferFull), 0);
-    assert!(captured > 150, "{captured} samples in 3 s at 99 Hz of two busy threads");
-    assert_eq!(emitted + at_stop, captured, "samples lost between kernel and agent");
-    assert_eq!(finished.output, captured, "samples missing from the profile");
+    assert!(
+        captured > 150,
+        "{captured} samples in 3 s at 99 Hz of two busy threads"
+    );
+    assert_eq!(
+        emitted + at_stop,
+        captured,
+        "samples lost between kernel and agent"
+    );
+    assert_eq!(
+        finished.output, captured,
+        "samples missing from the profile"
+    );
     // At 99 Hz a batch holds eight ticks of a CPU, and the fixture's two threads keep the
     // CPUs they run on busy much of the time (here: 5.7 samples a batch).
     assert!(
