@@ -244,7 +244,7 @@ impl Collector {
             Record::Sample(sample) => match self.ends.sample_from(sample.tgid, sample.ktime_ns) {
                 SampleTime::Current => self.add_sample(sample, true),
                 SampleTime::BeforeExit => self.add_sample(sample, false),
-                SampleTime::BeforeExec => self.counts.inc("samples_dropped_replaced_image"),
+                SampleTime::BeforeExec => self.counts.inc("records_dropped_replaced_image"),
             },
             Record::Exec { tgid, ktime_ns, .. } => {
                 self.ends.ended(tgid, ktime_ns, End::Exec);
