@@ -11,7 +11,10 @@ use crate::{
         Collector, CollectorConfig, Flushed, Message, ProcessNote, Sink, SymbolizedSample,
     },
     context::IdLabels,
-    ebpf::{DrainRequest, Heartbeat, KernelCounters, Sampler, SamplerConfig, spawn_reader},
+    ebpf::{
+        DrainRequest, Heartbeat, KernelCounters, Sampler, SamplerConfig, count_undecodable,
+        spawn_reader,
+    },
     export::{self, Format},
     k8s::PodMetadataHandle,
     metrics::Metrics,
@@ -181,9 +184,7 @@ impl Recording {
         for decoded in staged {
             match decoded {
                 Ok(record) => unsent.push(record),
-                Err(e) => self
-                    .metrics
-                    .inc(&format!("records_dropped_decode_{}", e.reason())),
+                Err(e) => count_undecodable(&self.metrics, &e),
             }
         }
         self.metrics

@@ -453,7 +453,8 @@ counters! {
     RingBufferFull = "ringbuf_full",
     /// Process events lost because the ring buffer was full.
     ProcessEventsLost = "process_events_lost",
-    /// The per-CPU scratch buffer could not be looked up (should never happen).
+    /// The per-CPU scratch or staging buffer could not be looked up, or a sample not copied
+    /// into the staging (should never happen).
     ScratchUnavailable = "scratch_unavailable",
     /// `bpf_get_stack` failed for the user stack (kernel threads have none).
     UserStackError = "user_stack_error",

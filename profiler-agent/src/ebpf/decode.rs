@@ -92,8 +92,20 @@ pub fn decode_item(bytes: &[u8], mut each: impl FnMut(Result<Record, DecodeError
         Ok(header) => header,
         Err(e) => return each(Err(e)),
     };
-    let mut rest = &bytes[size_of::<SampleBatchHeader>()..];
-    for decoded in 0..header.samples {
+    decode_batch_samples(
+        header.samples,
+        &bytes[size_of::<SampleBatchHeader>()..],
+        each,
+    );
+}
+
+/// The `samples` sample records of a batch after its header: what a CPU's staging holds.
+pub fn decode_batch_samples(
+    samples: u32,
+    mut rest: &[u8],
+    mut each: impl FnMut(Result<Record, DecodeError>),
+) {
+    for decoded in 0..samples {
         let sample = sample_len(rest).and_then(|len| {
             let record = decode_sample(&rest[..len])?;
             rest = rest.get(len.next_multiple_of(8)..).unwrap_or_default();
@@ -102,7 +114,7 @@ pub fn decode_item(bytes: &[u8], mut each: impl FnMut(Result<Record, DecodeError
         match sample {
             Ok(sample) => each(Ok(Record::Sample(sample))),
             Err(e) => {
-                for _ in decoded..header.samples {
+                for _ in decoded..samples {
                     each(Err(e.clone()));
                 }
                 return;

@@ -29,10 +29,9 @@ use decode::{DecodeError, Record};
 pub use privileges::check_privileges;
 use profiler_common::{
     ContextReader, ContextSource, Counter, EbpfConfig, MAX_STAGED_TICKS, MAX_WANTED_KEY_LEN,
-    MAX_WANTED_KEYS, STAGING_APPEND_LIMIT, STAGING_BYTES, SampleBatchHeader, SampleStaging,
-    WantedLabelKeys, names,
+    MAX_WANTED_KEYS, STAGING_APPEND_LIMIT, STAGING_BYTES, SampleStaging, WantedLabelKeys, names,
 };
-pub use reader::{DrainRequest, Heartbeat, drain_interval, spawn_reader};
+pub use reader::{DrainRequest, Heartbeat, count_undecodable, drain_interval, spawn_reader};
 
 /// The object `profiler-ebpf` compiles to, built by `build.rs`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/profiler"));
@@ -474,16 +473,8 @@ fn sync_cgroup_filter(ebpf: &mut Ebpf, ids: &BTreeSet<u64>) -> anyhow::Result<us
 
 /// One CPU's staged samples, decoded as the batch they would have gone to the ring as.
 fn decode_staged(staging: &SampleStaging, each: impl FnMut(Result<Record, DecodeError>)) {
-    if staging.batch.samples == 0 {
-        return;
-    }
     let used = (staging.used as usize).min(STAGING_BYTES);
-    let mut item = Vec::with_capacity(size_of::<SampleBatchHeader>() + used);
-    item.extend_from_slice(&(profiler_common::RecordKind::SampleBatch as u16).to_ne_bytes());
-    item.extend_from_slice(&0u16.to_ne_bytes());
-    item.extend_from_slice(&staging.batch.samples.to_ne_bytes());
-    item.extend_from_slice(&staging.samples[..used]);
-    decode::decode_item(&item, each);
+    decode::decode_batch_samples(staging.batch.samples, &staging.samples[..used], each);
 }
 
 fn read_counters(map: &PerCpuArray<MapData, u64>) -> BTreeMap<&'static str, u64> {

@@ -14,7 +14,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use super::decode::{Record, decode_item};
+use super::decode::{DecodeError, Record, decode_item};
 use crate::metrics::Metrics;
 
 /// The ring buffer is drained when about this many samples per CPU are waiting (or when the
@@ -186,10 +186,7 @@ fn drain<T: From<Vec<Record>>>(
                         consumer_gone = !hand_over(&mut batch, records, metrics);
                     }
                 }
-                Err(e) => {
-                    metrics.inc(&format!("records_dropped_decode_{}", e.reason()));
-                    tracing::debug!(error = %e, "undecodable ring-buffer record");
-                }
+                Err(e) => count_undecodable(metrics, &e),
             }
         });
         if consumer_gone {
@@ -198,6 +195,12 @@ fn drain<T: From<Vec<Record>>>(
     }
     metrics.add("records_received", received);
     (batch.is_empty() || hand_over(&mut batch, records, metrics)).then_some(new_code)
+}
+
+/// A record lost to decoding, counted by reason.
+pub fn count_undecodable(metrics: &Metrics, error: &DecodeError) {
+    metrics.inc(&format!("records_dropped_decode_{}", error.reason()));
+    tracing::debug!(%error, "undecodable ring-buffer record");
 }
 
 /// Sends the batch without waiting (a full queue drops it, counted per record); false when
