@@ -17,7 +17,8 @@
 //! - `traces`: the index, one row per trace (times, samples, CPU, bytes, services), kept equal
 //!   to the aggregate of its parts, with the processes it ran in (pid, process, service,
 //!   Kubernetes namespace and pod; JSON), its span ids and its parts, all in the row: a new
-//!   trace is one random-key B-tree insert, a page the WAL rewrites. A part is an incarnation
+//!   trace is one row appended and one random-key entry in the small `traces_by_id` index
+//!   (each page a random key touches is a page the WAL rewrites). A part is an incarnation
 //!   of the trace (see `TraceProfile::created_unix_ns`). `batch_parts` lists those in batches
 //!   with their figures ([`BatchPart`]); `part_ids` the `trace_parts` rows of those written
 //!   before schema 6, each with a profile of its own. A re-flush of the same incarnation (late
@@ -58,9 +59,10 @@ pub use write::{
 /// `PRAGMA application_id` of a profiler store ("PRFL"): tells it from other SQLite files.
 const APPLICATION_ID: i32 = 0x5052_464c;
 /// `PRAGMA user_version`: the schema below.
-const SCHEMA_VERSION: i32 = 6;
+const SCHEMA_VERSION: i32 = 7;
 /// The oldest schema readers accept: version 6 keeps the parts written together in one
-/// profile (`trace_batches`).
+/// profile (`trace_batches`). Version 7 changed only how `traces` is laid out on disk, which
+/// no query sees.
 const MIN_READABLE_VERSION: i32 = 6;
 /// The numeric sample label that tells the traces of a `trace_batches` profile apart: a part's
 /// index in its batch (`BatchPart::index`). Readers cut a part out by it and drop it.
@@ -122,6 +124,25 @@ const MIGRATIONS: &[&str] = &[
        id INTEGER PRIMARY KEY, first_ns INTEGER NOT NULL, last_ns INTEGER NOT NULL,
        bytes INTEGER NOT NULL, live INTEGER NOT NULL, profile BLOB NOT NULL);
      ALTER TABLE traces ADD COLUMN batch_parts TEXT NOT NULL DEFAULT '';",
+    // 7: `traces` is a rowid table: a new trace's row (~350 bytes with its processes) is
+    // appended at the table's end and its random key goes to `traces_by_id`, whose ~30-byte
+    // entries fill a tenth of the pages. Keyed by the trace id (WITHOUT ROWID), every new
+    // trace rewrote a leaf of ten rows: a commit of 80 traces wrote ~80 pages of that table.
+    "CREATE TABLE traces_v7 (
+       id INTEGER PRIMARY KEY, trace_id BLOB NOT NULL, first_ns INTEGER NOT NULL,
+       last_ns INTEGER NOT NULL, samples INTEGER NOT NULL, cpu_ns INTEGER NOT NULL,
+       bytes INTEGER NOT NULL, parts INTEGER NOT NULL, services TEXT NOT NULL,
+       processes TEXT NOT NULL DEFAULT '[]', spans TEXT NOT NULL DEFAULT '',
+       part_ids TEXT NOT NULL DEFAULT '', batch_parts TEXT NOT NULL DEFAULT '');
+     INSERT INTO traces_v7 (trace_id, first_ns, last_ns, samples, cpu_ns, bytes, parts,
+       services, processes, spans, part_ids, batch_parts)
+       SELECT trace_id, first_ns, last_ns, samples, cpu_ns, bytes, parts, services, processes,
+         spans, part_ids, batch_parts
+       FROM traces ORDER BY last_ns;
+     DROP TABLE traces;
+     ALTER TABLE traces_v7 RENAME TO traces;
+     CREATE UNIQUE INDEX traces_by_id ON traces (trace_id);
+     CREATE INDEX traces_by_last ON traces (last_ns);",
 ];
 const _: () = assert!(MIGRATIONS.len() as i32 == SCHEMA_VERSION - 1);
 /// How long a statement waits for another connection's lock before failing as locked.
@@ -129,7 +150,8 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 const SCHEMA: &str = "
 CREATE TABLE traces (
-    trace_id BLOB PRIMARY KEY,
+    id INTEGER PRIMARY KEY,
+    trace_id BLOB NOT NULL,
     first_ns INTEGER NOT NULL,
     last_ns INTEGER NOT NULL,
     samples INTEGER NOT NULL,
@@ -141,7 +163,8 @@ CREATE TABLE traces (
     spans TEXT NOT NULL DEFAULT '',
     part_ids TEXT NOT NULL DEFAULT '',
     batch_parts TEXT NOT NULL DEFAULT ''
-) WITHOUT ROWID;
+);
+CREATE UNIQUE INDEX traces_by_id ON traces (trace_id);
 CREATE INDEX traces_by_last ON traces (last_ns);
 CREATE TABLE trace_parts (
     id INTEGER PRIMARY KEY,

@@ -1126,3 +1126,66 @@ fn an_older_trace_of_two_parts_keeps_both_in_order_when_upgraded() {
     assert_eq!(part_rows(&dir.db()), (3, 0));
     drop(store);
 }
+
+/// The `traces` table's own definition, as SQLite keeps it.
+fn traces_table_sql(db: &Path) -> String {
+    rusqlite::Connection::open(db)
+        .unwrap()
+        .query_row(
+            "SELECT sql FROM sqlite_schema WHERE type = 'table' AND name = 'traces'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
+#[test]
+fn a_version_6_store_is_read_as_it_is_and_gets_a_rowid_traces_table_from_the_agent() {
+    let dir = TempDir::new("migrate7");
+    // Version 3 brought to 6 by its own migrations: what a version 6 agent left.
+    let profile = version_3_store(&dir.db(), "");
+    {
+        let conn = rusqlite::Connection::open(dir.db()).unwrap();
+        for (from, migration) in MIGRATIONS.iter().enumerate().take(5).skip(2) {
+            conn.execute_batch(&format!(
+                "BEGIN; {migration} PRAGMA user_version = {}; COMMIT;",
+                from + 2
+            ))
+            .unwrap();
+        }
+    }
+    assert!(traces_table_sql(&dir.db()).contains("WITHOUT ROWID"));
+    // Readers see no difference between versions 6 and 7.
+    let before = StoreReader::open(&dir.db()).unwrap();
+    assert_eq!(before.trace(&[0xaa; 16]).unwrap().samples, 7);
+    drop(before);
+
+    let mut store = Store::open(&dir.db()).unwrap();
+    assert!(!traces_table_sql(&dir.db()).contains("WITHOUT ROWID"));
+    let reader = StoreReader::open(&dir.db()).unwrap();
+    assert_eq!(reader.trace_pprof(&[0xaa; 16]).unwrap(), profile);
+    let (processes, spans) = reader.trace_detail(&[0xaa; 16]).unwrap();
+    assert_eq!(processes.len(), 2);
+    assert_eq!(spans.len(), 2);
+    // The trace id stays unique: a new part of the old trace updates its row, a new trace
+    // adds one.
+    write(
+        &mut store,
+        &[
+            record(0xaa, T0 + 60 * NS, T0 + 60 * NS, 2, "late"),
+            record(0xbb, T0, T0 + NS, 3, "new"),
+        ],
+        &[],
+    )
+    .unwrap();
+    assert_eq!(reader.stats().unwrap().traces, 2);
+    assert_eq!(reader.trace(&[0xaa; 16]).unwrap().parts, 2);
+    assert_eq!(part_rows(&dir.db()), (3, 0));
+    let duplicate = rusqlite::Connection::open(dir.db()).unwrap().execute(
+        "INSERT INTO traces (trace_id, first_ns, last_ns, samples, cpu_ns, bytes, parts, \
+         services) SELECT trace_id, 0, 0, 0, 0, 0, 0, '' FROM traces",
+        [],
+    );
+    assert!(duplicate.is_err(), "traces_by_id refuses a second row");
+    drop(store);
+}
