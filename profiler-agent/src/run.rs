@@ -136,7 +136,12 @@ pub async fn run(mut options: RunOptions) -> anyhow::Result<()> {
             _ = tick.tick() => {
                 recording.flush_interval().await?;
                 health.progress();
-                log_counters(&recording);
+                // One read serves the log and the API; the next periodic read waits its whole
+                // period (each read is a system call per counter and per program).
+                let kernel = recording.kernel_counters();
+                log_counters(&kernel, &recording);
+                kernel_tx.send_replace(kernel);
+                counters.reset();
             }
             _ = counters.tick() => {
                 kernel_tx.send_replace(recording.kernel_counters());
@@ -303,8 +308,7 @@ async fn next_workload_event(workloads: &mut Option<Workloads>) -> Option<k8s::W
     }
 }
 
-fn log_counters(recording: &Recording) {
-    let kernel = recording.kernel_counters();
+fn log_counters(kernel: &crate::ebpf::KernelCounters, recording: &Recording) {
     let lost = kernel.get(profiler_common::Counter::RingBufferFull);
     if lost > 0 {
         tracing::warn!(lost, "samples dropped: ring buffer full");
