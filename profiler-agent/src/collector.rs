@@ -3,11 +3,7 @@
 //! and blazesym's symbolizer is not `Send`), fed through one bounded channel by the ring-buffer
 //! reader (which also sends the 1 s housekeeping tick), and whoever asks it for output.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    thread::JoinHandle,
-};
+use std::{collections::HashSet, sync::Arc, thread::JoinHandle};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -554,7 +550,8 @@ impl Collector {
 /// Such a sample belongs to the image before the event.
 #[derive(Default)]
 struct ProcessEnds {
-    by_pid: HashMap<u32, Ends>,
+    /// Looked up for every sample: foldhash, as the collector's other per-sample maps.
+    by_pid: foldhash::HashMap<u32, Ends>,
     /// The latest event time seen: entries far older than it are forgotten.
     latest_ns: u64,
 }

@@ -36,6 +36,8 @@ pub(crate) fn stage(sample: *const u8, len: usize) {
     };
     let staging = unsafe { &mut *staging };
     if len > MAX_SAMPLE_BYTES {
+        // Never with the sampler's lengths; the bound is what the verifier needs.
+        count(Counter::ScratchUnavailable);
         return;
     }
     let mut used = staging.used as usize;
