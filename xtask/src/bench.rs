@@ -396,8 +396,9 @@ impl Run<'_> {
                 };
                 let mut measurement = self.window(profiler, round, Some(target))?;
                 agent.stop(STOP_TIMEOUT)?;
-                // The whole run, the last interval flushed at SIGINT included.
-                measurement.otlp = Some(sink.tally());
+                // The whole run, the last interval flushed at SIGINT included; decoded now,
+                // outside the window (see otlp_sink).
+                measurement.otlp = Some(sink.tally()?);
                 Ok(measurement)
             }
             Profiler::Bpftrace => {
