@@ -6,8 +6,8 @@
 //! The decoding waits for `tally`, which the bench calls once the agent has stopped. The sink
 //! runs in the bench's own process, which the agent samples like every other process and
 //! symbolizes as it goes: decoding a request in the (unoptimized, DWARF-heavy) xtask binary
-//! inside the window put tens of milliseconds of the agent's first symbolization of xtask's
-//! code into some windows and not others (4.5 against 12.7 µs per sample in one run).
+//! inside the window could put milliseconds of the agent's first symbolization of xtask's code
+//! (a compile unit parsed per new address) into some windows and not others.
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
