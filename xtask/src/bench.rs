@@ -340,6 +340,8 @@ struct Snapshot {
     iterations: u64,
     /// The fixtures' CPU time (every thread), in ns.
     fixture_cpu_ns: u64,
+    /// Tasks the machine has created since boot (`/proc/stat`'s `processes`).
+    tasks_created: u64,
     prog: Option<ProgStats>,
     samples_emitted: Option<u64>,
     cpu_ns: Option<u64>,
@@ -463,12 +465,14 @@ impl Run<'_> {
             iterations += fixture.iterations()?;
             fixture_cpu_ns += process_cpu_ns(fixture.process.pid())?;
         }
+        let tasks_created = tasks_created()?;
         let Some(target) = target else {
             return Ok(Snapshot {
                 at,
                 monotonic_secs,
                 iterations,
                 fixture_cpu_ns,
+                tasks_created,
                 prog: None,
                 samples_emitted: None,
                 cpu_ns: None,
@@ -488,6 +492,7 @@ impl Run<'_> {
             monotonic_secs,
             iterations,
             fixture_cpu_ns,
+            tasks_created,
             prog,
             samples_emitted,
             cpu_ns: Some(cpu_ns),
@@ -552,6 +557,7 @@ impl Run<'_> {
             monotonic_window: (start.monotonic_secs, end.monotonic_secs),
             iterations: end.iterations.saturating_sub(start.iterations),
             fixture_cpu_ms: end.fixture_cpu_ns.saturating_sub(start.fixture_cpu_ns) as f64 / 1e6,
+            tasks_created: end.tasks_created.saturating_sub(start.tasks_created),
             ebpf_run_time_ns: ebpf.map(|e| e.0),
             ebpf_run_cnt: ebpf.map(|e| e.1),
             ebpf_sub_windows,
@@ -1079,6 +1085,20 @@ fn process_cpu_ns(pid: u32) -> anyhow::Result<u64> {
 }
 
 /// CLOCK_MONOTONIC in seconds: the clock `perf record -k CLOCK_MONOTONIC` stamps samples with.
+/// Processes and threads created since boot: `/proc/stat`'s `processes` line.
+fn tasks_created() -> anyhow::Result<u64> {
+    parse_tasks_created(&read("/proc/stat".into())?)
+}
+
+fn parse_tasks_created(stat: &str) -> anyhow::Result<u64> {
+    stat.lines()
+        .find_map(|line| line.strip_prefix("processes "))
+        .ok_or_else(|| anyhow!("/proc/stat has no `processes` line"))?
+        .trim()
+        .parse()
+        .context("/proc/stat's `processes`")
+}
+
 fn monotonic_secs() -> f64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -1244,6 +1264,10 @@ pub(crate) struct Measurement {
     /// Fixture burn calls completed in the window, and the fixture's user + sys meanwhile.
     pub iterations: u64,
     pub fixture_cpu_ms: f64,
+    /// Processes and threads created on the whole machine during the window: churn that a
+    /// whole-machine profiler pays for (ours inspects and symbolizes each new program, perf
+    /// records its mappings), and the likeliest reason for a round that stands out.
+    pub tasks_created: u64,
     pub ebpf_run_time_ns: Option<u64>,
     pub ebpf_run_cnt: Option<u64>,
     /// eBPF µs per sample over each ~`EBPF_SUB_WINDOW` of the window.
@@ -1294,12 +1318,13 @@ impl Measurement {
             value.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2} {unit}"))
         };
         format!(
-            "eBPF {}, process CPU {} ({}), {} samples",
+            "eBPF {}, process CPU {} ({}), {} samples, {} tasks created on the machine",
             figure(self.ebpf_us_per_sample(), "µs per sample"),
             figure(self.cpu_us_per_sample(), "µs per sample"),
             figure(self.cpu_pct(), "% of one CPU"),
             self.samples
                 .map_or_else(|| "n/a".to_owned(), |s| s.to_string()),
+            self.tasks_created,
         )
     }
 
@@ -1557,6 +1582,12 @@ const ROWS: &[(&str, usize, bool, RowValue)] = &[
         2,
         true,
         |m, none| change_pct(m.iterations_per_cpu_s()?, none?.iterations_per_cpu_s()?),
+    ),
+    (
+        "processes and threads created on the machine in the window (/proc/stat)",
+        0,
+        false,
+        |m, _| Some(m.tasks_created as f64),
     ),
 ];
 
@@ -1917,6 +1948,13 @@ mod tests {
     }
 
     #[test]
+    fn tasks_created_from_proc_stat() {
+        let stat = "cpu  1 2 3\nctxt 99\nbtime 1\nprocesses 428724\nprocs_running 2\n";
+        assert_eq!(parse_tasks_created(stat).unwrap(), 428_724);
+        assert!(parse_tasks_created("cpu 1 2 3\n").is_err());
+    }
+
+    #[test]
     fn rotation() {
         assert_eq!(rotated(0), Profiler::ALL);
         assert_eq!(rotated(1)[0], Profiler::Ours);
@@ -1931,6 +1969,7 @@ mod tests {
             monotonic_window: (0.0, 10.0),
             iterations: 4000,
             fixture_cpu_ms: 20_000.0,
+            tasks_created: 0,
             ebpf_run_time_ns: None,
             ebpf_run_cnt: None,
             ebpf_sub_windows: Vec::new(),
@@ -1958,6 +1997,7 @@ mod tests {
                 rss_anon_kib: Some(20 * 1024 + u64::from(round) * 1024),
                 rss_file_kib: Some(10 * 1024),
                 samples: Some(1970),
+                tasks_created: 10 + u64::from(round) * 4,
                 otlp: Some(OtlpTally {
                     requests: 3,
                     wire_bytes: 60_000 + u64::from(round) * 6_000,
@@ -2045,6 +2085,7 @@ mod tests {
                 .ends_with("| 400.0 | 396.0 | 392.0 | 400.0 | n/a |")
         );
         assert!(row("peak RssAnon").contains("| 20.5 [20.0–21.0] |"));
+        assert!(row("processes and threads created").ends_with("| 0 | 12 [10–14] | 0 | 0 | n/a |"));
         assert!(
             report.contains(
                 "ours 4.50 [3.50–5.50] µs over 4 vs bpftrace 6.00 µs over 4 (ours ≤ bpftrace in \
