@@ -16,6 +16,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod agent_api;
 mod bench;
 mod bench_context;
 mod bpf_stats;

@@ -189,6 +189,22 @@ pub fn render(
 
     let mut f = Family::new(
         &mut out,
+        "profiler_symbolize_seconds_total",
+        "counter",
+        "Time the agent spent naming frames it had not named before (symbol tables, DWARF, \
+         perf maps, kallsyms), by target. Frames already named cost a cache look-up and are \
+         not counted; profiler_agent_frames_symbolized_total and \
+         profiler_agent_frames_unsymbolized_total count the frames.",
+    );
+    for target in ["user", "kernel"] {
+        f.sample(
+            &[("target", target)],
+            a(&format!("symbolize_{target}_ns")) as f64 / 1e9,
+        );
+    }
+
+    let mut f = Family::new(
+        &mut out,
         "profiler_ebpf_program_run_seconds_total",
         "counter",
         "Kernel time in each of the agent's eBPF programs (the kernel's bpf_stats: zero while \
@@ -235,6 +251,7 @@ mod tests {
         agent.insert("records_dropped_queue_full".to_owned(), 3);
         agent.insert("store_deleted_traces_size".to_owned(), 7);
         agent.insert("context_decoded_thread_context".to_owned(), 11);
+        agent.insert("symbolize_user_ns".to_owned(), 1_500_000);
         let mut kernel = KernelCounters::default();
         kernel.counters.insert(Counter::SamplesEmitted.name(), 100);
         kernel.programs.push(crate::ebpf::ProgramRuns {
@@ -263,6 +280,8 @@ mod tests {
             text.contains("profiler_ebpf_program_runs_total{program=\"on_cpu_sample\"} 1000\n")
         );
         assert!(text.contains("profiler_agent_records_dropped_queue_full_total 3\n"));
+        assert!(text.contains("profiler_symbolize_seconds_total{target=\"user\"} 0.0015\n"));
+        assert!(text.contains("profiler_symbolize_seconds_total{target=\"kernel\"} 0\n"));
         // Every sample line belongs to a family announced by HELP and TYPE lines.
         let mut declared = std::collections::HashSet::new();
         for line in text.lines() {
