@@ -24,6 +24,12 @@ impl MonotonicToUnix {
     }
 }
 
+/// CPU time (user + system) the calling thread has used, in ns: unlike wall time, it does not
+/// count while the thread waits or another thread runs on its CPU.
+pub fn thread_cpu_ns() -> u64 {
+    clock_ns(libc::CLOCK_THREAD_CPUTIME_ID)
+}
+
 fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,

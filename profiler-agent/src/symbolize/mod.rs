@@ -49,6 +49,7 @@ use object::read::ReadCache;
 use perf_map::PerfMap;
 
 use crate::{
+    clock,
     metrics::Metrics,
     process::{Object, ObjectId, ObjectStore},
     profile::Frame,
@@ -204,19 +205,20 @@ impl Symbolizer {
             }
         }
         // Naming a frame for the first time is the agent's most variable cost (a new object's
-        // symbol table, a compile unit's DWARF): timed, so an operator can tell it from the
-        // per-sample work.
+        // symbol table, a compile unit's DWARF): its CPU time is counted, so an operator can
+        // tell it from the per-sample work. (A system call per object with new frames, which
+        // costs far more than that anyway; cached frames are not timed.)
         for (object, mut offsets) in user {
             offsets.sort_unstable();
             offsets.dedup();
-            let started = Instant::now();
+            let started = clock::thread_cpu_ns();
             self.resolve_object(object, &offsets, objects);
             self.metrics.add("symbolize_user_ns", elapsed_ns(started));
         }
         if !kernel.is_empty() {
             kernel.sort_unstable();
             kernel.dedup();
-            let started = Instant::now();
+            let started = clock::thread_cpu_ns();
             self.resolve_kernel(&kernel);
             self.metrics.add("symbolize_kernel_ns", elapsed_ns(started));
         }
@@ -571,8 +573,8 @@ fn kernel_source(kallsyms: Option<&KallsymsSnapshot>) -> Source<'static> {
     })
 }
 
-fn elapsed_ns(started: Instant) -> u64 {
-    u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+fn elapsed_ns(started_cpu_ns: u64) -> u64 {
+    clock::thread_cpu_ns().saturating_sub(started_cpu_ns)
 }
 
 #[cfg(test)]
