@@ -105,6 +105,10 @@ const JIT_RETIRE_AFTER: Duration = Duration::from_secs(600);
 /// How often the kallsyms snapshot is refreshed (loaded modules change it).
 const KALLSYMS_REFRESH: Duration = Duration::from_secs(300);
 
+/// Naming one object's new frames that takes this much CPU is logged (debug): which binaries
+/// make the agent's CPU stand out.
+const SLOW_NAMING_NS: u64 = 1_000_000;
+
 /// `/proc/kallsyms`, copied into an anonymous in-memory file whose metadata changes only when
 /// it is rewritten, so blazesym parses it once per refresh.
 struct KallsymsSnapshot {
@@ -213,7 +217,16 @@ impl Symbolizer {
             offsets.dedup();
             let started = clock::thread_cpu_ns();
             self.resolve_object(object, &offsets, objects);
-            self.metrics.add("symbolize_user_ns", elapsed_ns(started));
+            let ns = elapsed_ns(started);
+            self.metrics.add("symbolize_user_ns", ns);
+            if ns >= SLOW_NAMING_NS {
+                tracing::debug!(
+                    object = %objects.get(object).name,
+                    frames = offsets.len(),
+                    cpu_ms = ns as f64 / 1e6,
+                    "slow first-time naming"
+                );
+            }
         }
         if !kernel.is_empty() {
             kernel.sort_unstable();
