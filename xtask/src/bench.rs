@@ -144,8 +144,9 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
         .collect::<Vec<_>>()
         .join(" ");
 
-    progress("building the agent (release) and the fixture");
+    progress("building the agent (release; debug for the symbolization rows) and the fixture");
     crate::cargo(&["build", "--release", "-p", "profiler-agent"])?;
+    crate::cargo(&["build", "-p", "profiler-agent"])?;
     let bench_dir = root.join("target/bench");
     let logs = bench_dir.join("logs");
     fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
@@ -239,7 +240,10 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     progress(&format!(
         "symbolization: {SYMBOLIZE_ADDRESSES} addresses, cold and warm"
     ));
-    context.symbolize = Some(symbolize_bench(&tools.agent)?);
+    context.symbolize = Some(symbolize_bench(
+        &tools.agent,
+        &root.join("target/debug/profiler-agent"),
+    )?);
     context.load_after = load_average();
 
     let mut report = render_report(&context, &measurements);
@@ -1560,13 +1564,14 @@ impl SymbolizeBench {
 /// a binary with DWARF, the most expensive kind to symbolize: this xtask's own executable (a
 /// debug build), and from the libc the agent runs with. The release agent itself has only a
 /// symbol table.
-fn symbolize_bench(agent: &Path) -> anyhow::Result<SymbolizeBench> {
-    let exe = std::env::current_exe().context("find the xtask executable")?;
+/// `dwarf_exe`: a binary with DWARF, the expensive kind to name (the agent's debug build; xtask
+/// itself has none, see the workspace's Cargo.toml).
+fn symbolize_bench(agent: &Path, dwarf_exe: &Path) -> anyhow::Result<SymbolizeBench> {
     let out = output_of(
         Command::new(agent)
             .arg("bench-symbolize")
             .arg("--exe")
-            .arg(&exe)
+            .arg(dwarf_exe)
             .args(["--addresses", &SYMBOLIZE_ADDRESSES.to_string()]),
     )?;
     SymbolizeBench::parse(&out)
