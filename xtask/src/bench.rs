@@ -518,10 +518,10 @@ impl Run<'_> {
 
     /// The warm-up is a window of its own, discarded: the bench does in it what it does in the
     /// measured window (polls `/proc`, reads bpf_stats and the fixture, scrapes ours' API), so
-    /// ours has sampled and named the bench's own code before the window. Ours profiles xtask
-    /// like any process, and xtask is a debug build: naming its polling code for the first
-    /// time costs ~15–25 ms of DWARF parsing, which used to fall inside ours' window whenever
-    /// that code was first sampled there.
+    /// ours has mostly sampled and named the bench's own code before the window. Ours profiles
+    /// xtask like any process; naming its polling code, when xtask was a debug build with
+    /// DWARF, cost 15–25 ms inside the window whenever that code was first sampled there
+    /// (xtask is now built without DWARF: see the workspace's Cargo.toml).
     fn warm_up_and_measure(
         &mut self,
         profiler: Profiler,
