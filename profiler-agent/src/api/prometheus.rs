@@ -191,9 +191,9 @@ pub fn render(
         &mut out,
         "profiler_symbolize_seconds_total",
         "counter",
-        "CPU time (user + system) the agent spent naming frames it had not named before (symbol tables, DWARF, \
-         perf maps, kallsyms), by target. Frames already named cost a cache look-up and are \
-         not counted; profiler_agent_frames_symbolized_total and \
+        "CPU time (user + system) the agent spent naming frames it had not named before \
+         (symbol tables, DWARF, perf maps, kallsyms), by target. Frames already named cost a \
+         cache look-up and are not counted; profiler_agent_frames_symbolized_total and \
          profiler_agent_frames_unsymbolized_total count the frames.",
     );
     for target in ["user", "kernel"] {

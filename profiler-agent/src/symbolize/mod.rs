@@ -210,8 +210,9 @@ impl Symbolizer {
         }
         // Naming a frame for the first time is the agent's most variable cost (a new object's
         // symbol table, a compile unit's DWARF): its CPU time is counted, so an operator can
-        // tell it from the per-sample work. (A system call per object with new frames, which
-        // costs far more than that anyway; cached frames are not timed.)
+        // tell it from the per-sample work. The thread's CPU clock is a system call, read only
+        // around objects with new frames, whose naming costs far more; cached frames are not
+        // timed.
         for (object, mut offsets) in user {
             offsets.sort_unstable();
             offsets.dedup();
