@@ -541,11 +541,7 @@ impl Run<'_> {
         length: Duration,
     ) -> anyhow::Result<Measurement> {
         // The agent answers these outside the window: before its start, after its end.
-        let naming_before = target
-            .as_ref()
-            .and_then(|t| t.api)
-            .map(agent_api::naming_seconds)
-            .transpose()?;
+        let naming_before = naming_seconds(target)?;
         let start = self.snapshot(target)?;
         let deadline = start.at + length;
         let mut rss: Option<(u64, u64)> = None;
@@ -576,11 +572,7 @@ impl Run<'_> {
             sleep(STATUS_POLL.min(deadline - now))?;
         }
         let end = self.snapshot(target)?;
-        let naming_after = target
-            .as_ref()
-            .and_then(|t| t.api)
-            .map(agent_api::naming_seconds)
-            .transpose()?;
+        let naming_after = naming_seconds(target)?;
         if let (Some(before), Some(after)) = (sub_window_stats, end.prog) {
             ebpf_sub_windows.extend(after.us_per_run_since(&before));
         }
@@ -620,6 +612,15 @@ impl Run<'_> {
             otlp: None,
         })
     }
+}
+
+/// Ours' first-time naming so far, in seconds (`None` for the other profilers).
+fn naming_seconds(target: &Option<Target<'_>>) -> anyhow::Result<Option<f64>> {
+    target
+        .as_ref()
+        .and_then(|t| t.api)
+        .map(agent_api::naming_seconds)
+        .transpose()
 }
 
 // ---------------------------------------------------------------------------------------------
