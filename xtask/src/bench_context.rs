@@ -127,26 +127,35 @@ pub fn render(costs: &[ContextCost]) -> String {
         costs
             .iter()
             .find(|c| c.budget == Budget::Floor(language))
-            .and_then(|c| spread(&c.ebpf_us))
-            .map(|s| s.median)
+            .map(|c| c.ebpf_us.as_slice())
+    };
+    // A target's distance to a floor: the median of its window minus the floor's window of
+    // the same round (a few seconds apart), so the host's drift between rounds cancels.
+    let over = |c: &ContextCost, language| {
+        floor(language).and_then(|f| spread(&paired_differences(&c.ebpf_us, f)))
     };
     for c in costs {
         let (read, sample) = (spread(&c.read_ns), spread(&c.ebpf_us));
         let verdict = match (c.budget, read, sample) {
             (Budget::Floor(Language::C), _, _) => "the floor".to_owned(),
-            (Budget::Floor(Language::Go), _, Some(s)) => match floor(Language::C) {
-                Some(f) => format!("the Go floor ({:+.2} µs over the C floor)", s.median - f),
+            (Budget::Floor(Language::Go), _, Some(_)) => match over(c, Language::C) {
+                Some(d) => format!("the Go floor ({:+.2} µs over the C floor)", d.median),
                 None => "the Go floor".to_owned(),
             },
             (Budget::ReadNs(b), Some(r), _) => pass_or_miss(r.median, b, "ns", 0),
-            (Budget::OverFloorUs(b), _, Some(s)) => {
-                let over_c = floor(Language::C)
-                    .map(|f| format!(" ({:+.2} µs over the C floor)", s.median - f))
+            (Budget::OverFloorUs(b), _, Some(_)) => {
+                let over_c = over(c, Language::C)
+                    .map(|d| format!(" ({:+.2} µs over the C floor)", d.median))
                     .unwrap_or_default();
-                match floor(Language::Go) {
-                    Some(f) => format!(
-                        "≤ Go floor + {b} µs: {}{over_c}",
-                        pass_or_miss(s.median - f, b, "µs over the Go floor", 2)
+                match over(c, Language::Go) {
+                    Some(d) => format!(
+                        "≤ Go floor + {b} µs: {} µs over it, round by round → {}{over_c}",
+                        fmt_spread(Some(d), 2, true),
+                        if d.median <= b {
+                            "PASS".to_owned()
+                        } else {
+                            format!("MISS by {:.2}", d.median - b)
+                        },
                     ),
                     None => "n/a (no Go floor)".into(),
                 }
@@ -163,6 +172,11 @@ pub fn render(costs: &[ContextCost]) -> String {
         );
     }
     out
+}
+
+/// `target[i] - floor[i]` for every round both have.
+fn paired_differences(target: &[f64], floor: &[f64]) -> Vec<f64> {
+    target.iter().zip(floor).map(|(t, f)| t - f).collect()
 }
 
 fn pass_or_miss(value: f64, budget: f64, unit: &str, decimals: usize) -> String {
@@ -362,19 +376,19 @@ mod tests {
             cost(
                 "go floor",
                 vec![300.0],
-                vec![7.5],
+                vec![7.0, 10.0, 7.5],
                 Budget::Floor(Language::Go),
             ),
             cost(
                 "go ok",
                 vec![2000.0],
-                vec![9.5, 10.0, 10.5],
+                vec![9.5, 12.0, 10.0],
                 Budget::OverFloorUs(3.0),
             ),
             cost(
                 "go slow",
                 vec![4000.0],
-                vec![11.0],
+                vec![10.5, 12.0, 11.5],
                 Budget::OverFloorUs(3.0),
             ),
         ]);
@@ -383,16 +397,24 @@ mod tests {
             "{table}"
         );
         assert!(table.contains("1200 ns → PASS"), "{table}");
+        // Round by round: the Go floor read 7.0, 10.0 and 7.5 µs.
         assert!(
             table.contains("the Go floor (+1.00 µs over the C floor)"),
             "{table}"
         );
         assert!(
-            table.contains("2.50 µs over the Go floor → PASS (+3.50 µs over the C floor)"),
+            table.contains(
+                "≤ Go floor + 3 µs: +2.50 [+2.00–+2.50] µs over it, round by round → PASS \
+                 (+3.50 µs over the C floor)"
+            ),
             "{table}"
         );
+        // Its median (11.5) is 4.0 over the floor's (7.5); paired, the median is 3.5.
         assert!(
-            table.contains("3.50 µs over the Go floor → MISS by 0.50 (+4.50 µs over the C floor)"),
+            table.contains(
+                "≤ Go floor + 3 µs: +3.50 [+2.00–+4.00] µs over it, round by round → MISS by \
+                 0.50 (+4.50 µs over the C floor)"
+            ),
             "{table}"
         );
     }
