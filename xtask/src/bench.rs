@@ -1703,7 +1703,6 @@ fn verdict(pass: Option<bool>) -> &'static str {
     }
 }
 
-/// The whole Markdown report: header, the table, the budget lines, and how to read them.
 /// Ours's eBPF time per sample over bpftrace's, sub-window by sub-window within each round
 /// (the k-th of ours against the k-th of bpftrace: the same distance in time apart, a window
 /// and a start, in every pair). A ratio of neighbours cancels the host's slow drift, which
@@ -1733,6 +1732,7 @@ fn paired_ebpf_ratios(measurements: &[Measurement]) -> Option<Spread> {
     spread(&ratios)
 }
 
+/// The whole Markdown report: header, the table, the budget lines, and how to read them.
 pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "### Profiler overhead, {}\n", ctx.date);
