@@ -10,7 +10,7 @@
 //! The pure parts (parsers, statistics, the report) are at the end of the file, with their tests.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     fs,
     io::{BufRead as _, BufReader, Write as _},
@@ -369,6 +369,8 @@ struct Snapshot {
     prog: Option<ProgStats>,
     samples_emitted: Option<u64>,
     cpu_ns: Option<u64>,
+    /// Ours: its live threads' CPU time by thread name (ns).
+    threads: Option<BTreeMap<String, u64>>,
 }
 
 impl Run<'_> {
@@ -510,6 +512,7 @@ impl Run<'_> {
                 prog: None,
                 samples_emitted: None,
                 cpu_ns: None,
+                threads: None,
             });
         };
         let pid = target.process.pid();
@@ -530,6 +533,7 @@ impl Run<'_> {
             prog,
             samples_emitted,
             cpu_ns: Some(cpu_ns),
+            threads: target.api.map(|_| threads_cpu_ns(pid)).transpose()?,
         })
     }
 
@@ -627,8 +631,55 @@ impl Run<'_> {
                 * f64::from(self.cpus)
                 * secs,
             otlp: None,
+            thread_ms_per_s: thread_ms_per_s(start.threads.as_ref(), end.threads.as_ref(), secs),
         })
     }
+}
+
+/// Each thread name's CPU in the window, ms per second, busiest first. A thread that exited
+/// in the window is missing (its time is in the process's total, not here).
+fn thread_ms_per_s(
+    start: Option<&BTreeMap<String, u64>>,
+    end: Option<&BTreeMap<String, u64>>,
+    secs: f64,
+) -> Vec<(String, f64)> {
+    let (Some(start), Some(end)) = (start, end) else {
+        return Vec::new();
+    };
+    let mut threads: Vec<(String, f64)> = end
+        .iter()
+        .map(|(name, &ns)| {
+            let before = start.get(name).copied().unwrap_or(0);
+            (name.clone(), ns.saturating_sub(before) as f64 / 1e6 / secs)
+        })
+        .collect();
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    threads
+}
+
+/// A process's live threads' time on CPU (ns, `/proc/<pid>/task/<tid>/schedstat`), summed by
+/// thread name. A thread that exits between the listing and the read is skipped.
+fn threads_cpu_ns(pid: u32) -> anyhow::Result<BTreeMap<String, u64>> {
+    let mut by_name = BTreeMap::new();
+    let tasks = format!("/proc/{pid}/task");
+    for entry in fs::read_dir(&tasks).with_context(|| format!("list {tasks}"))? {
+        let path = entry?.path();
+        let (Ok(comm), Ok(schedstat)) = (
+            fs::read_to_string(path.join("comm")),
+            fs::read_to_string(path.join("schedstat")),
+        ) else {
+            continue;
+        };
+        if let Some(ns) = parse_schedstat_ns(&schedstat) {
+            *by_name.entry(comm.trim().to_owned()).or_insert(0) += ns;
+        }
+    }
+    Ok(by_name)
+}
+
+/// The first field of `schedstat`: time spent on the CPU, in ns.
+pub(crate) fn parse_schedstat_ns(schedstat: &str) -> Option<u64> {
+    schedstat.split_whitespace().next()?.parse().ok()
 }
 
 /// Ours' first-time naming so far, in seconds (`None` for the other profilers).
@@ -1338,6 +1389,8 @@ pub(crate) struct Measurement {
     pub expected_samples: f64,
     /// What our agent exported over OTLP during its whole run (warm-up and final flush too).
     pub otlp: Option<OtlpTally>,
+    /// Ours: CPU ms per second of the window by thread name, busiest first.
+    pub thread_ms_per_s: Vec<(String, f64)>,
 }
 
 impl Measurement {
@@ -1386,8 +1439,20 @@ impl Measurement {
             .naming_ms
             .map(|ms| format!(" ({ms:.1} ms of it naming new frames)"))
             .unwrap_or_default();
+        let threads = if self.thread_ms_per_s.is_empty() {
+            String::new()
+        } else {
+            let busiest: Vec<String> = self
+                .thread_ms_per_s
+                .iter()
+                .take(3)
+                .map(|(name, ms)| format!("{name} {ms:.2}"))
+                .collect();
+            format!(", threads in ms/s: {}", busiest.join(", "))
+        };
         format!(
-            "eBPF {}, process CPU {}{naming} ({}), {} samples, {} tasks created on the machine",
+            "eBPF {}, process CPU {}{naming} ({}){threads}, {} samples, {} tasks created on the \
+             machine",
             figure(self.ebpf_us_per_sample(), "µs per sample"),
             figure(self.cpu_us_per_sample(), "µs per sample"),
             figure(self.cpu_pct(), "% of one CPU"),
@@ -1703,6 +1768,31 @@ fn verdict(pass: Option<bool>) -> &'static str {
     }
 }
 
+/// The three busiest thread names of a profiler, each "name median [min–max]" over the
+/// rounds that saw it; "n/a" when its threads were not read.
+fn busiest_threads(measurements: &[Measurement], profiler: Profiler) -> String {
+    let mut by_name: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for m in measurements.iter().filter(|m| m.profiler == profiler) {
+        for (name, ms) in &m.thread_ms_per_s {
+            by_name.entry(name).or_default().push(*ms);
+        }
+    }
+    let mut threads: Vec<(&str, Spread)> = by_name
+        .into_iter()
+        .filter_map(|(name, values)| Some((name, spread(&values)?)))
+        .collect();
+    if threads.is_empty() {
+        return "n/a".into();
+    }
+    threads.sort_by(|a, b| b.1.median.total_cmp(&a.1.median));
+    threads
+        .into_iter()
+        .take(3)
+        .map(|(name, s)| format!("{name} {}", fmt_spread(Some(s), 2, false)))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Ours's eBPF time per sample over bpftrace's, sub-window by sub-window within each round
 /// (the k-th of ours against the k-th of bpftrace: the same distance in time apart, a window
 /// and a start, in every pair). A ratio of neighbours cancels the host's slow drift, which
@@ -1781,6 +1871,15 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
         }
         out.push('\n');
     }
+
+    let _ = write!(
+        out,
+        "| ours' busiest threads (CPU ms per s in the window, by thread name; /proc schedstat) |"
+    );
+    for p in Profiler::ALL {
+        let _ = write!(out, " {} |", busiest_threads(measurements, p));
+    }
+    out.push('\n');
 
     // Rows measured for ours alone (no profiler running), n/a in every other column.
     let row = |label: String, ours: String| {
@@ -2070,6 +2169,29 @@ mod tests {
     }
 
     #[test]
+    fn threads_by_name() {
+        assert_eq!(parse_schedstat_ns("123456 789 12\n"), Some(123_456));
+        assert_eq!(parse_schedstat_ns(""), None);
+        let map = |pairs: &[(&str, u64)]| -> BTreeMap<String, u64> {
+            pairs.iter().map(|&(n, v)| (n.to_owned(), v)).collect()
+        };
+        let start = map(&[("collector", 1_000_000), ("store-writer", 5_000_000)]);
+        // A thread started in the window counts from zero; a name gone at the end is missing.
+        let end = map(&[("collector", 21_000_000), ("tokio-runtime-w", 4_000_000)]);
+        assert_eq!(
+            thread_ms_per_s(Some(&start), Some(&end), 10.0),
+            vec![
+                ("collector".to_owned(), 2.0),
+                ("tokio-runtime-w".to_owned(), 0.4)
+            ]
+        );
+        assert!(thread_ms_per_s(None, Some(&end), 10.0).is_empty());
+        // Our own process: the test harness's threads are readable.
+        let own = threads_cpu_ns(std::process::id()).unwrap();
+        assert!(!own.is_empty() && own.values().sum::<u64>() > 0, "{own:?}");
+    }
+
+    #[test]
     fn rotation() {
         use Profiler::{Bpftrace, Ours, OursLow, Perf};
         let none = Profiler::None;
@@ -2111,6 +2233,7 @@ mod tests {
             samples: None,
             expected_samples: 1980.0,
             otlp: None,
+            thread_ms_per_s: Vec::new(),
         }
     }
 
@@ -2137,6 +2260,12 @@ mod tests {
                     raw_bytes: 300_000,
                     samples: 3_000,
                 }),
+                thread_ms_per_s: vec![
+                    ("collector".into(), 0.5 + f64::from(round)),
+                    ("tokio-runtime-w".into(), 0.4),
+                    ("store-writer".into(), 0.3),
+                    ("profiler-agent".into(), 0.01),
+                ],
                 ..measurement(Profiler::Ours, round)
             });
             ms.push(Measurement {
@@ -2225,6 +2354,13 @@ mod tests {
         assert!(
             row("profiler process CPU per sample without first-time naming")
                 .ends_with("| n/a | 35.5 [30.5–40.6] | n/a | n/a | n/a |")
+        );
+        assert!(
+            row("ours' busiest threads").ends_with(
+                "| n/a | collector 1.00 [0.50–1.50]; tokio-runtime-w 0.40; store-writer 0.30 | \
+                 n/a | n/a | n/a |"
+            ),
+            "{report}"
         );
         assert!(row("processes and threads created").ends_with("| 0 | 12 [10–14] | 0 | 0 | n/a |"));
         assert!(
