@@ -1752,9 +1752,9 @@ fn values_of(
         .iter()
         .filter(|m| m.profiler == profiler)
         .filter_map(|m| {
-            let none = measurements.iter().find(|b| {
-                m.profiler != Profiler::None && b.profiler == Profiler::None && b.round == m.round
-            });
+            let none = (m.profiler != Profiler::None)
+                .then(|| of_round(measurements, Profiler::None, m.round))
+                .flatten();
             value(m, none)
         })
         .collect()
@@ -1793,24 +1793,25 @@ fn busiest_threads(measurements: &[Measurement], profiler: Profiler) -> String {
         .join("; ")
 }
 
+/// A profiler's measurement in round `round`.
+fn of_round(measurements: &[Measurement], profiler: Profiler, round: u32) -> Option<&Measurement> {
+    measurements
+        .iter()
+        .find(|m| m.profiler == profiler && m.round == round)
+}
+
 /// Ours's eBPF time per sample over bpftrace's, sub-window by sub-window within each round
 /// (the k-th of ours against the k-th of bpftrace: the same distance in time apart, a window
 /// and a start, in every pair). A ratio of neighbours cancels the host's slow drift, which
 /// moved whole windows by up to 3× within one run, where a median of each profiler's own
 /// windows does not.
-fn paired_ebpf_ratios(measurements: &[Measurement]) -> Option<Spread> {
+fn paired_ebpf_ratios(measurements: &[Measurement], rounds: u32) -> Option<Spread> {
     let sub_windows_of = |p: Profiler, round: u32| {
-        measurements
-            .iter()
-            .find(|m| m.profiler == p && m.round == round)
+        of_round(measurements, p, round)
             .map(|m| m.ebpf_sub_windows.as_slice())
             .unwrap_or_default()
     };
-    let mut rounds: Vec<u32> = measurements.iter().map(|m| m.round).collect();
-    rounds.sort_unstable();
-    rounds.dedup();
-    let ratios: Vec<f64> = rounds
-        .into_iter()
+    let ratios: Vec<f64> = (0..rounds)
         .flat_map(|round| {
             sub_windows_of(Profiler::Ours, round)
                 .iter()
@@ -1948,14 +1949,11 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
         )
     };
     let (ours_sub, bpftrace_sub) = (sub_windows(Profiler::Ours), sub_windows(Profiler::Bpftrace));
-    let paired = paired_ebpf_ratios(measurements);
+    let paired = paired_ebpf_ratios(measurements, ctx.rounds);
     let rounds_ok = (0..ctx.rounds)
         .filter_map(|r| {
             let of = |p: Profiler| {
-                measurements
-                    .iter()
-                    .find(|m| m.profiler == p && m.round == r)
-                    .and_then(Measurement::ebpf_us_per_sample)
+                of_round(measurements, p, r).and_then(Measurement::ebpf_us_per_sample)
             };
             Some(of(Profiler::Ours)? <= of(Profiler::Bpftrace)?)
         })
