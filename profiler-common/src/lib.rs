@@ -275,6 +275,27 @@ pub struct ContextSource {
 }
 const _: () = assert!(core::mem::size_of::<ContextSource>() == 32);
 
+/// Slots of the `CONTEXT_SOURCE_SLOTS` array: a direct-mapped copy of `CONTEXT_SOURCES`, the
+/// slot of process `tgid` being `tgid % CONTEXT_SOURCE_SLOTS`. The sampler reads a slot inline
+/// (no helper call, one cache line) and looks up the hash only when the slot belongs to
+/// another process: on a cold 99 Hz tick the hash lookup took ~210 ns and the slot ~100 ns.
+pub const CONTEXT_SOURCE_SLOTS: u32 = 4096;
+
+/// One slot of `CONTEXT_SOURCE_SLOTS`: the source of process `tgid`, or, with `reader` 0, the
+/// agent's verdict that the process has none (so its samples skip the hash lookup too).
+/// User space writes a slot in two steps, an empty one and then the new one, and `tgid` comes
+/// last: on x86_64 a sampler that reads the owner it expects, before the source, reads the
+/// whole source written with it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ContextSourceSlot {
+    pub source: ContextSource,
+    /// The process this slot is for; 0 for none.
+    pub tgid: u32,
+    pub _pad: u32,
+}
+const _: () = assert!(core::mem::size_of::<ContextSourceSlot>() == 40);
+
 /// How a process's context is read: by the sampler itself (`ThreadContext`), or by the reader
 /// program at this index in the `CONTEXT_READERS` program array.
 #[repr(u8)]
@@ -404,6 +425,7 @@ pub mod names {
     pub const CGROUP_FILTER: &str = "CGROUP_FILTER";
     pub const CONFIG: &str = "CONFIG";
     pub const CONTEXT_SOURCES: &str = "CONTEXT_SOURCES";
+    pub const CONTEXT_SOURCE_SLOTS: &str = "CONTEXT_SOURCE_SLOTS";
     pub const LABEL_KEYS: &str = "LABEL_KEYS";
     pub const ON_CPU_SAMPLE: &str = "on_cpu_sample";
     pub const ON_PROCESS_EXEC: &str = "on_process_exec";
@@ -519,6 +541,7 @@ mod pod {
     unsafe impl aya::Pod for super::EbpfConfig {}
     unsafe impl aya::Pod for super::TlsLocation {}
     unsafe impl aya::Pod for super::ContextSource {}
+    unsafe impl aya::Pod for super::ContextSourceSlot {}
     unsafe impl aya::Pod for super::ThreadContextHeader {}
     unsafe impl aya::Pod for super::ObiTraceContext {}
     unsafe impl aya::Pod for super::GoRuntimeOffsets {}

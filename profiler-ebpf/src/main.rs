@@ -19,13 +19,13 @@ use aya_ebpf::{
         bpf_get_smp_processor_id, bpf_get_stack, bpf_ktime_get_ns, bpf_probe_read_user,
     },
     macros::{map, perf_event, tracepoint},
-    maps::{HashMap, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, ProgramArray, RingBuf},
     programs::{PerfEventContext, TracePointContext},
 };
 use profiler_common::{
-    CONTEXT_READ_TIMING_EVERY, ContextKind, ContextReader, ContextSource, Counter, EbpfConfig,
-    MAX_CONTEXT_BYTES, MAX_FILTERED_CGROUPS, NUM_COUNTERS, ProcessEvent, RecordKind, STACK_BYTES,
-    SampleHeader, SampleScratch, sample_flags,
+    CONTEXT_READ_TIMING_EVERY, CONTEXT_SOURCE_SLOTS, ContextKind, ContextReader, ContextSource,
+    ContextSourceSlot, Counter, EbpfConfig, MAX_CONTEXT_BYTES, MAX_FILTERED_CGROUPS, NUM_COUNTERS,
+    ProcessEvent, RecordKind, STACK_BYTES, SampleHeader, SampleScratch, sample_flags,
 };
 use task::Task;
 
@@ -85,6 +85,11 @@ static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(MAX_FILTERED_
 /// Trace-context source per process (key: tgid), chosen and written by the agent.
 #[map]
 static CONTEXT_SOURCES: HashMap<u32, ContextSource> = HashMap::with_max_entries(16384, 0);
+
+/// `CONTEXT_SOURCES` by `tgid % CONTEXT_SOURCE_SLOTS`, written by the agent with it.
+#[map(name = "CONTEXT_SOURCE_SLOTS")]
+static CONTEXT_SOURCE_SLOTS_MAP: Array<ContextSourceSlot> =
+    Array::with_max_entries(CONTEXT_SOURCE_SLOTS, 0);
 
 /// Label readers by `ContextReader`, for tail calls from the sampler; filled by user space.
 #[map]
@@ -241,7 +246,7 @@ fn sample(ctx: &PerfEventContext) -> bool {
     // their own each (verified on its own, which keeps every program within the verifier's
     // limits). A failed tail call falls through: the sample goes out without the process's
     // own context.
-    match unsafe { CONTEXT_SOURCES.get(tgid) } {
+    match context_source(tgid) {
         Some(source) if source.reader == ContextReader::ThreadContext as u8 => {
             let dest = unsafe { scratch.data.as_mut_ptr().add(user_bytes + kernel_bytes) };
             let thread_pointer = task.thread_pointer();
@@ -256,6 +261,22 @@ fn sample(ctx: &PerfEventContext) -> bool {
     }
     finish_sample(scratch, pid_tgid, &config, ContextKind::None, 0);
     true
+}
+
+/// The trace-context source the agent chose for process `tgid`: from its slot when the slot is
+/// the process's, else from the hash.
+#[inline(always)]
+fn context_source(tgid: u32) -> Option<ContextSource> {
+    if let Some(slot) = CONTEXT_SOURCE_SLOTS_MAP.get(tgid % CONTEXT_SOURCE_SLOTS) {
+        // The owner before the source, both volatile so that they stay in that order: user
+        // space writes the owner last (see `ContextSourceSlot`).
+        let owner = unsafe { core::ptr::read_volatile(&slot.tgid) };
+        if owner == tgid {
+            let source = unsafe { core::ptr::read_volatile(&slot.source) };
+            return (source.reader != 0).then_some(source);
+        }
+    }
+    unsafe { CONTEXT_SOURCES.get(tgid) }.copied()
 }
 
 /// Runs one context read, counting the attempt; one attempt in `CONTEXT_READ_TIMING_EVERY` on
@@ -327,7 +348,7 @@ fn read_context_and_finish(
     if frames > 2 * STACK_BYTES {
         return 0;
     }
-    let (kind, len) = match unsafe { CONTEXT_SOURCES.get(tgid) } {
+    let (kind, len) = match context_source(tgid) {
         Some(source) => {
             let dest = unsafe { scratch.data.as_mut_ptr().add(frames) };
             let work = context::Workspace {
@@ -335,7 +356,7 @@ fn read_context_and_finish(
                 go_labels: &raw mut scratch.go_labels,
             };
             let thread_pointer = task.thread_pointer();
-            timed_context_read(|| reader(source, thread_pointer, dest, work))
+            timed_context_read(|| reader(&source, thread_pointer, dest, work))
         }
         None => (ContextKind::None, 0),
     };

@@ -226,7 +226,10 @@ impl ContextSources {
                     }
                 }
             }
-            Ok(None) => ProcessState::NoWriter { new_code: false },
+            Ok(None) => {
+                self.map.set_none(pid);
+                ProcessState::NoWriter { new_code: false }
+            }
             Err(e) if e.is_transient() && attempts + 1 < MAX_ATTEMPTS => {
                 self.metrics.inc("context_sources_retried");
                 ProcessState::Retry {
@@ -236,6 +239,7 @@ impl ContextSources {
             Err(e) => {
                 self.metrics.inc("context_sources_failed");
                 tracing::info!(pid, error = %e, "trace-context writer found but not readable");
+                self.map.set_none(pid);
                 ProcessState::NoWriter { new_code: false }
             }
         };

@@ -3,6 +3,7 @@
 //! kernel-side counters, maintaining the pid allow-list. No other module uses aya.
 
 pub mod btf;
+mod context_sources;
 pub mod decode;
 mod obi;
 mod privileges;
@@ -18,18 +19,19 @@ use std::{
 use anyhow::{Context as _, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
+    maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray, RingBuf},
     programs::{
         PerfEvent, TracePoint,
         perf_event::{PerfEventConfig, PerfEventScope, SamplePolicy, SoftwareEvent},
     },
     util::online_cpus,
 };
+pub use context_sources::ContextSourceMap;
 use decode::{DecodeError, Record};
 pub use privileges::check_privileges;
 use profiler_common::{
-    ContextReader, ContextSource, Counter, EbpfConfig, MAX_STAGED_TICKS, MAX_WANTED_KEY_LEN,
-    MAX_WANTED_KEYS, STAGING_APPEND_LIMIT, STAGING_BYTES, SampleStaging, WantedLabelKeys, names,
+    ContextReader, Counter, EbpfConfig, MAX_STAGED_TICKS, MAX_WANTED_KEY_LEN, MAX_WANTED_KEYS,
+    STAGING_APPEND_LIMIT, STAGING_BYTES, SampleStaging, WantedLabelKeys, names,
 };
 pub use reader::{DrainRequest, Heartbeat, count_undecodable, drain_interval, spawn_reader};
 
@@ -103,31 +105,6 @@ pub struct KernelChannels {
     /// How often to drain `ring`: see [`drain_interval`].
     pub drain_every: std::time::Duration,
     pub context_sources: ContextSourceMap,
-}
-
-/// The `CONTEXT_SOURCES` map: which trace-context source the kernel reads for each process.
-pub struct ContextSourceMap {
-    map: HashMap<MapData, u32, ContextSource>,
-    /// The keys in `map`: this is its only writer. Most processes never get a source, and a
-    /// delete for each exit was a system call each, hundreds a second on a node busy starting
-    /// processes.
-    tgids: std::collections::HashSet<u32>,
-}
-
-impl ContextSourceMap {
-    pub fn set(&mut self, tgid: u32, source: &ContextSource) -> anyhow::Result<()> {
-        self.map
-            .insert(tgid, source, 0)
-            .with_context(|| format!("set the context source of {tgid}"))?;
-        self.tgids.insert(tgid);
-        Ok(())
-    }
-
-    pub fn remove(&mut self, tgid: u32) {
-        if self.tgids.remove(&tgid) {
-            let _ = self.map.remove(&tgid);
-        }
-    }
 }
 
 /// Ticks a CPU's samples wait in the kernel to go to the ring buffer together (see
@@ -314,14 +291,16 @@ impl Sampler {
             ebpf.take_map(names::STAGING)
                 .context("STAGING map missing")?,
         )?;
-        let context_sources = ContextSourceMap {
-            map: HashMap::try_from(
+        let context_sources = ContextSourceMap::new(
+            HashMap::try_from(
                 ebpf.take_map(names::CONTEXT_SOURCES)
                     .context("CONTEXT_SOURCES map missing")?,
             )?,
-            // Created empty by this load (never pinned).
-            tgids: Default::default(),
-        };
+            Array::try_from(
+                ebpf.take_map(names::CONTEXT_SOURCE_SLOTS)
+                    .context("CONTEXT_SOURCE_SLOTS map missing")?,
+            )?,
+        );
         let stats = config.bpf_stats.then(enable_run_time_stats).flatten();
         Ok((
             Self {
