@@ -223,10 +223,13 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     }
     drop(fixtures);
 
-    let costs = crate::bench_context::measure(
+    let context_table = crate::bench_context::measure(
         root,
-        &root.join("target/release/profiler-agent"),
-        &tools.bpftool,
+        &crate::bench_context::Profilers {
+            agent: &tools.agent,
+            bpftool: &tools.bpftool,
+            bpftrace: &tools.bpftrace,
+        },
         &bench_dir,
         settings.context_windows,
         settings.context_window,
@@ -247,7 +250,7 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     context.load_after = load_average();
 
     let mut report = render_report(&context, &measurements);
-    report.push_str(&crate::bench_context::render(&costs));
+    report.push_str(&crate::bench_context::render(&context_table));
     print!("{report}");
     let output = if args.output.is_absolute() {
         args.output.clone()
@@ -437,13 +440,8 @@ impl Run<'_> {
                 Ok(measurement)
             }
             Profiler::Bpftrace => {
-                // `clear` in END: bpftrace would otherwise symbolize and print every stack at
-                // exit, which takes tens of seconds here and happens after the window anyway.
-                let script = format!(
-                    "profile:hz:{frequency} {{ @[ustack, kstack] = count(); }} END {{ clear(@); }}"
-                );
                 let mut command = Command::new(&self.tools.bpftrace);
-                command.args(["-e", &script]);
+                command.args(["-e", &bpftrace_script(frequency)]);
                 let (mut bpftrace, lines) = Guarded::spawn("bpftrace", &mut command, &log)?;
                 wait_for_line(&lines, &mut bpftrace, READY_TIMEOUT, |l| {
                     l.starts_with("Attaching")
@@ -840,6 +838,13 @@ fn wait_for_line(
             );
         }
     }
+}
+
+/// bpftrace's whole-machine profiler with user and kernel stacks, as the issue names it.
+/// `clear` in END: bpftrace would otherwise symbolize and print every stack at exit, which
+/// takes tens of seconds here and happens after the window anyway.
+pub(crate) fn bpftrace_script(frequency: u64) -> String {
+    format!("profile:hz:{frequency} {{ @[ustack, kstack] = count(); }} END {{ clear(@); }}")
 }
 
 /// The CPU-bound fixture: `ready <pid>` at start, `iterations <n>` on SIGUSR1.

@@ -3,6 +3,11 @@
 //! (`context_read_ns` / `context_reads_timed`, reported by `record`), against real writers: an
 //! OTEP 4947 thread context (C, TLSDESC relaxed to local-exec) and Go pprof labels in both
 //! runtime layouts (Go 1.19 hash map, Go ≥ 1.24 sorted slice).
+//!
+//! Each round also starts ours and bpftrace afresh, one after the other, on the OTEP 4947
+//! target: one start of a profiler is one draw of its eBPF cost (two starts of the same binary
+//! differ by up to ±35% while one start's windows agree within a few percent), and the main
+//! table has only one start of each per round.
 
 use std::{
     fmt::Write as _,
@@ -24,6 +29,8 @@ const BUDGET_THREAD_CONTEXT_NS: f64 = 1500.0;
 const BUDGET_GO_OVER_FLOOR_US: f64 = 3.0;
 /// `record` runs this long before the measured window (load, attach, first context lookups).
 const RECORD_WARMUP: Duration = Duration::from_secs(1);
+/// bpftrace clears its map at exit instead of printing it: a second is plenty.
+const BPFTRACE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct ContextCost {
     pub target: String,
@@ -50,16 +57,40 @@ pub enum Language {
     Go,
 }
 
-/// Measures every target over `windows` windows of `window` each, in interleaved rounds.
+/// The sampler's eBPF time per sample (µs, bpf_stats), ours and bpftrace's, one fresh start
+/// of each per round on a fresh OTEP 4947 target: `ours_us[i]` and `bpftrace_us[i]` ran
+/// seconds apart on the same target process.
+#[derive(Default)]
+pub struct StartPairs {
+    pub ours_us: Vec<f64>,
+    pub bpftrace_us: Vec<f64>,
+}
+
+pub struct ContextTable {
+    pub costs: Vec<ContextCost>,
+    pub starts: StartPairs,
+}
+
+/// The programs the table starts: our agent, bpftool to find their programs, bpftrace.
+pub struct Profilers<'a> {
+    pub agent: &'a Path,
+    pub bpftool: &'a Bpftool,
+    pub bpftrace: &'a Path,
+}
+
+/// Measures every target over `windows` windows of `window` each, in interleaved rounds, and
+/// ours against bpftrace once per round.
 pub fn measure(
     root: &Path,
-    agent: &Path,
-    bpftool: &Bpftool,
+    profilers: &Profilers<'_>,
     out_dir: &Path,
     windows: u32,
     window: Duration,
     frequency: u32,
-) -> anyhow::Result<Vec<ContextCost>> {
+) -> anyhow::Result<ContextTable> {
+    let agent = profilers.agent;
+    let bpftool = profilers.bpftool;
+    let thread_context = build_thread_context(root, out_dir)?;
     let go_1_24 = build_go(root, out_dir, go_bin(root, "1.24")?, "1.24")?;
     let targets = [
         (
@@ -70,7 +101,7 @@ pub fn measure(
         ),
         (
             "OTEP 4947 thread context (C)",
-            build_thread_context(root, out_dir)?,
+            thread_context.clone(),
             &[][..],
             Budget::ReadNs(BUDGET_THREAD_CONTEXT_NS),
         ),
@@ -105,19 +136,38 @@ pub fn measure(
             budget: *budget,
         })
         .collect();
+    let mut starts = StartPairs::default();
     for round in 1..=windows {
         crate::bench::progress(&format!("context read cost: round {round} of {windows}"));
         for ((_, binary, args, _), cost) in targets.iter().zip(costs.iter_mut()) {
             let fixture = Started::start(binary, args)?;
-            let (read, sample) = one_window(agent, bpftool, fixture.pid, window, frequency)?;
+            let (read, sample) = one_window(agent, bpftool, Some(fixture.pid), window, frequency)?;
             cost.read_ns.extend(read);
             cost.ebpf_us.push(sample);
         }
+        let fixture = Started::start(&thread_context, &[])?;
+        let ours_first = round % 2 == 1;
+        for ours in [ours_first, !ours_first] {
+            if ours {
+                let (_, sample) = one_window(agent, bpftool, None, window, frequency)?;
+                starts.ours_us.push(sample);
+            } else {
+                let sample = bpftrace_window(profilers, window, frequency)?;
+                starts.bpftrace_us.push(sample);
+            }
+        }
+        drop(fixture);
+        crate::bench::progress(&format!(
+            "  fresh starts on the OTEP 4947 target: ours {:.2} µs, bpftrace {:.2} µs per sample",
+            starts.ours_us.last().copied().unwrap_or(f64::NAN),
+            starts.bpftrace_us.last().copied().unwrap_or(f64::NAN),
+        ));
     }
-    Ok(costs)
+    Ok(ContextTable { costs, starts })
 }
 
-pub fn render(costs: &[ContextCost]) -> String {
+pub fn render(table: &ContextTable) -> String {
+    let costs = &table.costs;
     let mut out = String::from(
         "\n### Trace-context read cost (kernel, per sample of the target alone)\n\n\
          | target | context read (ns per attempt) | eBPF time per sample (µs), read included | \
@@ -171,7 +221,40 @@ pub fn render(costs: &[ContextCost]) -> String {
             c.ebpf_us.len()
         );
     }
+    out.push_str(&render_starts(&table.starts));
     out
+}
+
+/// The eBPF budget again, over fresh starts: ours's start over bpftrace's start, round by
+/// round.
+fn render_starts(starts: &StartPairs) -> String {
+    let ratios: Vec<f64> = starts
+        .ours_us
+        .iter()
+        .zip(&starts.bpftrace_us)
+        .filter(|&(_, &b)| b > 0.0)
+        .map(|(o, b)| o / b)
+        .collect();
+    let paired = spread(&ratios);
+    let verdict = match &paired {
+        Some(p) if p.median <= 1.0 => "**PASS**".to_owned(),
+        Some(p) => format!("**MISS** by {:.0}%", (p.median - 1.0) * 100.0),
+        None => "n/a".to_owned(),
+    };
+    format!(
+        "\nOurs and bpftrace, each started afresh on the OTEP 4947 target once per round (ours \
+         `record` of every process, bpftrace the main table's program; which first \
+         alternates): each start is a draw of its own, where the main table has one of each \
+         per round.\n\n\
+         - eBPF time per sample ≤ bpftrace's, start by start: ours / bpftrace = {} over {} \
+         starts → {verdict}; ours {} µs, bpftrace {} µs (ours ≤ bpftrace in {}/{} starts)\n",
+        fmt_spread(paired, 2, false),
+        ratios.len(),
+        fmt_spread(spread(&starts.ours_us), 2, false),
+        fmt_spread(spread(&starts.bpftrace_us), 2, false),
+        ratios.iter().filter(|&&r| r <= 1.0).count(),
+        ratios.len(),
+    )
 }
 
 /// `target[i] - floor[i]` for every round both have.
@@ -190,18 +273,23 @@ fn pass_or_miss(value: f64, budget: f64, unit: &str, decimals: usize) -> String 
     }
 }
 
-/// One `record` of the target: the sampler's eBPF time per sample over `window` (after a
-/// warm-up), and the kernel's context read time per attempt over the whole recording.
+/// One `record` of the target `pid` (of every process when `None`, as deployed): the
+/// sampler's eBPF time per sample over `window` (after a warm-up), and the kernel's context
+/// read time per attempt over the whole recording.
 fn one_window(
     agent: &Path,
     bpftool: &Bpftool,
-    pid: u32,
+    pid: Option<u32>,
     window: Duration,
     frequency: u32,
 ) -> anyhow::Result<(Option<f64>, f64)> {
-    let child = Command::new(agent)
-        .args(["record", "--format", "folded", "-o", "/dev/null"])
-        .args(["--pid", &pid.to_string(), "-F", &frequency.to_string()])
+    let mut command = Command::new(agent);
+    command.args(["record", "--format", "folded", "-o", "/dev/null"]);
+    if let Some(pid) = pid {
+        command.args(["--pid", &pid.to_string()]);
+    }
+    let child = command
+        .args(["-F", &frequency.to_string()])
         // Stopped with SIGINT after the window; the duration is only a backstop.
         .args(["-d", &format!("{}s", window.as_secs() + 60)])
         .stdout(Stdio::null())
@@ -209,17 +297,8 @@ fn one_window(
         .spawn()
         .context("run profiler-agent record")?;
     let record = child.id();
-    let measured = (|| {
-        let prog = retry(|| bpftool.find_prog(record, Some(names::ON_CPU_SAMPLE)))?;
-        let prog = crate::bpf_stats::Prog::open(prog)?;
-        std::thread::sleep(RECORD_WARMUP);
-        let before = prog.stats()?;
-        std::thread::sleep(window);
-        let after = prog.stats()?;
-        after
-            .us_per_run_since(&before)
-            .context("the sampler did not run in the window")
-    })();
+    let measured = retry(|| bpftool.find_prog(record, Some(names::ON_CPU_SAMPLE)))
+        .and_then(|prog| us_per_sample(prog, window));
     let _ = signal(record, libc::SIGINT);
     let output = child.wait_with_output().context("wait for record")?;
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -227,6 +306,74 @@ fn one_window(
         bail!("profiler-agent record failed: {stderr}");
     }
     Ok((parse_ns_per_attempt(&stderr), measured?))
+}
+
+/// bpftrace's `profile` program, as the main table runs it, started on its own: its eBPF time
+/// per sample over `window` after the same warm-up as `record`'s.
+fn bpftrace_window(
+    profilers: &Profilers<'_>,
+    window: Duration,
+    frequency: u32,
+) -> anyhow::Result<f64> {
+    let mut child = Command::new(profilers.bpftrace)
+        .args(["-e", &crate::bench::bpftrace_script(u64::from(frequency))])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("run bpftrace")?;
+    let bpftrace = child.id();
+    let measured = wait_for_stdout_line(&mut child, |l| l.starts_with("Attaching"))
+        .and_then(|_| retry(|| profilers.bpftool.find_prog(bpftrace, None)))
+        .and_then(|prog| us_per_sample(prog, window));
+    let _ = signal(bpftrace, libc::SIGINT);
+    let deadline = std::time::Instant::now() + BPFTRACE_STOP_TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().context("wait for bpftrace")? {
+            break Some(status);
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let measured = measured?;
+    match status {
+        Some(status) if status.success() => Ok(measured),
+        Some(status) => bail!("bpftrace exited with {status} after SIGINT"),
+        None => bail!("bpftrace did not exit within {BPFTRACE_STOP_TIMEOUT:?} of SIGINT"),
+    }
+}
+
+/// eBPF time per run of program `prog` over `window`, after [`RECORD_WARMUP`].
+fn us_per_sample(prog: u32, window: Duration) -> anyhow::Result<f64> {
+    let prog = crate::bpf_stats::Prog::open(prog)?;
+    std::thread::sleep(RECORD_WARMUP);
+    let before = prog.stats()?;
+    std::thread::sleep(window);
+    let after = prog.stats()?;
+    after
+        .us_per_run_since(&before)
+        .context("the sampler did not run in the window")
+}
+
+/// Reads `child`'s stdout up to the first line `ready` accepts and returns it; the rest of
+/// stdout is drained in the background, so that the child never blocks on a full pipe.
+fn wait_for_stdout_line(child: &mut Child, ready: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+    use std::io::{BufRead as _, BufReader};
+    let stdout = child.stdout.take().context("no stdout to read")?;
+    let mut lines = BufReader::new(stdout).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if ready(&line) => {
+                std::thread::spawn(move || for _ in lines {});
+                return Ok(line);
+            }
+            Some(Ok(_)) => {}
+            _ => bail!("exited before it was ready"),
+        }
+    }
 }
 
 /// `context: … , 1234 ns per attempt, …` from `record`'s summary.
@@ -319,30 +466,21 @@ struct Started {
 
 impl Started {
     fn start(binary: &Path, args: &[&str]) -> anyhow::Result<Self> {
-        use std::io::{BufRead as _, BufReader};
         let mut child = Command::new(binary)
             .args(args)
             .stdout(Stdio::piped())
             .spawn()
             .with_context(|| format!("start {}", binary.display()))?;
-        let stdout = child.stdout.take().context("fixture stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let pid = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(pid) = line.strip_prefix("ready ") {
-                        break pid.trim().parse().context("ready <pid>")?;
-                    }
-                }
-                _ => {
-                    let _ = child.kill();
-                    bail!("{} exited before it was ready", binary.display());
-                }
+        let pid = wait_for_stdout_line(&mut child, |l| l.starts_with("ready "))
+            .and_then(|line| line["ready ".len()..].trim().parse().context("ready <pid>"));
+        match pid {
+            Ok(pid) => Ok(Self { child, pid }),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e.context(format!("{} did not start", binary.display())))
             }
-        };
-        // Keep draining stdout so the fixture never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Ok(Self { child, pid })
+        }
     }
 }
 
@@ -355,7 +493,7 @@ impl Drop for Started {
 
 #[cfg(test)]
 mod tests {
-    use super::{Budget, ContextCost, Language, render};
+    use super::{Budget, ContextCost, ContextTable, Language, StartPairs, render, render_starts};
 
     #[test]
     fn go_targets_are_judged_against_the_go_floor() {
@@ -365,33 +503,36 @@ mod tests {
             ebpf_us,
             budget,
         };
-        let table = render(&[
-            cost(
-                "floor",
-                vec![],
-                vec![6.0, 6.5, 7.0],
-                Budget::Floor(Language::C),
-            ),
-            cost("otep", vec![1200.0], vec![7.0], Budget::ReadNs(1500.0)),
-            cost(
-                "go floor",
-                vec![300.0],
-                vec![7.0, 10.0, 7.5],
-                Budget::Floor(Language::Go),
-            ),
-            cost(
-                "go ok",
-                vec![2000.0],
-                vec![9.5, 12.0, 10.0],
-                Budget::OverFloorUs(3.0),
-            ),
-            cost(
-                "go slow",
-                vec![4000.0],
-                vec![10.5, 12.0, 11.5],
-                Budget::OverFloorUs(3.0),
-            ),
-        ]);
+        let table = render(&ContextTable {
+            costs: vec![
+                cost(
+                    "floor",
+                    vec![],
+                    vec![6.0, 6.5, 7.0],
+                    Budget::Floor(Language::C),
+                ),
+                cost("otep", vec![1200.0], vec![7.0], Budget::ReadNs(1500.0)),
+                cost(
+                    "go floor",
+                    vec![300.0],
+                    vec![7.0, 10.0, 7.5],
+                    Budget::Floor(Language::Go),
+                ),
+                cost(
+                    "go ok",
+                    vec![2000.0],
+                    vec![9.5, 12.0, 10.0],
+                    Budget::OverFloorUs(3.0),
+                ),
+                cost(
+                    "go slow",
+                    vec![4000.0],
+                    vec![10.5, 12.0, 11.5],
+                    Budget::OverFloorUs(3.0),
+                ),
+            ],
+            starts: StartPairs::default(),
+        });
         assert!(
             table.contains("| floor | n/a | 6.50 [6.00–7.00] | 3 | the floor |"),
             "{table}"
@@ -424,5 +565,33 @@ mod tests {
         let stderr = "wrote x\ncontext: 640 read attempts, 630 read, 5 none active, 0 invalid, 0 faults, 1234 ns per attempt, 629 samples traced\n";
         assert_eq!(super::parse_ns_per_attempt(stderr), Some(1234.0));
         assert_eq!(super::parse_ns_per_attempt("nothing"), None);
+    }
+
+    #[test]
+    fn fresh_starts_are_judged_start_by_start() {
+        // Paired, the ratios are 1.5, 0.8 and 1.25: median 1.25. The unpaired medians (2.0
+        // over 2.0) would read 1.00 and pass.
+        let line = render_starts(&StartPairs {
+            ours_us: vec![3.0, 1.6, 2.0],
+            bpftrace_us: vec![2.0, 2.0, 1.6],
+        });
+        assert!(
+            line.contains(
+                "ours / bpftrace = 1.25 [0.80–1.50] over 3 starts → **MISS** by 25%; ours 2.00 \
+                 [1.60–3.00] µs, bpftrace 2.00 [1.60–2.00] µs (ours ≤ bpftrace in 1/3 starts)"
+            ),
+            "{line}"
+        );
+        let line = render_starts(&StartPairs {
+            ours_us: vec![1.0, 1.9],
+            bpftrace_us: vec![2.0, 2.0],
+        });
+        assert!(
+            line.contains("0.72 [0.50–0.95] over 2 starts → **PASS**"),
+            "{line}"
+        );
+        assert!(line.contains("in 2/2 starts"), "{line}");
+        let line = render_starts(&StartPairs::default());
+        assert!(line.contains("= n/a over 0 starts → n/a"), "{line}");
     }
 }
