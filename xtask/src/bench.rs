@@ -250,7 +250,10 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
     context.load_after = load_average();
 
     let mut report = render_report(&context, &measurements);
-    report.push_str(&crate::bench_context::render(&context_table));
+    report.push_str(&crate::bench_context::render(
+        &context_table,
+        &round_ebpf_ratios(&measurements, settings.rounds),
+    ));
     print!("{report}");
     let output = if args.output.is_absolute() {
         args.output.clone()
@@ -1828,6 +1831,20 @@ fn paired_ebpf_ratios(measurements: &[Measurement], rounds: u32) -> Option<Sprea
     spread(&ratios)
 }
 
+/// Ours's eBPF time per sample over bpftrace's, whole window over whole window, one ratio per
+/// round that has both: one start of each.
+pub(crate) fn round_ebpf_ratios(measurements: &[Measurement], rounds: u32) -> Vec<f64> {
+    (0..rounds)
+        .filter_map(|r| {
+            let of = |p: Profiler| {
+                of_round(measurements, p, r).and_then(Measurement::ebpf_us_per_sample)
+            };
+            let (ours, bpftrace) = (of(Profiler::Ours)?, of(Profiler::Bpftrace)?);
+            (bpftrace > 0.0).then(|| ours / bpftrace)
+        })
+        .collect()
+}
+
 /// The whole Markdown report: header, the table, the budget lines, and how to read them.
 pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -> String {
     let mut out = String::new();
@@ -1955,13 +1972,9 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
     };
     let (ours_sub, bpftrace_sub) = (sub_windows(Profiler::Ours), sub_windows(Profiler::Bpftrace));
     let paired = paired_ebpf_ratios(measurements, ctx.rounds);
-    let rounds_ok = (0..ctx.rounds)
-        .filter_map(|r| {
-            let of = |p: Profiler| {
-                of_round(measurements, p, r).and_then(Measurement::ebpf_us_per_sample)
-            };
-            Some(of(Profiler::Ours)? <= of(Profiler::Bpftrace)?)
-        })
+    let rounds_ok = round_ebpf_ratios(measurements, ctx.rounds)
+        .into_iter()
+        .map(|ratio| ratio <= 1.0)
         .collect::<Vec<_>>();
     let ours_cpu = median(Profiler::Ours, Measurement::cpu_pct);
     let ours_cpu_per_sample = median(Profiler::Ours, Measurement::cpu_us_per_sample);

@@ -166,7 +166,9 @@ pub fn measure(
     Ok(ContextTable { costs, starts })
 }
 
-pub fn render(table: &ContextTable) -> String {
+/// The table, then the eBPF budget over every start of the run: the fresh starts here and the
+/// main table's rounds (`main_rounds`: ours / bpftrace, one ratio per round).
+pub fn render(table: &ContextTable, main_rounds: &[f64]) -> String {
     let costs = &table.costs;
     let mut out = String::from(
         "\n### Trace-context read cost (kernel, per sample of the target alone)\n\n\
@@ -221,22 +223,23 @@ pub fn render(table: &ContextTable) -> String {
             c.ebpf_us.len()
         );
     }
-    out.push_str(&render_starts(&table.starts));
+    out.push_str(&render_starts(&table.starts, main_rounds));
     out
 }
 
-/// The eBPF budget again, over fresh starts: ours's start over bpftrace's start, round by
-/// round.
-fn render_starts(starts: &StartPairs) -> String {
-    let ratios: Vec<f64> = starts
+/// The eBPF budget again, start by start: the fresh starts' ratios (ours's start over
+/// bpftrace's, round by round), and with the main table's rounds the verdict over every start.
+fn render_starts(starts: &StartPairs, main_rounds: &[f64]) -> String {
+    let fresh: Vec<f64> = starts
         .ours_us
         .iter()
         .zip(&starts.bpftrace_us)
         .filter(|&(_, &b)| b > 0.0)
         .map(|(o, b)| o / b)
         .collect();
-    let paired = spread(&ratios);
-    let verdict = match &paired {
+    let every: Vec<f64> = fresh.iter().chain(main_rounds).copied().collect();
+    let all = spread(&every);
+    let verdict = match &all {
         Some(p) if p.median <= 1.0 => "**PASS**".to_owned(),
         Some(p) => format!("**MISS** by {:.0}%", (p.median - 1.0) * 100.0),
         None => "n/a".to_owned(),
@@ -244,16 +247,19 @@ fn render_starts(starts: &StartPairs) -> String {
     format!(
         "\nOurs and bpftrace, each started afresh on the OTEP 4947 target once per round (ours \
          `record` of every process, bpftrace the main table's program; which first \
-         alternates): each start is a draw of its own, where the main table has one of each \
-         per round.\n\n\
-         - eBPF time per sample ≤ bpftrace's, start by start: ours / bpftrace = {} over {} \
-         starts → {verdict}; ours {} µs, bpftrace {} µs (ours ≤ bpftrace in {}/{} starts)\n",
-        fmt_spread(paired, 2, false),
-        ratios.len(),
+         alternates). One start of a profiler is one draw of its eBPF cost, and the main table \
+         has one start of each per round.\n\n\
+         - eBPF time per sample ≤ bpftrace's, start by start: fresh starts ours / bpftrace = \
+         {} over {} (ours {} µs, bpftrace {} µs); with the main table's rounds (whole \
+         windows) {} over {} starts → {verdict} (ours ≤ bpftrace in {}/{} starts)\n",
+        fmt_spread(spread(&fresh), 2, false),
+        fresh.len(),
         fmt_spread(spread(&starts.ours_us), 2, false),
         fmt_spread(spread(&starts.bpftrace_us), 2, false),
-        ratios.iter().filter(|&&r| r <= 1.0).count(),
-        ratios.len(),
+        fmt_spread(all, 2, false),
+        every.len(),
+        every.iter().filter(|&&r| r <= 1.0).count(),
+        every.len(),
     )
 }
 
@@ -503,36 +509,39 @@ mod tests {
             ebpf_us,
             budget,
         };
-        let table = render(&ContextTable {
-            costs: vec![
-                cost(
-                    "floor",
-                    vec![],
-                    vec![6.0, 6.5, 7.0],
-                    Budget::Floor(Language::C),
-                ),
-                cost("otep", vec![1200.0], vec![7.0], Budget::ReadNs(1500.0)),
-                cost(
-                    "go floor",
-                    vec![300.0],
-                    vec![7.0, 10.0, 7.5],
-                    Budget::Floor(Language::Go),
-                ),
-                cost(
-                    "go ok",
-                    vec![2000.0],
-                    vec![9.5, 12.0, 10.0],
-                    Budget::OverFloorUs(3.0),
-                ),
-                cost(
-                    "go slow",
-                    vec![4000.0],
-                    vec![10.5, 12.0, 11.5],
-                    Budget::OverFloorUs(3.0),
-                ),
-            ],
-            starts: StartPairs::default(),
-        });
+        let table = render(
+            &ContextTable {
+                costs: vec![
+                    cost(
+                        "floor",
+                        vec![],
+                        vec![6.0, 6.5, 7.0],
+                        Budget::Floor(Language::C),
+                    ),
+                    cost("otep", vec![1200.0], vec![7.0], Budget::ReadNs(1500.0)),
+                    cost(
+                        "go floor",
+                        vec![300.0],
+                        vec![7.0, 10.0, 7.5],
+                        Budget::Floor(Language::Go),
+                    ),
+                    cost(
+                        "go ok",
+                        vec![2000.0],
+                        vec![9.5, 12.0, 10.0],
+                        Budget::OverFloorUs(3.0),
+                    ),
+                    cost(
+                        "go slow",
+                        vec![4000.0],
+                        vec![10.5, 12.0, 11.5],
+                        Budget::OverFloorUs(3.0),
+                    ),
+                ],
+                starts: StartPairs::default(),
+            },
+            &[],
+        );
         assert!(
             table.contains("| floor | n/a | 6.50 [6.00–7.00] | 3 | the floor |"),
             "{table}"
@@ -569,29 +578,36 @@ mod tests {
 
     #[test]
     fn fresh_starts_are_judged_start_by_start() {
-        // Paired, the ratios are 1.5, 0.8 and 1.25: median 1.25. The unpaired medians (2.0
-        // over 2.0) would read 1.00 and pass.
-        let line = render_starts(&StartPairs {
-            ours_us: vec![3.0, 1.6, 2.0],
-            bpftrace_us: vec![2.0, 2.0, 1.6],
-        });
+        // Fresh starts 1.5, 0.8 and 1.25; main rounds 1.1 and 0.9: the median of all five
+        // is 1.1. The unpaired medians of the fresh starts (2.0 over 2.0) would read 1.00.
+        let line = render_starts(
+            &StartPairs {
+                ours_us: vec![3.0, 1.6, 2.0],
+                bpftrace_us: vec![2.0, 2.0, 1.6],
+            },
+            &[1.1, 0.9],
+        );
         assert!(
             line.contains(
-                "ours / bpftrace = 1.25 [0.80–1.50] over 3 starts → **MISS** by 25%; ours 2.00 \
-                 [1.60–3.00] µs, bpftrace 2.00 [1.60–2.00] µs (ours ≤ bpftrace in 1/3 starts)"
+                "fresh starts ours / bpftrace = 1.25 [0.80–1.50] over 3 (ours 2.00 [1.60–3.00] \
+                 µs, bpftrace 2.00 [1.60–2.00] µs); with the main table's rounds (whole \
+                 windows) 1.10 [0.80–1.50] over 5 starts → **MISS** by 10% (ours ≤ bpftrace \
+                 in 2/5 starts)"
             ),
             "{line}"
         );
-        let line = render_starts(&StartPairs {
-            ours_us: vec![1.0, 1.9],
-            bpftrace_us: vec![2.0, 2.0],
-        });
+        let line = render_starts(
+            &StartPairs {
+                ours_us: vec![1.0, 1.9],
+                bpftrace_us: vec![2.0, 2.0],
+            },
+            &[1.2],
+        );
         assert!(
-            line.contains("0.72 [0.50–0.95] over 2 starts → **PASS**"),
+            line.contains("1.20] over 3 starts → **PASS** (ours ≤ bpftrace in 2/3 starts)"),
             "{line}"
         );
-        assert!(line.contains("in 2/2 starts"), "{line}");
-        let line = render_starts(&StartPairs::default());
-        assert!(line.contains("= n/a over 0 starts → n/a"), "{line}");
+        let line = render_starts(&StartPairs::default(), &[]);
+        assert!(line.contains("n/a over 0 starts → n/a"), "{line}");
     }
 }
