@@ -329,6 +329,7 @@ fn bpftrace_window(
         .context("run bpftrace")?;
     let bpftrace = child.id();
     let measured = wait_for_stdout_line(&mut child, |l| l.starts_with("Attaching"))
+        .context("bpftrace did not attach its probe")
         .and_then(|_| retry(|| profilers.bpftool.find_prog(bpftrace, None)))
         .and_then(|prog| us_per_sample(prog, window));
     let _ = signal(bpftrace, libc::SIGINT);
