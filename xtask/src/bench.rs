@@ -2003,7 +2003,8 @@ pub(crate) fn render_report(ctx: &ReportContext, measurements: &[Measurement]) -
         "- eBPF time per sample ≤ bpftrace's in the same run, {EBPF_SUB_WINDOW:?} window by \
          window (ours's k-th of a round over bpftrace's k-th, the two run back to back): \
          ours / bpftrace = {} over {} pairs → {}; all windows: ours {} over {} vs bpftrace {} \
-         over {} (ours ≤ bpftrace in {}/{} rounds)",
+         over {} (ours ≤ bpftrace in {}/{} rounds); one start of each per round: the verdict \
+         over every start of the run is under the context table",
         fmt_spread(paired, 2, false),
         paired.as_ref().map_or(0, |s| s.n),
         verdict(paired.as_ref().map(|s| s.median <= 1.0)),
