@@ -91,7 +91,7 @@ const STATUS_POLL: Duration = Duration::from_millis(200);
 /// its budget is a median over at least 5 windows of the same run.
 const EBPF_SUB_WINDOW: Duration = Duration::from_secs(5);
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
-const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 struct Settings {
@@ -229,6 +229,7 @@ pub fn bench(root: &Path, args: BenchArgs) -> anyhow::Result<()> {
             agent: &tools.agent,
             bpftool: &tools.bpftool,
             bpftrace: &tools.bpftrace,
+            logs: &logs,
         },
         &bench_dir,
         settings.context_windows,
@@ -443,14 +444,8 @@ impl Run<'_> {
                 Ok(measurement)
             }
             Profiler::Bpftrace => {
-                let mut command = Command::new(&self.tools.bpftrace);
-                command.args(["-e", &bpftrace_script(frequency)]);
-                let (mut bpftrace, lines) = Guarded::spawn("bpftrace", &mut command, &log)?;
-                wait_for_line(&lines, &mut bpftrace, READY_TIMEOUT, |l| {
-                    l.starts_with("Attaching")
-                })?;
-                let pid = bpftrace.pid();
-                let prog = retry(|| self.tools.bpftool.find_prog(pid, None))?;
+                let (mut bpftrace, prog) =
+                    start_bpftrace(&self.tools.bpftrace, &self.tools.bpftool, frequency, &log)?;
                 let mut target = Some(Target {
                     process: &mut bpftrace,
                     prog: Some(bpf_stats::Prog::open(prog)?),
@@ -697,7 +692,7 @@ fn naming_seconds(target: &Option<Target<'_>>) -> anyhow::Result<Option<f64>> {
 
 /// A child process that is killed (SIGKILL) and reaped when dropped, unless it already exited.
 /// Started in its own process group, so a ctrl-c reaches only xtask, which then stops it here.
-struct Guarded {
+pub(crate) struct Guarded {
     name: &'static str,
     child: Child,
     log: PathBuf,
@@ -767,7 +762,7 @@ impl Guarded {
     }
 
     /// SIGINT, then up to `timeout` for it to exit, then SIGKILL.
-    fn stop(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
+    pub(crate) fn stop(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         if let Some(status) = self.child.try_wait()? {
             return Ok(status);
         }
@@ -843,11 +838,27 @@ fn wait_for_line(
     }
 }
 
-/// bpftrace's whole-machine profiler with user and kernel stacks, as the issue names it.
+/// Starts bpftrace's whole-machine profiler with user and kernel stacks, as the issue names
+/// it, and waits until its probe is attached: the process, and its perf_event program's id.
 /// `clear` in END: bpftrace would otherwise symbolize and print every stack at exit, which
 /// takes tens of seconds here and happens after the window anyway.
-pub(crate) fn bpftrace_script(frequency: u64) -> String {
-    format!("profile:hz:{frequency} {{ @[ustack, kstack] = count(); }} END {{ clear(@); }}")
+pub(crate) fn start_bpftrace(
+    bpftrace: &Path,
+    bpftool: &Bpftool,
+    frequency: u64,
+    log: &Path,
+) -> anyhow::Result<(Guarded, u32)> {
+    let script =
+        format!("profile:hz:{frequency} {{ @[ustack, kstack] = count(); }} END {{ clear(@); }}");
+    let mut command = Command::new(bpftrace);
+    command.args(["-e", &script]);
+    let (mut process, lines) = Guarded::spawn("bpftrace", &mut command, log)?;
+    wait_for_line(&lines, &mut process, READY_TIMEOUT, |l| {
+        l.starts_with("Attaching")
+    })?;
+    let pid = process.pid();
+    let prog = retry(|| bpftool.find_prog(pid, None))?;
+    Ok((process, prog))
 }
 
 /// The CPU-bound fixture: `ready <pid>` at start, `iterations <n>` on SIGUSR1.

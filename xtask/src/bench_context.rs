@@ -29,8 +29,6 @@ const BUDGET_THREAD_CONTEXT_NS: f64 = 1500.0;
 const BUDGET_GO_OVER_FLOOR_US: f64 = 3.0;
 /// `record` runs this long before the measured window (load, attach, first context lookups).
 const RECORD_WARMUP: Duration = Duration::from_secs(1);
-/// bpftrace clears its map at exit instead of printing it: a second is plenty.
-const BPFTRACE_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct ContextCost {
     pub target: String,
@@ -71,11 +69,13 @@ pub struct ContextTable {
     pub starts: StartPairs,
 }
 
-/// The programs the table starts: our agent, bpftool to find their programs, bpftrace.
+/// The programs the table starts: our agent, bpftool to find their programs, bpftrace (its
+/// output goes to a log in `logs`).
 pub struct Profilers<'a> {
     pub agent: &'a Path,
     pub bpftool: &'a Bpftool,
     pub bpftrace: &'a Path,
+    pub logs: &'a Path,
 }
 
 /// Measures every target over `windows` windows of `window` each, in interleaved rounds, and
@@ -321,36 +321,15 @@ fn bpftrace_window(
     window: Duration,
     frequency: u32,
 ) -> anyhow::Result<f64> {
-    let mut child = Command::new(profilers.bpftrace)
-        .args(["-e", &crate::bench::bpftrace_script(u64::from(frequency))])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("run bpftrace")?;
-    let bpftrace = child.id();
-    let measured = wait_for_stdout_line(&mut child, |l| l.starts_with("Attaching"))
-        .context("bpftrace did not attach its probe")
-        .and_then(|_| retry(|| profilers.bpftool.find_prog(bpftrace, None)))
-        .and_then(|prog| us_per_sample(prog, window));
-    let _ = signal(bpftrace, libc::SIGINT);
-    let deadline = std::time::Instant::now() + BPFTRACE_STOP_TIMEOUT;
-    let status = loop {
-        if let Some(status) = child.try_wait().context("wait for bpftrace")? {
-            break Some(status);
-        }
-        if std::time::Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let measured = measured?;
-    match status {
-        Some(status) if status.success() => Ok(measured),
-        Some(status) => bail!("bpftrace exited with {status} after SIGINT"),
-        None => bail!("bpftrace did not exit within {BPFTRACE_STOP_TIMEOUT:?} of SIGINT"),
-    }
+    let (mut bpftrace, prog) = crate::bench::start_bpftrace(
+        profilers.bpftrace,
+        profilers.bpftool,
+        u64::from(frequency),
+        &profilers.logs.join("bpftrace-fresh-start.log"),
+    )?;
+    let measured = us_per_sample(prog, window);
+    bpftrace.stop(crate::bench::STOP_TIMEOUT)?;
+    measured
 }
 
 /// eBPF time per run of program `prog` over `window`, after [`RECORD_WARMUP`].
