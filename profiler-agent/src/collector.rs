@@ -580,8 +580,8 @@ enum SampleTime {
     BeforeExit,
 }
 
-/// Far longer than any sample stays staged (a quarter of a second's worth of ticks, at most
-/// 32, and the agent samples at 1 Hz or more).
+/// Far longer than any sample stays staged (at most 8 ticks, and the agent samples at 1 Hz
+/// or more).
 const PROCESS_END_MEMORY_NS: u64 = 30_000_000_000;
 
 impl ProcessEnds {

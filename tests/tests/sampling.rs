@@ -248,11 +248,10 @@ async fn every_captured_sample_reaches_the_profile_in_batches() {
         finished.output, captured,
         "samples missing from the profile"
     );
-    // At 99 Hz a batch holds 24 ticks of a CPU, and the fixture's two threads keep the
-    // CPUs they run on busy much of the time (here: 23.7 samples a batch; 5.7 when a batch
-    // held 8 ticks).
+    // At 99 Hz a batch holds eight ticks of a CPU, and the fixture's two threads keep the
+    // CPUs they run on busy much of the time (here: 5.7 samples a batch).
     assert!(
-        emitted >= 10 * batches,
+        emitted >= 3 * batches,
         "{emitted} samples in {batches} ring writes"
     );
 }

@@ -109,8 +109,8 @@ pub struct KernelChannels {
 
 /// Ticks a CPU's samples wait in the kernel to go to the ring buffer together (see
 /// `profiler_common::SampleStaging`): a quarter of a second's worth at most, so staging adds
-/// little to the drain interval, and [`MAX_STAGED_TICKS`] at most (24 at 99 Hz: one ring write
-/// where there were 24).
+/// little to the drain interval, and [`MAX_STAGED_TICKS`] at most (8 at 99 Hz: one ring write
+/// where there were eight).
 pub fn staging_flush_ticks(frequency_hz: u64) -> u32 {
     (frequency_hz / 4).clamp(1, u64::from(MAX_STAGED_TICKS)) as u32
 }
