@@ -238,8 +238,18 @@ pub struct EbpfConfig {
     /// ... or once this many bytes are staged (at most [`STAGING_APPEND_LIMIT`]; small rings
     /// take small batches).
     pub staging_flush_bytes: u32,
+    /// Byte offset of `task_struct->start_time` (CLOCK_MONOTONIC ns at the thread's creation)
+    /// from the kernel's BTF; 0: unknown, and no sample is urgent (see
+    /// [`Counter::SamplesOfUninspectedProcesses`]).
+    pub task_start_time_offset: u32,
 }
-const _: () = assert!(core::mem::size_of::<EbpfConfig>() == 44);
+const _: () = assert!(core::mem::size_of::<EbpfConfig>() == 48);
+
+/// A sample of a process the agent has not inspected goes to the ring at once only while its
+/// thread is younger than this: long enough for the agent's slowest periodic drain (2 s), after
+/// which a process the agent still has no verdict on (one that lost its slot to a newer
+/// process, see [`ContextSourceSlot`]) costs no more than any other.
+pub const URGENT_THREAD_AGE_NS: u64 = 2_000_000_000;
 
 /// How the eBPF side finds a thread-local variable of the sampled thread, starting from the
 /// thread pointer (x86_64: `task_struct->thread.fsbase`). User space computes it from the
@@ -523,6 +533,11 @@ counters! {
     /// Sample batches written to the ring buffer: `samples_emitted / sample_batches_emitted`
     /// samples per ring write.
     SampleBatchesEmitted = "sample_batches_emitted",
+    /// Samples of new processes the agent has not inspected yet (no verdict on their context
+    /// source in `CONTEXT_SOURCE_SLOTS` or `CONTEXT_SOURCES`, and a thread younger than
+    /// [`URGENT_THREAD_AGE_NS`]): their batch goes to the ring at once and wakes the agent,
+    /// which reads the process's mappings while it still lives.
+    SamplesOfUninspectedProcesses = "samples_of_uninspected_processes",
 }
 
 /// One context read in this many (per CPU) is timed into `Counter::ContextReadNs`.

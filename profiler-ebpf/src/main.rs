@@ -3,7 +3,8 @@
 //! - `on_cpu_sample` (perf_event, software cpu-clock on every online CPU): filter (idle, self,
 //!   cgroup allow-list, pid allow-list), capture the user and kernel stacks into a per-CPU
 //!   scratch record and append it, with its real length, to the CPU's batch of samples
-//!   (`staging`), which goes to the ring buffer every few ticks.
+//!   (`staging`), which goes to the ring buffer every few ticks (at once, waking the agent, for
+//!   a new process the agent has not inspected yet).
 //! - `on_process_exec` / `on_process_exit` (sched tracepoints): process lifecycle records in the
 //!   same ring buffer, after their CPU's staged samples.
 //!
@@ -25,7 +26,8 @@ use aya_ebpf::{
 use profiler_common::{
     CONTEXT_READ_TIMING_EVERY, CONTEXT_SOURCE_SLOTS, ContextKind, ContextReader, ContextSource,
     ContextSourceSlot, Counter, EbpfConfig, MAX_CONTEXT_BYTES, MAX_FILTERED_CGROUPS, NUM_COUNTERS,
-    ProcessEvent, RecordKind, STACK_BYTES, SampleHeader, SampleScratch, sample_flags,
+    ProcessEvent, RecordKind, STACK_BYTES, SampleHeader, SampleScratch, URGENT_THREAD_AGE_NS,
+    sample_flags,
 };
 use task::Task;
 
@@ -48,6 +50,7 @@ static CONFIG: Global<EbpfConfig> = Global::new(EbpfConfig {
     task_comm_offset: 0,
     staging_flush_ticks: 1,
     staging_flush_bytes: 0,
+    task_start_time_offset: 0,
 });
 
 /// A field of `CONFIG`, loaded where it is used. The verifier knows a load from the frozen,
@@ -246,37 +249,73 @@ fn sample(ctx: &PerfEventContext) -> bool {
     // their own each (verified on its own, which keeps every program within the verifier's
     // limits). A failed tail call falls through: the sample goes out without the process's
     // own context.
+    let mut urgent = false;
     match context_source(tgid) {
-        Some(source) if source.reader == ContextReader::ThreadContext as u8 => {
+        Verdict::Source(source) if source.reader == ContextReader::ThreadContext as u8 => {
             let dest = unsafe { scratch.data.as_mut_ptr().add(user_bytes + kernel_bytes) };
             let thread_pointer = task.thread_pointer();
             let (kind, len) = timed_context_read(|| {
                 context::read_thread_context(&source.tls, thread_pointer, dest)
             });
-            finish_sample(scratch, pid_tgid, &config, kind, len);
+            finish_sample(scratch, pid_tgid, &config, kind, len, false);
             return true;
         }
-        Some(source) => unsafe { CONTEXT_READERS.tail_call(ctx, u32::from(source.reader)) },
-        None => count(Counter::ContextNoSource),
+        Verdict::Source(source) => unsafe {
+            CONTEXT_READERS.tail_call(ctx, u32::from(source.reader))
+        },
+        Verdict::NoSource => count(Counter::ContextNoSource),
+        Verdict::Uninspected => {
+            count(Counter::ContextNoSource);
+            // A process new to the agent, which names its frames from the process's mappings
+            // and learns its context source by inspecting it: both need the process alive. A
+            // staged sample would reach the agent a batch later, after a short-lived process
+            // is gone. Kernel threads have no mappings to read.
+            if user_bytes > 0
+                && task.start_time().is_some_and(|start| {
+                    scratch.header.ktime_ns.wrapping_sub(start) < URGENT_THREAD_AGE_NS
+                })
+            {
+                count(Counter::SamplesOfUninspectedProcesses);
+                urgent = true;
+            }
+        }
     }
-    finish_sample(scratch, pid_tgid, &config, ContextKind::None, 0);
+    finish_sample(scratch, pid_tgid, &config, ContextKind::None, 0, urgent);
     true
 }
 
-/// The trace-context source the agent chose for process `tgid`: from its slot when the slot is
-/// the process's, else from the hash.
+/// What the agent has said of a process's trace-context source.
+enum Verdict {
+    Source(ContextSource),
+    /// Inspected, and it has none.
+    NoSource,
+    /// Not inspected yet.
+    Uninspected,
+}
+
+/// The agent's verdict on process `tgid`: from its slot when the slot is the process's, else
+/// from the hash.
 #[inline(always)]
-fn context_source(tgid: u32) -> Option<ContextSource> {
+fn context_source(tgid: u32) -> Verdict {
+    let verdict = |source: ContextSource| {
+        if source.reader != 0 {
+            Verdict::Source(source)
+        } else {
+            Verdict::NoSource
+        }
+    };
     if let Some(slot) = CONTEXT_SOURCE_SLOTS_MAP.get(tgid % CONTEXT_SOURCE_SLOTS) {
         // The owner before the source, both volatile so that they stay in that order: user
         // space writes the owner last (see `ContextSourceSlot`).
         let owner = unsafe { core::ptr::read_volatile(&slot.tgid) };
         if owner == tgid {
-            let source = unsafe { core::ptr::read_volatile(&slot.source) };
-            return (source.reader != 0).then_some(source);
+            return verdict(unsafe { core::ptr::read_volatile(&slot.source) });
         }
     }
-    unsafe { CONTEXT_SOURCES.get(tgid) }.copied()
+    match unsafe { CONTEXT_SOURCES.get(tgid) } {
+        Some(source) => verdict(*source),
+        None => Verdict::Uninspected,
+    }
 }
 
 /// Runs one context read, counting the attempt; one attempt in `CONTEXT_READ_TIMING_EVERY` on
@@ -302,7 +341,8 @@ fn timed_context_read(read: impl FnOnce() -> (ContextKind, usize)) -> (ContextKi
     result
 }
 
-/// Appends OBI's context when none was found (lowest precedence), then emits the record.
+/// Appends OBI's context when none was found (lowest precedence), then stages the record;
+/// `urgent`: writes the CPU's batch to the ring now and wakes the agent.
 #[inline(always)]
 pub(crate) fn finish_sample(
     scratch: &mut SampleScratch,
@@ -310,6 +350,7 @@ pub(crate) fn finish_sample(
     config: &EbpfConfig,
     mut context_kind: ContextKind,
     mut context_len: usize,
+    urgent: bool,
 ) {
     let frames =
         (usize::from(scratch.header.user_frames) + usize::from(scratch.header.kernel_frames)) * 8;
@@ -326,7 +367,7 @@ pub(crate) fn finish_sample(
     if len > core::mem::size_of::<SampleScratch>() {
         return;
     }
-    staging::stage((scratch as *const SampleScratch).cast::<u8>(), len);
+    staging::stage((scratch as *const SampleScratch).cast::<u8>(), len, urgent);
 }
 
 /// Tail-call target for every context source: reads the context of the sampled thread into
@@ -349,7 +390,7 @@ fn read_context_and_finish(
         return 0;
     }
     let (kind, len) = match context_source(tgid) {
-        Some(source) => {
+        Verdict::Source(source) => {
             let dest = unsafe { scratch.data.as_mut_ptr().add(frames) };
             let work = context::Workspace {
                 cursor: context::Cursor(&raw mut scratch.cursor),
@@ -358,9 +399,9 @@ fn read_context_and_finish(
             let thread_pointer = task.thread_pointer();
             timed_context_read(|| reader(&source, thread_pointer, dest, work))
         }
-        None => (ContextKind::None, 0),
+        Verdict::NoSource | Verdict::Uninspected => (ContextKind::None, 0),
     };
-    finish_sample(scratch, pid_tgid, &config, kind, len);
+    finish_sample(scratch, pid_tgid, &config, kind, len, false);
     0
 }
 

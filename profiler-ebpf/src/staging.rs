@@ -2,7 +2,9 @@
 //! sample as for eight: the ring's lock and producer position are shared by every CPU and
 //! cold again at each tick, and the commit waits for them. So each CPU appends its samples to
 //! its own `STAGING` value and writes them to the ring as one batch every
-//! `CONFIG.staging_flush_ticks` ticks (or when `CONFIG.staging_flush_bytes` are staged).
+//! `CONFIG.staging_flush_ticks` ticks (or when `CONFIG.staging_flush_bytes` are staged). A
+//! sample of a new process the agent has not inspected yet sends the batch at once and wakes
+//! the agent: it must read the process's mappings before a short-lived process is gone.
 //!
 //! Ordering: a process's exec and exit events write their CPU's batch first, so its samples on
 //! that CPU come before them; samples staged on other CPUs may come after, and user space
@@ -23,13 +25,14 @@ use crate::{EVENTS, add, config_field, count};
 #[map]
 static STAGING: PerCpuArray<SampleStaging> = PerCpuArray::with_max_entries(1, 0);
 
-/// Samples are consumed in batches on a timer: never wake the reader for them.
-const RINGBUF_FLAGS: u64 = aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64;
+/// Samples are consumed in batches on a timer: the reader is woken only for an urgent batch.
+const QUIET: u64 = aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64;
+const WAKE: u64 = aya_ebpf::bindings::BPF_RB_FORCE_WAKEUP as u64;
 
 /// Appends the `len` bytes of an assembled sample at `sample` to this CPU's batch, and writes
-/// the batch to the ring when it is due.
+/// the batch to the ring when it is due, or at once, waking the reader, when `urgent`.
 #[inline(always)]
-pub(crate) fn stage(sample: *const u8, len: usize) {
+pub(crate) fn stage(sample: *const u8, len: usize, urgent: bool) {
     let Some(staging) = STAGING.get_ptr_mut(0) else {
         count(Counter::ScratchUnavailable);
         return;
@@ -43,7 +46,7 @@ pub(crate) fn stage(sample: *const u8, len: usize) {
     let mut used = staging.used as usize;
     if used > STAGING_APPEND_LIMIT {
         // Not with the flush sizes user space sets; the bound is also what the verifier needs.
-        flush(staging);
+        flush(staging, QUIET);
         used = 0;
     }
     let copied = unsafe {
@@ -63,10 +66,12 @@ pub(crate) fn stage(sample: *const u8, len: usize) {
     staging.batch.samples += 1;
     staging.ticks += 1;
     staging.used = ((used + len + 7) & !7) as u32;
-    if staging.ticks >= config_field!(staging_flush_ticks)
+    if urgent {
+        flush(staging, WAKE);
+    } else if staging.ticks >= config_field!(staging_flush_ticks)
         || staging.used >= config_field!(staging_flush_bytes)
     {
-        flush(staging);
+        flush(staging, QUIET);
     }
 }
 
@@ -82,7 +87,7 @@ pub(crate) fn tick_without_sample() {
     }
     staging.ticks += 1;
     if staging.ticks >= config_field!(staging_flush_ticks) {
-        flush(staging);
+        flush(staging, QUIET);
     }
 }
 
@@ -90,12 +95,12 @@ pub(crate) fn tick_without_sample() {
 #[inline(always)]
 pub(crate) fn flush_this_cpu() {
     if let Some(staging) = STAGING.get_ptr_mut(0) {
-        flush(unsafe { &mut *staging });
+        flush(unsafe { &mut *staging }, QUIET);
     }
 }
 
 #[inline(always)]
-fn flush(staging: &mut SampleStaging) {
+fn flush(staging: &mut SampleStaging, flags: u64) {
     let samples = staging.batch.samples;
     if samples == 0 {
         return;
@@ -107,7 +112,7 @@ fn flush(staging: &mut SampleStaging) {
         core::mem::size_of::<SampleBatchHeader>() + (staging.used as usize & (STAGING_BYTES - 1));
     let bytes =
         unsafe { core::slice::from_raw_parts((&raw const staging.batch).cast::<u8>(), len) };
-    match EVENTS.output::<[u8]>(bytes, RINGBUF_FLAGS) {
+    match EVENTS.output::<[u8]>(bytes, flags) {
         Ok(()) => {
             add(Counter::SamplesEmitted, u64::from(samples));
             count(Counter::SampleBatchesEmitted);

@@ -52,6 +52,16 @@ impl Task {
         unsafe { core::mem::transmute::<[u64; 2], [u8; 16]>(words) }
     }
 
+    /// When the thread was created (CLOCK_MONOTONIC ns); `None` when the offset is unknown.
+    #[inline(always)]
+    pub fn start_time(self) -> Option<u64> {
+        let offset = config_field!(task_start_time_offset);
+        if offset == 0 {
+            return None;
+        }
+        Some(unsafe { *(self.0.add(offset as usize) as *const u64) })
+    }
+
     /// `thread.fsbase`, the x86_64 user thread pointer; `None` when unknown or not set.
     #[inline(always)]
     pub fn thread_pointer(self) -> Option<u64> {

@@ -80,6 +80,8 @@ pub struct TaskOffsets {
     pub pid: Option<u32>,
     pub tgid: Option<u32>,
     pub comm: Option<u32>,
+    /// `start_time`: when the thread was created (CLOCK_MONOTONIC ns).
+    pub start_time: Option<u32>,
 }
 
 impl TaskOffsets {
@@ -91,6 +93,7 @@ impl TaskOffsets {
             pid: offset("pid"),
             tgid: offset("tgid"),
             comm: offset("comm").filter(|offset| offset % 8 == 0),
+            start_time: offset("start_time").filter(|offset| offset % 8 == 0),
         })
     }
 
@@ -469,6 +472,7 @@ mod tests {
         assert_eq!(task.tgid.map(u64::from), field("tgid"));
         let comm = field("comm").filter(|offset| offset.is_multiple_of(8));
         assert_eq!(task.comm.map(u64::from), comm);
+        assert_eq!(task.start_time.map(u64::from), field("start_time"));
         // The budget is 50 ms in release; a debug build is several times slower.
         let budget = if cfg!(debug_assertions) { 500 } else { 50 };
         assert!(

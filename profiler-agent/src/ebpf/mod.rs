@@ -145,7 +145,7 @@ impl Sampler {
         raise_memlock_limit();
         let task = btf::TaskOffsets::of_running_kernel().unwrap_or_else(|e| {
             tracing::warn!(error = %format!("{e:#}"), "no kernel BTF: task fields come from helpers");
-            btf::TaskOffsets { fsbase: None, pid: None, tgid: None, comm: None }
+            btf::TaskOffsets { fsbase: None, pid: None, tgid: None, comm: None, start_time: None }
         });
         if task.fsbase.is_none() {
             tracing::warn!(
@@ -164,6 +164,7 @@ impl Sampler {
             task_comm_offset: task.comm.unwrap_or(0),
             staging_flush_ticks: staging_flush_ticks(config.frequency_hz),
             staging_flush_bytes: staging_flush_bytes(config.ring_buffer_bytes),
+            task_start_time_offset: task.start_time.unwrap_or(0),
         };
         let obi_pin = config
             .obi_bpffs_root
