@@ -433,8 +433,27 @@ const _: () = assert!(STACK_MASK == STACK_BYTES);
 #[tracepoint]
 pub fn on_process_exec(_ctx: TracePointContext) -> u32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    forget_context_source(tgid);
     emit_process_event(RecordKind::ProcessExec, tgid);
     0
+}
+
+/// Drops the agent's verdict on a process whose image was just replaced: the old image's
+/// source (its TLS offsets would be read in the new image's memory) or its "none". Until the
+/// agent inspects the new image, its samples are a new process's (see `Verdict::Uninspected`).
+/// The agent hears of the exec only at its next drain, which on a busy ring can be seconds
+/// later. It writes a slot only after emptying it, so a slot emptied here is never half
+/// written.
+#[inline(always)]
+fn forget_context_source(tgid: u32) {
+    let _ = CONTEXT_SOURCES.remove(tgid);
+    if let Some(slot) = CONTEXT_SOURCE_SLOTS_MAP.get_ptr_mut(tgid % CONTEXT_SOURCE_SLOTS) {
+        unsafe {
+            if core::ptr::read_volatile(&(*slot).tgid) == tgid {
+                core::ptr::write_volatile(&mut (*slot).tgid, 0);
+            }
+        }
+    }
 }
 
 #[tracepoint]

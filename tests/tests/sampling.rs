@@ -404,6 +404,48 @@ async fn short_lived_process_is_symbolized(hz: u64, seconds: &str, min_samples: 
     );
 }
 
+/// A process the agent has inspected (a shell, busy for ~1 s: no trace-context source) that
+/// then execs a short-lived program: the verdict was the shell's, and the new image's first
+/// samples must reach the agent while it lives, as a new process's do.
+#[tokio::test(flavor = "multi_thread")]
+async fn short_lived_image_after_an_exec_is_symbolized() {
+    require_root();
+    let recording =
+        profiler_agent::record::Recording::start(&sampler_config(None, 19)).expect("start");
+    let mut fixture = Fixture::start({
+        let mut c = Command::new("sh");
+        c.args([
+            "-c",
+            r#"i=0; while [ $i -lt 1000000 ]; do i=$((i+1)); done; exec "$0" 1.0"#,
+        ])
+        .arg(burn_c());
+        c
+    });
+    assert!(fixture.wait().success());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let samples = recording.snapshot().await.unwrap();
+    recording.finish(|_| ()).await.unwrap();
+    let burners: Vec<_> = samples
+        .iter()
+        .filter(|s| s.pid == fixture.pid && s.thread_name.starts_with("thread-"))
+        .collect();
+    let total: u64 = burners.iter().map(|s| s.count).sum();
+    let named: u64 = burners
+        .iter()
+        .filter(|s| matches!(&*s.leaf, "burn_a" | "burn_b"))
+        .map(|s| s.count)
+        .sum();
+    println!("after an exec at 19 Hz: {total} samples of the burners, {named} named");
+    assert!(
+        total >= 10,
+        "too few samples of the exec'd program: {total}"
+    );
+    assert!(
+        named as f64 >= 0.8 * total as f64,
+        "frames of the exec'd program not symbolized: {burners:?}"
+    );
+}
+
 /// A Go binary without symbols or DWARF (`-ldflags=-s -w`), profiled for real: its frames are
 /// named from Go's pclntab, and Go's frame pointers give whole goroutine stacks.
 #[tokio::test(flavor = "multi_thread")]

@@ -8,7 +8,10 @@ use anyhow::Context as _;
 use aya::maps::{Array, HashMap, MapData, MapError};
 use profiler_common::{CONTEXT_SOURCE_SLOTS, ContextSource, ContextSourceSlot};
 
-/// The only writer of both maps: the hash first, then the process's slot.
+/// The only writer of both maps in user space: the hash first, then the process's slot. The
+/// kernel's exec program drops a process's entries from both when it replaces its image, so
+/// `tgids` and the slots' owners here may name entries that are gone: harmless, as a removal
+/// of a missing key is ignored and a slot is always emptied before it is written.
 pub struct ContextSourceMap {
     map: HashMap<MapData, u32, ContextSource>,
     /// The keys in `map`. Most processes never get a source, and a delete for each exit was a
