@@ -165,9 +165,10 @@ pub const STAGING_BYTES: usize = 16384;
 /// A batch holds at most this many ticks of one CPU: writing to the ring costs the same for one
 /// sample as for many (a shared lock and the producer's cache lines, cold on every other tick),
 /// so samples are written a batch at a time, and a batch is never older than this many ticks.
-/// Not more: a new process's first samples must be in the ring when the agent drains it again
-/// 100 ms after the exec, to read the process's mappings while it lives. With 24 ticks at
-/// 99 Hz (~2% less eBPF time) a process that lived 0.6 s went unsymbolized.
+/// Not more: a batch delays by its age everything the agent reads from the ring, and longer
+/// ones save little (24 ticks at 99 Hz: ~2% of the sampler's time, timed in place). They also
+/// held a new process's first samples past the agent's drain after its exec, until such
+/// samples were sent at once (`Counter::SamplesOfUninspectedProcesses`).
 pub const MAX_STAGED_TICKS: u32 = 8;
 /// Samples are staged only when this much room is left, so an append never needs a check the
 /// verifier cannot follow.
