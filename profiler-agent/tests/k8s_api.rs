@@ -71,6 +71,8 @@ impl Log {
 struct Server {
     addr: std::net::SocketAddr,
     log: Log,
+    /// The service-account token the clients read, removed with the server.
+    token: tempfile::NamedTempFile,
 }
 
 async fn serve() -> Server {
@@ -87,7 +89,9 @@ async fn serve() -> Server {
             tokio::spawn(async move { handle(stream, log, lists).await });
         }
     });
-    Server { addr, log }
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), format!("{TOKEN}\n")).unwrap();
+    Server { addr, log, token }
 }
 
 async fn read_head(stream: &mut TcpStream) -> String {
@@ -204,10 +208,8 @@ async fn handle(mut stream: TcpStream, log: Log, lists: Arc<Mutex<u32>>) {
 }
 
 fn client(server: &Server) -> ApiClient {
-    let token = std::env::temp_dir().join(format!("k8s-api-token-{}", std::process::id()));
-    std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
     let mut config = ApiConfig::from_url(&format!("http://{}", server.addr)).unwrap();
-    config.token_file = Some(token);
+    config.token_file = Some(server.token.path().to_owned());
     ApiClient::new(config).unwrap()
 }
 

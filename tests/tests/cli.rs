@@ -20,7 +20,7 @@ fn record_writes_a_pprof_that_go_pprof_reads() {
     require_root();
     let fixture = Fixture::start(Command::new(burn_c()));
     let dir = tempdir();
-    let out = dir.join("cpu.pb.gz");
+    let out = dir.path().join("cpu.pb.gz");
     let pid = fixture.pid.to_string();
     let output = record(&[
         "--duration",
@@ -70,7 +70,7 @@ fn record_writes_folded_stacks() {
     require_root();
     let fixture = Fixture::start(Command::new(burn_c()));
     let dir = tempdir();
-    let out = dir.join("cpu.folded");
+    let out = dir.path().join("cpu.folded");
     let pid = fixture.pid.to_string();
     let output = record(&[
         "--duration",
@@ -141,12 +141,10 @@ fn missing_capabilities_are_named() {
     assert_eq!(stderr.lines().count(), 1, "one clear line:\n{stderr}");
 }
 
-fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "profiler-test-{}-{:?}",
-        std::process::id(),
-        std::thread::current().id()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A directory for one test's outputs, removed when the test ends (passed or not).
+fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("profiler-cli-test-")
+        .tempdir()
+        .expect("create a temporary directory")
 }

@@ -326,12 +326,18 @@ fn trace_file(marker: &str) -> String {
     format!("{}01.pb.gz", marker.repeat(15))
 }
 
-fn capability_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("profiler-caps-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+/// Removed when the test ends, passed or not.
+fn capability_dir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("profiler-caps-")
+        .tempdir()
+        .unwrap();
     // Both users traverse it (the writer's binary, the agent's outputs).
-    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     dir
 }
 
@@ -340,8 +346,8 @@ fn agent_as_another_user_with_only_the_daemonset_capabilities() {
     require_root();
     let caps = daemonset_capabilities();
     let dir = capability_dir();
-    let targets = start_targets(&dir);
-    let run = record_as_agent_user(&caps, &targets, &dir);
+    let targets = start_targets(dir.path());
+    let run = record_as_agent_user(&caps, &targets, dir.path());
     println!(
         "capabilities {caps:?}: ok {}; burn_for_trace_a {} samples, burn_for_trace_b {}, kernel do_syscall_64 {}, JIT jit_spin_v1 {}; trace files {:?}\n{}",
         run.ok,
@@ -395,10 +401,10 @@ fn each_daemonset_capability_is_needed() {
     require_root();
     let caps = daemonset_capabilities();
     let dir = capability_dir();
-    let targets = start_targets(&dir);
+    let targets = start_targets(dir.path());
     for dropped in &caps {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != dropped).cloned().collect();
-        let run = record_as_agent_user(&fewer, &targets, &dir);
+        let run = record_as_agent_user(&fewer, &targets, dir.path());
         let user_symbols = run.samples_in("burn_for_trace_a");
         let kernel_symbols = run.samples_in("do_syscall_64");
         println!(
@@ -532,10 +538,13 @@ fn daemon_profiles_only_pods_the_selector_picks() {
         pod_json(web_uid, "web-0", "web", &web_cid),
         pod_json(batch_uid, "batch-0", "batch", &batch_cid),
     ]);
-    let out = std::env::temp_dir().join(format!("profiler-k8s-run-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
-    let store = std::env::temp_dir().join(format!("profiler-k8s-run-{}.db", std::process::id()));
-    let _ = std::fs::remove_file(&store);
+    // The interval profiles and the store (with its WAL and lock files), removed at the end.
+    let run_dir = tempfile::Builder::new()
+        .prefix("profiler-k8s-run-")
+        .tempdir()
+        .unwrap();
+    let out = run_dir.path().join("intervals");
+    let store = run_dir.path().join("store.db");
     let mut agent = Command::new(agent_bin())
         .args([
             "run",
@@ -649,8 +658,6 @@ fn daemon_profiles_only_pods_the_selector_picks() {
         "{}",
         String::from_utf8_lossy(&other.stderr)
     );
-    let _ = std::fs::remove_dir_all(&out);
-    let _ = std::fs::remove_file(&store);
 }
 
 /// Every label value in pprof profiles, as `go tool pprof -tags` prints them.

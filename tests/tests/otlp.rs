@@ -24,11 +24,12 @@ const MIN_TICKS: u64 = 150;
 const CAP: Duration = Duration::from_secs(60);
 const SERVICE_NAME: &str = "otlp-test-checkout";
 
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("profiler-otlp-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("create scratch dir");
-    dir
+/// A directory for one test's files, removed when the test ends (passed or not).
+fn scratch_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("profiler-otlp-{name}-"))
+        .tempdir()
+        .expect("create scratch dir")
 }
 
 /// The traced fixture: `-t 2` workers; `service` sets OTEL_SERVICE_NAME in its environment.
@@ -103,13 +104,26 @@ fn host_name() -> String {
         .to_owned()
 }
 
-fn agent_args(pids: &[u32], endpoint: &str, protocol: &str, extra: &[&str]) -> Vec<String> {
+/// The agent's arguments: its store in the test's `dir` and its API on a free port, so that
+/// neither meets an agent running on the host (or another test's).
+fn agent_args(
+    dir: &std::path::Path,
+    pids: &[u32],
+    endpoint: &str,
+    protocol: &str,
+    extra: &[&str],
+) -> Vec<String> {
     let pids = pids
         .iter()
         .map(u32::to_string)
         .collect::<Vec<_>>()
         .join(",");
+    let store = dir.join("store.db").to_string_lossy().into_owned();
     [
+        "--store",
+        &store,
+        "--api-listen",
+        "127.0.0.1:0",
         "--interval",
         "1s",
         "-F",
@@ -133,17 +147,18 @@ fn agent_args(pids: &[u32], endpoint: &str, protocol: &str, extra: &[&str]) -> V
 /// until the receiver has enough of both traces, and checks what it decoded.
 fn export_and_check(protocol: &str, receiver_args: &[&str]) -> (Vec<Value>, Agent) {
     let dir = scratch_dir(&protocol.replace('/', "-"));
-    let receiver = Receiver::start(0, 0, &dir.join("requests.jsonl"), receiver_args);
+    let receiver = Receiver::start(0, 0, &dir.path().join("requests.jsonl"), receiver_args);
     let traced = traced_fixture(Some(SERVICE_NAME));
     let plain = Fixture::start(Command::new(burn_c()));
     let endpoint = match protocol {
         "grpc" => receiver.grpc_endpoint(),
         _ => receiver.http_endpoint(),
     };
-    let pprof_dir = dir.join("pprof");
+    let pprof_dir = dir.path().join("pprof");
     let pprof_arg = pprof_dir.to_string_lossy().into_owned();
     let mut agent = Agent::start(
         &agent_args(
+            dir.path(),
             &[traced.pid, plain.pid],
             &endpoint,
             protocol,
@@ -402,12 +417,13 @@ fn receiver_outage_is_bounded_and_recovers() {
     const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
     const INTERVAL: Duration = Duration::from_secs(1);
     let dir = scratch_dir("outage");
-    let mut receiver = Receiver::start(0, 0, &dir.join("before.jsonl"), &[]);
+    let mut receiver = Receiver::start(0, 0, &dir.path().join("before.jsonl"), &[]);
     let port = receiver.grpc_port;
     let traced = traced_fixture(None);
     let cap = QUEUE_CAP.to_string();
     let mut agent = Agent::start(
         &agent_args(
+            dir.path(),
             &[traced.pid],
             &receiver.grpc_endpoint(),
             "grpc",
@@ -468,7 +484,7 @@ fn receiver_outage_is_bounded_and_recovers() {
     );
 
     // Back on the same port: export resumes.
-    let mut receiver = Receiver::start(port, 0, &dir.join("after.jsonl"), &[]);
+    let mut receiver = Receiver::start(port, 0, &dir.path().join("after.jsonl"), &[]);
     let back = Instant::now();
     wait_for("after the outage", &receiver, Duration::from_secs(20));
     println!(
