@@ -44,7 +44,8 @@ impl RecordKind {
 
 /// Bits of [`SampleHeader::flags`].
 pub mod sample_flags {
-    /// `bpf_get_stack` for the user stack returned an error; `user_frames` is 0.
+    /// The user stack could not be walked (a 32-bit task's, by `bpf_get_stack`); `user_frames`
+    /// is 0.
     pub const USER_STACK_ERROR: u16 = 1 << 0;
     /// The user stack filled the buffer: it may be deeper than what was captured.
     pub const USER_STACK_TRUNCATED: u16 = 1 << 1;
@@ -492,7 +493,7 @@ counters! {
     /// The per-CPU scratch or staging buffer could not be looked up, or a sample not copied
     /// into the staging (should never happen).
     ScratchUnavailable = "scratch_unavailable",
-    /// `bpf_get_stack` failed for the user stack (kernel threads have none).
+    /// The user stack of a 32-bit task, walked by `bpf_get_stack`, failed.
     UserStackError = "user_stack_error",
     /// The user stack was deeper than the buffer.
     UserStackTruncated = "user_stack_truncated",
@@ -539,6 +540,10 @@ counters! {
     /// [`URGENT_THREAD_AGE_NS`]): their batch goes to the ring at once and wakes the agent,
     /// which reads the process's mappings while it still lives.
     SamplesOfUninspectedProcesses = "samples_of_uninspected_processes",
+    /// User stack walks that stopped at a frame pointer they could not read: code built without
+    /// frame pointers left the register holding data, or the page was not resident. The frames
+    /// walked before it are kept.
+    UserStackWalkFaults = "user_stack_walk_faults",
 }
 
 /// One context read in this many (per CPU) is timed into `Counter::ContextReadNs`.

@@ -12,6 +12,7 @@
 #![no_std]
 #![no_main]
 
+use arch::UserContext;
 use aya_ebpf::{
     EbpfContext, Global,
     bindings::BPF_F_USER_STACK,
@@ -35,6 +36,7 @@ mod arch;
 mod context;
 mod staging;
 mod task;
+mod unwind;
 
 /// Load-time settings; user space overrides this before load.
 #[unsafe(no_mangle)]
@@ -170,22 +172,33 @@ fn sample(ctx: &PerfEventContext) -> bool {
     let mut flags = 0u16;
 
     // User stack first, at the start of the data area.
-    let user_ret = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            scratch.data.as_mut_ptr().cast(),
-            STACK_BYTES as u32,
-            BPF_F_USER_STACK as u64,
-        )
+    let (user_bytes, user_sp) = match arch::user_context(ctx, task) {
+        UserContext::Native(regs) => (
+            unwind::walk_frame_pointers(&regs, scratch.data.as_mut_ptr().cast()),
+            Some(regs.sp),
+        ),
+        UserContext::Compat { sp } => {
+            let ret = unsafe {
+                bpf_get_stack(
+                    ctx.as_ptr(),
+                    scratch.data.as_mut_ptr().cast(),
+                    STACK_BYTES as u32,
+                    BPF_F_USER_STACK as u64,
+                )
+            };
+            if ret < 0 {
+                flags |= sample_flags::USER_STACK_ERROR;
+                count(Counter::UserStackError);
+                (0, None)
+            } else {
+                (ret as usize, Some(sp))
+            }
+        }
+        // A kernel thread: no user stack.
+        UserContext::None => (0, None),
     };
-    let user_bytes = if user_ret < 0 {
-        flags |= sample_flags::USER_STACK_ERROR;
-        count(Counter::UserStackError);
-        0
-    } else {
-        // The mask keeps the value provably within [0, STACK_BYTES] for the verifier.
-        (user_ret as usize) & STACK_MASK
-    };
+    // The mask keeps the value provably within [0, STACK_BYTES] for the verifier.
+    let user_bytes = user_bytes & STACK_MASK;
     if user_bytes == STACK_BYTES {
         flags |= sample_flags::USER_STACK_TRUNCATED;
         count(Counter::UserStackTruncated);
@@ -197,7 +210,7 @@ fn sample(ctx: &PerfEventContext) -> bool {
     // binary's unwind tables.
     let mut user_stack_top = 0u64;
     if user_bytes > 0
-        && let Some(sp) = arch::user_stack_pointer(ctx, task)
+        && let Some(sp) = user_sp
         && let Ok(word) = unsafe { bpf_probe_read_user(sp as *const u64) }
     {
         user_stack_top = word;

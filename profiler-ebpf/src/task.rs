@@ -8,12 +8,9 @@
 //! each load against `task_struct` once, at load time. An offset user space could not find
 //! is 0, and that field comes from the helper instead.
 
-use aya_ebpf::helpers::{
-    bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf,
-    bpf_probe_read_kernel, bpf_task_pt_regs,
-};
+use aya_ebpf::helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task_btf};
 
-use crate::{arch::PT_REGS_SP_OFFSET, config_field};
+use crate::config_field;
 
 /// `current`, valid for the program's run.
 #[derive(Clone, Copy)]
@@ -73,16 +70,9 @@ impl Task {
         (fsbase != 0).then_some(fsbase)
     }
 
-    /// The user stack pointer saved at the top of the task's kernel stack (valid while the
-    /// task is in the kernel on behalf of user code).
+    /// `current` itself, for helpers that take a task.
     #[inline(always)]
-    pub fn saved_user_stack_pointer(self) -> Option<u64> {
-        let regs = unsafe { bpf_task_pt_regs(self.0 as *mut _) } as *const u8;
-        if regs.is_null() {
-            return None;
-        }
-        // A helper rather than a load: the compiler would otherwise share one load
-        // instruction between this pointer and the perf context, which the verifier refuses.
-        unsafe { bpf_probe_read_kernel(regs.add(PT_REGS_SP_OFFSET).cast::<u64>()) }.ok()
+    pub fn as_ptr(self) -> *const u8 {
+        self.0
     }
 }

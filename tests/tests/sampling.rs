@@ -133,6 +133,77 @@ async fn a_system_call_keeps_the_caller_of_its_wrapper() {
     );
 }
 
+/// The sampler walks user stacks along their frame pointers itself: a chain deeper than a
+/// sample holds is cut at 127 frames and flagged, a frame that names itself as its caller ends
+/// the walk (a blind walk would fill the sample with its copies), and an unreadable frame
+/// pointer ends it with the frames so far, counted.
+#[tokio::test(flavor = "multi_thread")]
+async fn odd_frame_chains_end_the_user_stack_walk_cleanly() {
+    require_root();
+    let fixture = Fixture::start(Command::new(build_c(
+        "odd_frames.c",
+        "odd-frames",
+        &["-O0", "-g", "-fno-omit-frame-pointer", "-pthread"],
+    )));
+    let recording =
+        profiler_agent::record::Recording::start(&sampler_config(Some(vec![fixture.pid]), 99))
+            .expect("start recording");
+    const LEAVES: [&str; 3] = [
+        "spin_deep",
+        "spin_in_looped_frame",
+        "spin_with_bad_frame_pointer",
+    ];
+    let (samples, done) = sample_until(&recording, CAP, |s| {
+        LEAVES.iter().all(|leaf| leaf_count(s, leaf) >= 100)
+    })
+    .await;
+    let finished = recording.finish(|_| ()).await.expect("finish");
+    let counts = LEAVES.map(|leaf| leaf_count(&samples, leaf));
+    println!(
+        "samples {counts:?}; kernel: user stacks truncated {}, walk faults {}",
+        finished.kernel.get(Counter::UserStackTruncated),
+        finished.kernel.get(Counter::UserStackWalkFaults)
+    );
+    assert!(
+        done,
+        "fewer than 100 samples of each leaf within {CAP:?}: {counts:?}"
+    );
+    let occurrences = |s: &profiler_agent::collector::SymbolizedSample, function: &str| {
+        s.functions.iter().filter(|f| &***f == function).count()
+    };
+    for s in &samples {
+        match &*s.leaf {
+            "spin_deep" => assert_eq!(
+                occurrences(s, "recurse"),
+                126,
+                "deep stack: {:?}",
+                s.functions
+            ),
+            // A blind walk would have 126 copies of the looped frame's return address.
+            "spin_in_looped_frame" => assert!(
+                occurrences(s, "looped_frame_return_site") <= 1,
+                "looped frame: {:?}",
+                s.functions
+            ),
+            // Nothing past the frame pointer that could not be read.
+            "spin_with_bad_frame_pointer" => assert!(
+                occurrences(s, "bad_main") + occurrences(s, "start_thread") == 0,
+                "bad frame pointer: {:?}",
+                s.functions
+            ),
+            _ => {}
+        }
+    }
+    assert!(
+        finished.kernel.get(Counter::UserStackTruncated) >= counts[0],
+        "every deep sample is flagged truncated"
+    );
+    assert!(
+        finished.kernel.get(Counter::UserStackWalkFaults) >= counts[2],
+        "every walk from the bad frame pointer is counted"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn pid_filter_excludes_other_processes() {
     require_root();
