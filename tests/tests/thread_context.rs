@@ -205,3 +205,40 @@ async fn garbage_writer_costs_only_its_own_contexts() {
         }
     }
 }
+
+/// A short recording of a process that was already running carries its trace context from its
+/// first fraction of a second. At start every process is new to the agent: its samples carry
+/// no context until one of them has been drained and its context source resolved. The process
+/// is older than the kernel's window for new threads (`URGENT_THREAD_AGE_NS`), so its first
+/// samples wait in their CPU's batch like any other's; the agent's first drains come every
+/// 100 ms (they came after 2 s, and a 3 s recording had a third of its samples traced).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_recording_of_a_running_process_is_traced_from_its_start() {
+    require_root();
+    let mut command = Command::new(&builds().exe_le);
+    command.args(["-t", "2"]);
+    let fixture = Fixture::start(command);
+    std::thread::sleep(
+        Duration::from_nanos(profiler_common::URGENT_THREAD_AGE_NS) + Duration::from_millis(500),
+    );
+    let recording = Recording::start_with(
+        &sampler_config(Some(vec![fixture.pid]), 99),
+        CollectOptions::default(),
+    )
+    .expect("start recording");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let samples = recording.snapshot().await.expect("snapshot");
+    recording.finish(|_| ()).await.expect("finish");
+    let of_fixture = || samples.iter().filter(|s| s.pid == fixture.pid);
+    let total: u64 = of_fixture().map(|s| s.count).sum();
+    let traced: u64 = of_fixture()
+        .filter(|s| s.context.is_some())
+        .map(|s| s.count)
+        .sum();
+    println!("{traced} of {total} samples of a 3 s recording carry a trace context");
+    assert!(total >= 200, "only {total} samples in 3 s");
+    assert!(
+        traced * 10 >= total * 8,
+        "only {traced} of {total} samples traced"
+    );
+}

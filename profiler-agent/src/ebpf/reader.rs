@@ -29,6 +29,11 @@ use crate::metrics::Metrics;
 /// comes [`MIN_DRAIN_INTERVAL`] later instead.
 const SAMPLES_PER_CPU_PER_DRAIN: u64 = 200;
 const MIN_DRAIN_INTERVAL: Duration = Duration::from_millis(100);
+/// At start every running process is new to the agent in the same way: until one of its samples
+/// has been drained and its context source resolved, its samples carry no trace context. The
+/// drains of this first stretch come every [`MIN_DRAIN_INTERVAL`], so a `record` of a few
+/// seconds does not lose its first two to that.
+const STARTUP_DRAINS_FOR: Duration = Duration::from_secs(1);
 const MAX_DRAIN_INTERVAL: Duration = Duration::from_secs(2);
 /// Ring bytes one sample may take: deep user and kernel stacks and a trace context.
 const SAMPLE_BYTES_BOUND: u64 = 400;
@@ -77,7 +82,8 @@ pub fn spawn_reader<T: From<Vec<Record>> + Send + 'static>(
         let mut fd = unsafe { AsyncFd::register(ring)? };
         let mut tick = tokio::time::interval(drain_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_heartbeat = tokio::time::Instant::now();
+        let started = tokio::time::Instant::now();
+        let mut last_heartbeat = started;
         let mut signals = SignalGate::default();
         loop {
             let mut asked = None;
@@ -108,11 +114,12 @@ pub fn spawn_reader<T: From<Vec<Record>> + Send + 'static>(
                 // The ring was just emptied: the periodic drain can wait a whole interval.
                 tick.reset();
             }
-            if new_code {
-                // A process started (or mapped new code): its first samples are what tell the
-                // collector to resolve its context source, so they are fetched soon rather
-                // than a whole drain interval later. Exec and mmap events already woke this
-                // task; this is one more drain after each, not one per sample.
+            if new_code || started.elapsed() < STARTUP_DRAINS_FOR {
+                // A process started (or mapped new code), or the agent did: the first samples
+                // are what tell the collector to resolve a process's context source, so they
+                // are fetched soon rather than a whole drain interval later. Exec and mmap
+                // events already woke this task; this is one more drain after each, not one
+                // per sample (and ten in the agent's first second).
                 tick.reset_after(MIN_DRAIN_INTERVAL);
             }
             if let Some(h) = &heartbeat
